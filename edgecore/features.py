@@ -1,0 +1,67 @@
+"""The whole PatchCore feature path as ONE pure ``torch.nn.Module``.
+
+uint8 NHWC crop → normalise → frozen backbone → 3×3 local average per layer →
+deeper maps bilinearly upsampled to the shallowest grid → concatenate → fixed
+linear reduction to ``embed_dim`` → N×(h·w)×D patch embeddings.
+
+Nothing else lives here (anomalib's split): the exporter turns exactly this
+module into the ONNX graph, so the camera computes what the workstation did.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def adaptive_pool_matrix(channels: int, embed_dim: int) -> np.ndarray:
+    """C×D matrix equal to ``adaptive_avg_pool1d`` over channels (a plain MatMul in ONNX)."""
+    matrix = np.zeros((channels, embed_dim), dtype=np.float32)
+    for j in range(embed_dim):
+        start = (j * channels) // embed_dim
+        end = -((-(j + 1) * channels) // embed_dim)  # ceil
+        matrix[start:end, j] = 1.0 / (end - start)
+    return matrix
+
+
+class PatchCoreFeatures(nn.Module):
+    def __init__(
+        self,
+        trunk: nn.Module,
+        channels: list[int],
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        embed_dim: int,
+    ) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1)))
+        self.register_buffer("shift", torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1))
+        total = sum(channels)
+        self.embed_dim = min(embed_dim, total)
+        self.reduction: torch.Tensor | None
+        if embed_dim < total:
+            self.register_buffer("reduction", torch.from_numpy(adaptive_pool_matrix(total, embed_dim)))
+        else:
+            self.reduction = None
+        self.pool = nn.AvgPool2d(kernel_size=3, stride=1, padding=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: N×H×W×3 uint8 → N×(h·w)×D float32 patch embeddings."""
+        x = images.permute(0, 3, 1, 2).float() * self.scale - self.shift
+        maps = [self.pool(m) for m in self.trunk(x)]
+        size = maps[0].shape[-2:]
+        maps = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
+        patches = torch.cat(maps, dim=1).flatten(2).transpose(1, 2)  # N×P×C
+        if self.reduction is not None:
+            patches = patches @ self.reduction
+        return patches
+
+
+def grid_shape(module: PatchCoreFeatures, crop: int) -> tuple[int, int]:
+    """The patch grid (h, w) this module produces for a crop×crop input."""
+    with torch.no_grad():
+        maps = module.trunk(torch.zeros(1, 3, crop, crop))
+    h, w = maps[0].shape[-2:]
+    return int(h), int(w)

@@ -1,0 +1,343 @@
+"""PatchCore on the workstation: fit a memory bank, score images, save/load a model directory.
+
+The torch part is only :class:`~edgecore.features.PatchCoreFeatures`; search and
+scoring are the runtime's numpy implementations, so the camera cannot drift.
+
+Model directory (written atomically)::
+
+    MODEL_DIR/
+      config.json               preprocessing, backbone (+ weights sha256), layers, grid,
+                                embed dim, coreset, scoring, thresholds, fit timings
+      memory_bank.safetensors   memory_bank  M×D float32 (the coreset)
+                                neighbour_table  M×b int32 (Eq. 7 support sets)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+import edgecore
+from edgecore.backbones import create_backbone
+from edgecore.coreset import KCenterGreedySampler
+from edgecore.features import PatchCoreFeatures, grid_shape
+from edgecore.metrics import threshold_for_false_alarm_rate
+from edgecore.runtime.errors import ModelError
+from edgecore.runtime.fsutil import atomic_directory, write_json
+from edgecore.runtime.preprocess import PreprocessConfig, preprocess
+from edgecore.runtime.scoring import Normalization, anomaly_maps, image_scores
+from edgecore.runtime.search import ExactSearch, neighbour_table
+
+MODEL_FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+BANK_FILE = "memory_bank.safetensors"
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    backbone: str = "efficientnet_lite0"
+    layers: tuple[str, ...] | None = None
+    weights: str | None = None
+    random_init: bool = False
+    embed_dim: int = 1024
+    coreset_ratio: float = 0.1
+    projection_dim: int = 128
+    num_neighbors: int = 9
+    blur_sigma: float = 4.0
+    val_ratio: float = 0.1
+    false_alarm_rate: float = 0.01
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 16
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.coreset_ratio <= 1.0:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if not 0.0 <= self.val_ratio < 1.0:
+            raise ValueError(f"val_ratio must be in [0, 1), got {self.val_ratio}")
+        if not 0.0 <= self.false_alarm_rate < 1.0:
+            raise ValueError(f"false_alarm_rate must be in [0, 1), got {self.false_alarm_rate}")
+        if self.num_neighbors < 1 or self.embed_dim < 1 or self.batch_size < 1:
+            raise ValueError("num_neighbors, embed_dim and batch_size must be >= 1")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but torch sees no CUDA device")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+@dataclass
+class Scores:
+    """What scoring a batch returns: raw image scores, patch distances, crop-size maps."""
+
+    image: np.ndarray  # N
+    patches: np.ndarray  # N×P
+    maps: np.ndarray  # N×crop×crop
+
+
+class PatchCoreModel:
+    """A fitted PatchCore: the feature module, the coreset and the decision rule."""
+
+    def __init__(
+        self,
+        config: dict,
+        features: PatchCoreFeatures,
+        memory_bank: np.ndarray,
+        neighbours: np.ndarray,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.features = features.to(device).eval()
+        self.device = device
+        self.memory_bank = np.ascontiguousarray(memory_bank, dtype=np.float32)
+        self.neighbour_table = neighbours
+        self.search = ExactSearch(self.memory_bank)
+        self.preprocess_config = PreprocessConfig.from_dict(config["preprocess"])
+        self.grid = tuple(config["features"]["grid"])
+
+    # --- inference ---------------------------------------------------------
+    @property
+    def normalization(self) -> Normalization:
+        return Normalization.from_dict(self.config["threshold"]["normalization"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.config["threshold"]["value"])
+
+    def crops(self, images: Iterable[np.ndarray]) -> np.ndarray:
+        return np.stack([preprocess(image, self.preprocess_config) for image in images])
+
+    @torch.no_grad()
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        """N×crop×crop×3 uint8 → N×P×D float32 patch embeddings."""
+        tensor = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device)
+        return self.features(tensor).float().cpu().numpy()
+
+    def score_features(self, features: np.ndarray) -> Scores:
+        n, p, d = features.shape
+        distances, index = self.search.search(features.reshape(n * p, d), k=1)
+        patch_scores = distances[:, 0].reshape(n, p)
+        nn_index = index[:, 0].reshape(n, p)
+        scores = image_scores(patch_scores, nn_index, features, self.memory_bank, self.neighbour_table)
+        maps = anomaly_maps(patch_scores, self.grid, self.preprocess_config.crop, self.config["scoring"]["blur_sigma"])
+        return Scores(image=scores, patches=patch_scores, maps=maps)
+
+    def score_crops(self, crops: np.ndarray, batch_size: int = 16) -> Scores:
+        parts = [self.score_features(self.embed(crops[i : i + batch_size])) for i in range(0, len(crops), batch_size)]
+        return Scores(
+            image=np.concatenate([s.image for s in parts]),
+            patches=np.concatenate([s.patches for s in parts]),
+            maps=np.concatenate([s.maps for s in parts]),
+        )
+
+    # --- persistence -------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        from safetensors.numpy import save_file
+
+        directory = Path(directory)
+        with atomic_directory(directory) as staging:
+            save_file(
+                {"memory_bank": self.memory_bank, "neighbour_table": self.neighbour_table.astype(np.int32)},
+                str(staging / BANK_FILE),
+            )
+            write_json(staging / CONFIG_FILE, self.config)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "auto", weights: str | None = None) -> "PatchCoreModel":
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        directory = Path(directory)
+        config = read_model_config(directory)
+        try:
+            tensors = load_file(str(directory / BANK_FILE))
+            bank, table = tensors["memory_bank"], tensors["neighbour_table"]
+        except (OSError, SafetensorError, KeyError) as exc:
+            raise ModelError(f"{directory / BANK_FILE}: unreadable memory bank: {exc}") from exc
+        expected = (config["coreset"]["size"], config["features"]["embed_dim"])
+        if bank.shape != expected or table.shape[0] != bank.shape[0]:
+            raise ModelError(
+                f"{directory / BANK_FILE}: memory bank shape {bank.shape} / neighbour table {table.shape} "
+                f"do not match config {expected}"
+            )
+        features = build_feature_module(config, weights=weights)
+        return cls(config, features, bank, table, resolve_device(device))
+
+
+def read_model_config(directory: Path) -> dict:
+    import json
+
+    path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise ModelError(f"{directory}: not a model directory (run `edgecore fit` first)")
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ModelError(f"{path}: missing; {directory} is not a complete model directory") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON: {exc}") from exc
+    version = config.get("format_version") if isinstance(config, dict) else None
+    if version != MODEL_FORMAT_VERSION:
+        raise ModelError(f"{path}: model format version {version!r}; this edgecore reads {MODEL_FORMAT_VERSION}")
+    return config
+
+
+def build_feature_module(config: dict, weights: str | None = None) -> PatchCoreFeatures:
+    """Rebuild the feature module a config describes, and check it is the same backbone."""
+    info = config["backbone"]
+    random_init = info["weights_source"].startswith("random-init")
+    import warnings
+
+    with warnings.catch_warnings():
+        if random_init:  # the model was fitted that way on purpose; warned at fit time
+            warnings.simplefilter("ignore")
+        backbone = create_backbone(
+            info["name"],
+            layers=info["layers"],
+            weights=weights,
+            random_init=random_init,
+            image_size=config["preprocess"]["crop"],
+            seed=info.get("seed", 0),
+        )
+    if backbone.weights_sha256 != info["weights_sha256"]:
+        raise ModelError(
+            f"backbone weights differ from the ones this model was fitted with "
+            f"(sha256 {backbone.weights_sha256[:12]}… vs {info['weights_sha256'][:12]}… from {info['weights_source']})"
+        )
+    return PatchCoreFeatures(
+        backbone.module, backbone.channels, tuple(info["mean"]), tuple(info["std"]), config["features"]["embed_dim"]
+    )
+
+
+def split_validation(count: int, val_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic split of the normal training images into (bank, validation) indices."""
+    order = np.random.default_rng(seed).permutation(count)
+    n_val = int(round(count * val_ratio))
+    if val_ratio > 0 and count >= 2:
+        n_val = min(max(n_val, 1), count - 1)
+    else:
+        n_val = 0
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def fit(
+    images: Iterable[np.ndarray], config: FitConfig, progress: bool = False, sources: list[str] | None = None
+) -> PatchCoreModel:
+    """Fit PatchCore on decoded normal images (uint8 RGB). Returns the model with thresholds set.
+
+    Images are cropped as they arrive, so only the small crops stay in memory.
+    """
+    all_crops = [preprocess(image, config.preprocess) for image in images]
+    if not all_crops:
+        raise ValueError("no training images")
+    all_crops = np.stack(all_crops)
+    timings: dict[str, float] = {}
+    device = resolve_device(config.device)
+    backbone = create_backbone(
+        config.backbone,
+        layers=config.layers,
+        weights=config.weights,
+        random_init=config.random_init,
+        image_size=config.preprocess.crop,
+        seed=config.seed,
+    )
+    features = PatchCoreFeatures(backbone.module, backbone.channels, backbone.spec.mean, backbone.spec.std, config.embed_dim)
+    grid = grid_shape(features, config.preprocess.crop)
+    bank_idx, val_idx = split_validation(len(all_crops), config.val_ratio, config.seed)
+
+    model_config = {
+        "format_version": MODEL_FORMAT_VERSION,
+        "edgecore_version": edgecore.__version__,
+        "preprocess": config.preprocess.to_dict(),
+        "backbone": {
+            "name": backbone.spec.name,
+            "layers": list(backbone.layers),
+            "channels": backbone.channels,
+            "strides": backbone.strides,
+            "mean": list(backbone.spec.mean),
+            "std": list(backbone.spec.std),
+            "weights_sha256": backbone.weights_sha256,
+            "weights_source": backbone.weights_source,
+            "seed": config.seed,
+        },
+        "features": {"grid": list(grid), "embed_dim": features.embed_dim, "patch_size": 3},
+        "scoring": {"num_neighbors": config.num_neighbors, "blur_sigma": config.blur_sigma, "distance": "l2"},
+    }
+    placeholder_bank = np.zeros((1, features.embed_dim), dtype=np.float32)
+    model = PatchCoreModel(model_config, features, placeholder_bank, np.zeros((1, 1), np.int32), device)
+
+    start = time.perf_counter()
+    crops = all_crops[bank_idx]
+    train_features = np.concatenate(
+        [model.embed(crops[i : i + config.batch_size]) for i in range(0, len(crops), config.batch_size)]
+    )
+    timings["features_s"] = time.perf_counter() - start
+    bank_all = train_features.reshape(-1, train_features.shape[-1])
+
+    start = time.perf_counter()
+    sampler = KCenterGreedySampler(
+        ratio=config.coreset_ratio,
+        projection_dim=config.projection_dim,
+        seed=config.seed,
+        device=device.type,
+        progress=progress,
+    )
+    selected = sampler.select(bank_all)
+    memory_bank = np.ascontiguousarray(bank_all[selected])
+    timings["coreset_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    table = neighbour_table(memory_bank, config.num_neighbors)
+    timings["neighbour_table_s"] = time.perf_counter() - start
+
+    model_config["coreset"] = {
+        "sampler": "k-center-greedy",
+        "ratio": config.coreset_ratio,
+        "projection_dim": config.projection_dim,
+        "seed": config.seed,
+        "size": int(memory_bank.shape[0]),
+        "bank_patches": int(bank_all.shape[0]),
+        "coverage_radius_projected": float(getattr(sampler, "coverage_radius_", float("nan"))),
+    }
+    model = PatchCoreModel(model_config, features, memory_bank, table, device)
+
+    start = time.perf_counter()
+    if len(val_idx):
+        val_scores = model.score_crops(all_crops[val_idx], config.batch_size).image
+    else:  # no held-out images: fall back to the training images' own scores (optimistic)
+        val_scores = model.score_features(train_features[: min(len(train_features), 64)]).image
+    timings["threshold_s"] = time.perf_counter() - start
+    model.config["threshold"] = threshold_config(val_scores, config.false_alarm_rate, held_out=len(val_idx) > 0)
+    model.config["fit"] = {
+        "train_images": int(len(bank_idx)),
+        "validation_images": int(len(val_idx)),
+        "validation_sources": [sources[i] for i in val_idx] if sources else [],
+        "device": device.type,
+        "timings": {key: round(value, 3) for key, value in timings.items()},
+    }
+    return model
+
+
+def threshold_config(normal_scores: np.ndarray, false_alarm_rate: float, held_out: bool) -> dict:
+    """Decision threshold from normal images only, plus the normalisation that puts it at 0.5."""
+    threshold = float(threshold_for_false_alarm_rate(normal_scores, false_alarm_rate))
+    normalization = Normalization(threshold=threshold, min=float(np.min(normal_scores)), max=float(np.max(normal_scores)))
+    return {
+        "value": threshold,
+        "mode": "false_alarm_rate",
+        "false_alarm_rate": false_alarm_rate,
+        "from_held_out_normals": held_out,
+        "validation_scores": [float(s) for s in normal_scores],
+        "normalization": normalization.to_dict(),
+    }
