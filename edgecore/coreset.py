@@ -1,0 +1,446 @@
+"""Coreset subsampling of the PatchCore memory bank.
+
+PatchCore (Roth et al., CVPR 2022) keeps only a small "coreset" of the training
+patch features: greedy k-center selection (farthest-first traversal) picks the
+points that best cover the bank, so nearest-neighbour scores on the coreset stay
+close to scores on the full bank. Selecting 10 % of a 50k-170k patch bank means
+5 000-17 000 sequential greedy steps, which is the training bottleneck; this
+module makes those steps cheap without changing which points are selected.
+
+Samplers follow the small :class:`CoresetSampler` protocol so they can be
+swapped (as in patchcore-inspection). :func:`coverage_radius` measures any
+selection in the original feature space, so samplers can be compared.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+__all__ = [
+    "CoresetSampler",
+    "KCenterGreedySampler",
+    "RandomSampler",
+    "coreset_size",
+    "coverage_radius",
+]
+
+# Greedy steps run over the whole bank before the first blocking: while there are
+# only a few centres every block is near every new centre, so pruning cannot help.
+_FIRST_BLOCKING_AT = 64
+# Re-block (group points by their nearest centre) each time the number of centres
+# has grown by this factor: finer blocks have smaller radii and prune better ...
+_REBLOCK_GROWTH = 4
+# ... up to this many blocks, where the per-step centre-to-centre distances
+# (blocks x dim) start to cost more than the points they let us skip.
+_MAX_BLOCKS = 2048
+# Above this fraction of affected rows, one streaming pass over all rows is cheaper
+# than gathering the affected ones.
+_FULL_PASS_FRACTION = 0.3
+# Progress is reported every this many greedy steps (updating a bar is not free).
+_PROGRESS_EVERY = 256
+
+
+class CoresetSampler(Protocol):
+    """Anything that picks a subset of memory-bank rows."""
+
+    def select(self, features: np.ndarray) -> np.ndarray:
+        """Return int64 row indices into ``features`` (N x d)."""
+        ...
+
+
+def coreset_size(n_points: int, ratio: float) -> int:
+    """Number of points kept for ``ratio``: ``round(ratio * N)``, at least 1, at most N."""
+    _check_ratio(ratio)
+    return int(min(n_points, max(1, round(ratio * n_points))))
+
+
+class RandomSampler:
+    """Uniform random subset: the baseline that k-center greedy must beat on coverage."""
+
+    def __init__(self, ratio: float = 0.1, seed: int = 0) -> None:
+        _check_ratio(ratio)
+        self.ratio = ratio
+        self.seed = seed
+
+    def select(self, features: np.ndarray) -> np.ndarray:
+        """Return the sorted int64 indices of ``coreset_size(N, ratio)`` distinct random rows."""
+        n_points = _check_features(features).shape[0]
+        rng = np.random.default_rng(self.seed)
+        chosen = rng.choice(n_points, size=coreset_size(n_points, self.ratio), replace=False)
+        return np.sort(chosen).astype(np.int64)
+
+
+class KCenterGreedySampler:
+    """Greedy k-center coreset (minimax facility location), as in the PatchCore paper.
+
+    Starts from a seeded random row, then repeatedly adds the row farthest from the
+    rows selected so far (ties go to the smallest row index). As in the official
+    implementation, distances are measured after a Gaussian (Johnson-Lindenstrauss)
+    random projection to ``projection_dim`` dimensions, which makes each step
+    cheaper while approximately preserving distances; ``projection_dim=None`` (or
+    one >= the feature dimension) selects in the full feature space.
+
+    ``select`` returns indices in selection order (every prefix is itself a greedy
+    coreset). Afterwards ``coverage_radius_`` holds the achieved covering radius,
+    max over all rows of the distance to the nearest selected row, measured in the
+    space the selection was made in (the projected space when projecting; use
+    :func:`coverage_radius` for the original space).
+
+    On ``device="cpu"`` the greedy loop is exact but pruned with the triangle
+    inequality (see :class:`_PrunedFarthestFirst`); ``device="cuda"`` runs the plain
+    fused loop in torch on the GPU.
+    """
+
+    def __init__(
+        self,
+        ratio: float = 0.1,
+        projection_dim: int | None = 128,
+        seed: int = 0,
+        device: str = "cpu",
+        progress: bool = False,
+    ) -> None:
+        _check_ratio(ratio)
+        if projection_dim is not None and projection_dim < 1:
+            raise ValueError(f"projection_dim must be a positive integer or None, got {projection_dim}")
+        if device != "cpu" and not device.startswith("cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+        self.ratio = ratio
+        self.projection_dim = projection_dim
+        self.seed = seed
+        self.device = device
+        self.progress = progress
+        self.coverage_radius_: float | None = None
+
+    def select(self, features: np.ndarray) -> np.ndarray:
+        """Return the int64 indices of the greedy coreset, in selection order."""
+        features = _check_features(features)
+        n_points = features.shape[0]
+        n_select = coreset_size(n_points, self.ratio)
+        rng = np.random.default_rng(self.seed)
+        first = int(rng.integers(n_points))
+        points = selection_space(features, self.projection_dim, rng)
+        with _progress_reporter(n_select, self.progress) as report:
+            if self.device == "cpu":
+                selected, radius_sq = _PrunedFarthestFirst(points, report).run(first, n_select)
+            else:
+                selected, radius_sq = _farthest_first_torch(points, first, n_select, self.device, report)
+        self.coverage_radius_ = math.sqrt(max(radius_sq, 0.0))
+        return selected
+
+
+def selection_space(features: np.ndarray, projection_dim: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Rows as float32 (N x p, C-contiguous) in the space greedy selection works in.
+
+    Projects with a Gaussian matrix scaled by 1/sqrt(p) (drawn from ``rng``) when
+    ``projection_dim`` is smaller than the feature dimension, chunk by chunk so a
+    float64 or strided input never needs a full float32 copy. The result is then
+    centred: distances do not change, but the ||x||^2 + ||c||^2 - 2 x.c formula
+    loses far less to float32 cancellation on features with a large mean, such as
+    post-ReLU CNN activations.
+    """
+    n_points, dim = features.shape
+    if projection_dim is None or projection_dim >= dim:
+        points = np.array(features, dtype=np.float32, order="C", copy=True)
+    else:
+        matrix = rng.standard_normal((dim, projection_dim), dtype=np.float32)
+        matrix *= np.float32(1.0 / math.sqrt(projection_dim))
+        points = np.empty((n_points, projection_dim), dtype=np.float32)
+        rows = max(1, (1 << 22) // dim)  # ~16 MB of float32 input per GEMM
+        for start in range(0, n_points, rows):
+            np.matmul(features[start : start + rows].astype(np.float32, copy=False), matrix, out=points[start : start + rows])
+    points -= points.mean(axis=0, dtype=np.float64).astype(np.float32)
+    return points
+
+
+def coverage_radius(features: np.ndarray, selected_idx: np.ndarray, chunk: int = 1024) -> float:
+    """Max over all rows of the Euclidean distance to the nearest selected row.
+
+    Computed exactly in the original feature space (no projection) with chunked
+    GEMMs, ||x||^2 + ||y||^2 - 2 x.y clamped at 0: memory stays O(chunk x K), never
+    N x N. Works in float64 for float64 input, float32 otherwise (after centring,
+    which keeps the float32 cancellation error small).
+    """
+    features = _check_features(features)
+    selected_idx = np.asarray(selected_idx)
+    if selected_idx.ndim != 1 or selected_idx.size == 0 or not np.issubdtype(selected_idx.dtype, np.integer):
+        raise ValueError("selected_idx must be a non-empty 1-D array of integer row indices")
+    if selected_idx.min() < -features.shape[0] or selected_idx.max() >= features.shape[0]:
+        raise ValueError(f"selected_idx out of range for {features.shape[0]} rows")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    dtype = np.float64 if features.dtype == np.float64 else np.float32
+    mean = features.mean(axis=0, dtype=np.float64).astype(dtype)
+    centres = features[selected_idx].astype(dtype) - mean
+    centres_sq = np.einsum("ij,ij->i", centres, centres)
+    worst = 0.0
+    for start in range(0, features.shape[0], chunk):
+        rows = features[start : start + chunk].astype(dtype) - mean
+        dist_sq = rows @ centres.T
+        dist_sq *= -2
+        dist_sq += centres_sq
+        dist_sq += np.einsum("ij,ij->i", rows, rows)[:, None]
+        worst = max(worst, float(dist_sq.min(axis=1).max()))
+    return math.sqrt(max(worst, 0.0))
+
+
+# ----------------------------------------------------------------------------- CPU
+
+
+def _sq_dist_to_centre(points: np.ndarray, sq_norms: np.ndarray, centre: np.ndarray, centre_sq: np.float32) -> np.ndarray:
+    """Float32 squared distances ||x||^2 + ||c||^2 - 2 x.c, clamped at 0; N-sized temporaries only.
+
+    The dot product uses einsum because its per-row rounding does not depend on
+    which rows are passed together (BLAS gemv's does, by up to a few ulps): that is
+    what lets the pruned loop reproduce the unpruned selection bit for bit.
+    """
+    dist_sq = np.einsum("ij,j->i", points, centre)
+    dist_sq *= -2
+    dist_sq += sq_norms
+    dist_sq += centre_sq
+    return np.maximum(dist_sq, 0, out=dist_sq)
+
+
+def _float32_distance_error(dim: int) -> float:
+    """Bound ``e`` with |fl32(||x||^2 + ||c||^2 - 2 x.c) - ||x - c||^2| <= e * (||x||^2 + ||c||^2).
+
+    Worst-case float32 summation error of the two dot products plus the additions
+    ((2 dim + 4) u), with slack for the rounding of the stored norms themselves.
+    """
+    return (2 * dim + 16) * 2.0**-24
+
+
+@dataclass
+class _Blocks:
+    """Points grouped by nearest centre into contiguous row ranges, with what pruning needs."""
+
+    starts: np.ndarray  # (B,) first row of each block
+    sizes: np.ndarray  # (B,) rows per block
+    centres: np.ndarray  # (B, p) float32 centre of each block
+    centre_sq: np.ndarray  # (B,) float64 squared norm of each centre
+    radius: np.ndarray  # (B,) float64 upper bound on any member's distance to its centre
+    norm_sq_max: np.ndarray  # (B,) float64 largest member squared norm (for rounding bounds)
+    max_min_sq: np.ndarray  # (B,) float64 current largest min-distance^2 in the block
+
+
+class _PrunedFarthestFirst:
+    """Exact farthest-first traversal that only touches blocks a new centre can affect.
+
+    Every point keeps ``min_sq``, its squared distance to the nearest selected
+    centre (-inf once selected itself, so it is never picked again), and ``owner``,
+    which centre that is. After ``_FIRST_BLOCKING_AT`` plain steps the rows are
+    permuted so each centre's points form one contiguous block, whose radius
+    rho_b bounds every member's distance to that block's centre. For a new centre
+    c, each member x satisfies d(x, c) >= d(c, centre_b) - rho_b, so if that bound is
+    >= the block's largest ``min_sq`` no member can get closer and the block is
+    skipped. Bounds are taken in float64 with rigorous float32 rounding margins,
+    so a skipped block is one where the unpruned float32 loop would not have
+    changed a single value either: the selection is bit-for-bit the unpruned one.
+    As centres accumulate, the rows are re-blocked by their nearest centre, giving
+    smaller radii. The next centre is the argmax over the per-block maxima.
+    """
+
+    def __init__(self, points: np.ndarray, report: Callable[[int], None]) -> None:
+        self.points = points
+        self.sq_norms = np.einsum("ij,ij->i", points, points)
+        self.min_sq = np.full(points.shape[0], np.inf, dtype=np.float32)
+        self.owner = np.zeros(points.shape[0], dtype=np.int32)
+        self.original = np.arange(points.shape[0], dtype=np.int64)
+        self.selected: list[int] = []
+        self.blocks: _Blocks | None = None
+        self.error = _float32_distance_error(points.shape[1])
+        self.report = report
+
+    def run(self, first: int, n_select: int) -> tuple[np.ndarray, float]:
+        """Select ``n_select`` rows starting from row ``first``; return (indices, radius^2)."""
+        position: int | None = first
+        next_blocking = _FIRST_BLOCKING_AT
+        while position is not None:
+            self._add_centre(position)
+            if len(self.selected) == n_select:
+                break
+            if len(self.selected) >= next_blocking and len(self.selected) <= _MAX_BLOCKS:
+                self._reblock()
+                next_blocking *= _REBLOCK_GROWTH
+            position = self._farthest_position()
+        else:  # every remaining point duplicates a centre: greedy takes them in index order
+            self._take_covered(n_select - len(self.selected))
+        self.report(len(self.selected))
+        radius_sq = float(self.min_sq.max()) if len(self.selected) < self.points.shape[0] else 0.0
+        return np.asarray(self.selected, dtype=np.int64), radius_sq
+
+    def _add_centre(self, position: int) -> None:
+        rank = len(self.selected)
+        self.selected.append(int(self.original[position]))
+        if self.blocks is None:
+            self._absorb(slice(None), position, rank)
+            self.min_sq[position] = -np.inf
+        else:
+            self._absorb_pruned(position, rank)
+        if rank % _PROGRESS_EVERY == 0:
+            self.report(rank)
+
+    def _absorb(self, rows: slice | np.ndarray, position: int, rank: int) -> None:
+        """Lower ``min_sq`` of ``rows`` to their distance from the centre at ``position``."""
+        dist_sq = _sq_dist_to_centre(self.points[rows], self.sq_norms[rows], self.points[position], self.sq_norms[position])
+        current = self.min_sq[rows]
+        self.owner[rows] = np.where(dist_sq < current, rank, self.owner[rows])
+        self.min_sq[rows] = np.minimum(current, dist_sq, out=current)
+        self.owner[position] = rank
+
+    def _absorb_pruned(self, position: int, rank: int) -> None:
+        blocks = self.blocks
+        assert blocks is not None
+        affected = self._affected_blocks(position)
+        if blocks.sizes[affected].sum() > _FULL_PASS_FRACTION * self.points.shape[0]:
+            self._absorb(slice(None), position, rank)
+            self.min_sq[position] = -np.inf
+            blocks.max_min_sq = np.maximum.reduceat(self.min_sq, blocks.starts).astype(np.float64)
+            return
+        sizes = blocks.sizes[affected]
+        offsets = np.cumsum(sizes) - sizes
+        rows = np.repeat(blocks.starts[affected] - offsets, sizes) + np.arange(offsets[-1] + sizes[-1])
+        self._absorb(rows, position, rank)
+        self.min_sq[position] = -np.inf
+        blocks.max_min_sq[affected] = np.maximum.reduceat(self.min_sq[rows], offsets)
+
+    def _affected_blocks(self, position: int) -> np.ndarray:
+        """Blocks that may hold a point closer to the new centre than to all earlier ones.
+
+        A block is skipped only if, even after adding float32 rounding bounds, the
+        triangle inequality puts all its members at least as far from the new
+        centre as the block's current largest min-distance.
+        """
+        blocks = self.blocks
+        assert blocks is not None
+        centre = self.points[position]
+        centre_sq = float(self.sq_norms[position])
+        norms_sum = blocks.centre_sq + centre_sq
+        centre_dist_sq = norms_sum - 2.0 * (blocks.centres @ centre) - self.error * norms_sum
+        gap = np.sqrt(np.maximum(centre_dist_sq, 0.0)) - blocks.radius
+        np.maximum(gap, 0.0, out=gap)
+        member_dist_sq_bound = gap * gap - self.error * (blocks.norm_sq_max + centre_sq)
+        return np.flatnonzero(member_dist_sq_bound < blocks.max_min_sq)
+
+    def _reblock(self) -> None:
+        """Permute rows so each current centre's points are contiguous; recompute block bounds."""
+        order = np.lexsort((self.original, self.owner))  # by owner, then original index (tie rule)
+        self.points = self.points[order]
+        self.sq_norms = self.sq_norms[order]
+        self.min_sq = self.min_sq[order]
+        self.owner = self.owner[order]
+        self.original = self.original[order]
+        n_blocks = len(self.selected)
+        bounds = np.searchsorted(self.owner, np.arange(n_blocks + 1))
+        starts = bounds[:-1]
+        position_of = np.empty_like(self.original)
+        position_of[self.original] = np.arange(self.original.size)
+        centre_rows = position_of[np.asarray(self.selected)]
+        centre_sq = self.sq_norms[centre_rows].astype(np.float64)
+        norm_sq_max = np.maximum.reduceat(self.sq_norms, starts).astype(np.float64)
+        # min_sq is the float32 distance^2 to the owner; selected rows (-inf) sit at 0.
+        member_dist_sq = np.maximum.reduceat(np.maximum(self.min_sq, 0), starts).astype(np.float64)
+        self.blocks = _Blocks(
+            starts=starts,
+            sizes=np.diff(bounds),
+            centres=np.ascontiguousarray(self.points[centre_rows]),
+            centre_sq=centre_sq,
+            radius=np.sqrt(member_dist_sq + self.error * (norm_sq_max + centre_sq)),
+            norm_sq_max=norm_sq_max,
+            max_min_sq=np.maximum.reduceat(self.min_sq, starts).astype(np.float64),
+        )
+
+    def _farthest_position(self) -> int | None:
+        """Row of the point farthest from all centres (smallest index on ties); None if all covered."""
+        if self.blocks is None:
+            position = int(np.argmax(self.min_sq))
+            return position if self.min_sq[position] > 0 else None
+        best_per_block = self.blocks.max_min_sq
+        best_block = int(np.argmax(best_per_block))
+        best = best_per_block[best_block]
+        if best <= 0:
+            return None
+        tied_blocks = np.flatnonzero(best_per_block == best) if np.count_nonzero(best_per_block == best) > 1 else [best_block]
+        candidates = [self._block_argmax(block) for block in tied_blocks]
+        return min(candidates, key=lambda position: self.original[position])
+
+    def _block_argmax(self, block: int) -> int:
+        start = int(self.blocks.starts[block])  # type: ignore[union-attr]
+        return start + int(np.argmax(self.min_sq[start : start + int(self.blocks.sizes[block])]))  # type: ignore[union-attr]
+
+    def _take_covered(self, count: int) -> None:
+        """Greedy order once every point is at distance 0: unselected rows by index."""
+        unselected = np.sort(self.original[self.min_sq != -np.inf])[:count]
+        self.selected.extend(int(index) for index in unselected)
+        self.min_sq[np.isin(self.original, unselected)] = -np.inf
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def _farthest_first_torch(
+    points: np.ndarray, first: int, n_select: int, device: str, report: Callable[[int], None]
+) -> tuple[np.ndarray, float]:
+    """The plain fused greedy loop in torch, for a GPU; same arithmetic and tie rule as the CPU path.
+
+    Selected rows are marked -inf so argmax (first maximum on ties) never repeats one and,
+    once all remaining rows are at distance 0, takes them in index order, like the CPU path.
+    There is no host synchronisation inside the loop.
+    """
+    import torch
+
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} requested but torch.cuda.is_available() is False")
+    rows = torch.from_numpy(points).to(device)
+    sq_norms = torch.einsum("ij,ij->i", rows, rows)
+    min_sq = torch.full_like(sq_norms, math.inf)
+    selected = torch.empty(n_select, dtype=torch.int64, device=rows.device)
+    centre = torch.tensor(first, device=rows.device)
+    for step in range(n_select):
+        selected[step] = centre
+        dist_sq = torch.addmv(sq_norms, rows, rows[centre], alpha=-2).add_(sq_norms[centre]).clamp_(min=0)
+        torch.minimum(min_sq, dist_sq, out=min_sq)
+        min_sq[centre] = -math.inf
+        centre = torch.argmax(min_sq)
+        if step % _PROGRESS_EVERY == 0:
+            report(step)
+    report(n_select)
+    radius_sq = float(min_sq.max()) if n_select < points.shape[0] else 0.0
+    return selected.cpu().numpy(), radius_sq
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_ratio(ratio: float) -> None:
+    if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
+        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+
+
+def _check_features(features: np.ndarray) -> np.ndarray:
+    features = np.asarray(features)
+    if features.ndim != 2:
+        raise ValueError(f"features must be a 2-D array (N patches x d), got shape {features.shape}")
+    if features.shape[0] == 0 or features.shape[1] == 0:
+        raise ValueError(f"features must have at least one row and one column, got shape {features.shape}")
+    if not np.issubdtype(features.dtype, np.floating):
+        features = features.astype(np.float32)
+    return features
+
+
+@contextmanager
+def _progress_reporter(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """Yield ``report(done)``: updates a rich progress bar when enabled, else does nothing."""
+    if not enabled:
+        yield lambda done: None
+        return
+    from rich.progress import Progress
+
+    with Progress() as progress:
+        task = progress.add_task("k-center greedy coreset", total=total)
+        yield lambda done: progress.update(task, completed=done)
