@@ -161,21 +161,40 @@ def predict(
 @app.command()
 @_friendly
 def evaluate(
-    model_dir: Path = typer.Argument(..., help="Model directory written by `edgecore fit`."),
+    model: Path = typer.Argument(..., help="Model directory (host, torch) or bundle/archive (camera runtime)."),
     data: Path = typer.Argument(..., help="MVTec-layout category with test/ and ground_truth/."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for metrics.json, report.md, roc.png."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    device: str = typer.Option("auto", help="Host model: auto | cpu | cuda. Bundle: the backend device (CPU)."),
+    backend: str = typer.Option("openvino", help="Bundle only: openvino | tensorrt"),
+    precision: Optional[str] = typer.Option(None, help="Bundle only: engine precision."),
+    search: Optional[str] = typer.Option(None, help="Bundle only: hnsw | exact."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images with a warning."),
 ) -> None:
-    """Image AUROC, pixel AUROC, AUPRO (30 % FPR) and F1/confusion at the stored threshold."""
-    from edgecore.evaluation import evaluate as run_evaluation, load_test_set, write_evaluation
-    from edgecore.model import PatchCoreModel
+    """Image AUROC, pixel AUROC, AUPRO (30 % FPR) and F1/confusion at the stored threshold.
 
-    model = PatchCoreModel.load(model_dir, device=device)
-    test_set = load_test_set(data, model.preprocess_config, skip_bad=skip_bad)
-    result, records = run_evaluation(model, test_set)
-    result["model"] = str(model_dir)
-    write_evaluation(output, result, records, title=f"edgecore evaluate: {model_dir.name} on {data.name}")
+    The same metric code scores a host model and a bundle on the camera runtime,
+    so workstation and camera numbers can be compared line by line.
+    """
+    from edgecore.evaluation import evaluate as run_evaluation, load_test_set, write_evaluation
+
+    if (model / "manifest.json").is_file() or model.is_file():
+        from edgecore.runtime.detector import Detector
+
+        scorer = Detector.open(
+            model, backend=backend, device=None if device == "auto" else device, precision=precision, search=search
+        )
+        engine = scorer.engine.info
+        described = {"runtime": f"{engine.backend} {engine.executed_precision} (requested {engine.requested_precision})",
+                     "search": scorer.index.describe()}
+    else:
+        from edgecore.model import PatchCoreModel
+
+        scorer = PatchCoreModel.load(model, device=device)
+        described = {"runtime": f"host torch ({scorer.device.type}) fp32", "search": "exact fp32"}
+    test_set = load_test_set(data, scorer.preprocess_config, skip_bad=skip_bad)
+    result, records = run_evaluation(scorer, test_set)
+    result.update({"model": str(model), **described})
+    write_evaluation(output, result, records, title=f"edgecore evaluate: {model.name} on {data.name}")
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "skipped_files"}, indent=2))
 
 
@@ -190,6 +209,145 @@ def demo(
 
     summary = run_demo(output, quick=quick, log=_echo_err)
     typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+@_friendly
+def export(
+    model_dir: Path = typer.Argument(..., help="Model directory written by `edgecore fit`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Bundle directory to write, e.g. bottle.edgecore"),
+    index_dtype: str = typer.Option("int8", help="Stored coreset vectors: int8 | fp16 | fp32"),
+    search: Optional[str] = typer.Option(None, help="hnsw | exact (default: chosen per bundle by coreset size)"),
+    batch: int = typer.Option(1, help="Static batch of the ONNX graph."),
+) -> None:
+    """Fuse backbone + patch pooling into one ONNX graph, quantize the coreset index, write a bundle."""
+    from edgecore.export.bundle import export_bundle
+    from edgecore.runtime.bundle import verify_bundle
+
+    bundle = export_bundle(model_dir, output, index_dtype=index_dtype, search=search, batch=batch, log=_echo_err)
+    manifest = verify_bundle(bundle).manifest
+    typer.echo(json.dumps(_bundle_summary(bundle, manifest), indent=2))
+
+
+def _bundle_summary(bundle: Path, manifest: dict) -> dict:
+    return {
+        "bundle": str(bundle),
+        "format_version": manifest["format_version"],
+        "backbone": manifest["backbone"]["name"],
+        "grid": manifest["features"]["grid"],
+        "embed_dim": manifest["features"]["embed_dim"],
+        "index": {k: manifest["index"].get(k) for k in ("dtype", "mode", "size")},
+        "engines": sorted(manifest.get("engines", {})),
+        "files": len(manifest["files"]),
+        "bytes": sum(entry["size"] for entry in manifest["files"].values()),
+    }
+
+
+@app.command()
+@_friendly
+def pack(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Archive path (default NAME.edgecore.tar)."),
+) -> None:
+    """Verify a bundle and pack it into one reproducible archive to copy onto a camera."""
+    from edgecore.export.bundle import pack_bundle
+
+    archive = pack_bundle(bundle, output)
+    typer.echo(json.dumps({"archive": str(archive), "bytes": archive.stat().st_size}))
+
+
+@app.command()
+@_friendly
+def verify(bundle: Path = typer.Argument(..., help="Bundle directory or packed archive.")) -> None:
+    """Check schema version, sizes and sha256 of every file (safe unpacking for archives)."""
+    from edgecore.runtime.bundle import verify_path
+
+    verified = verify_path(bundle)
+    typer.echo(json.dumps({"ok": True, **_bundle_summary(bundle, verified.manifest)}, indent=2))
+
+
+@app.command(name="compile")
+@_friendly
+def compile_(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    target: str = typer.Option("openvino", help="openvino | tensorrt"),
+    precision: str = typer.Option(..., help="openvino: fp32 | fp16 | bf16 | int8; tensorrt: fp16 | int8"),
+    calib: Optional[Path] = typer.Option(None, help="Normal images for INT8 calibration (MVTec category or folder)."),
+    num_calib: Optional[int] = typer.Option(None, help="How many calibration images (default 64)."),
+    max_drop: Optional[float] = typer.Option(None, help="INT8 accuracy-aware mode: max drop of embedding cosine."),
+    refit_threshold: Optional[Path] = typer.Option(None, help="Held-out normal images: re-fit the threshold with this engine."),
+    workspace: int = typer.Option(1024, help="TensorRT builder workspace (MB)."),
+    dla: Optional[int] = typer.Option(None, help="TensorRT: run on DLA core N (Jetson)."),
+) -> None:
+    """Compile the bundle's ONNX graph into an engine stored in the bundle (manifest updated atomically)."""
+    if target == "openvino":
+        from edgecore.export.compile import compile_openvino
+
+        manifest = compile_openvino(
+            bundle, precision, calib=calib, num_calib=num_calib, max_drop=max_drop, refit=refit_threshold, log=_echo_err
+        )
+    elif target == "tensorrt":
+        from edgecore.runtime.backends.tensorrt import compile_tensorrt
+
+        manifest = compile_tensorrt(
+            bundle, precision, calib=calib, num_calib=num_calib, workspace_mb=workspace, dla_core=dla, log=_echo_err
+        )
+    else:
+        raise ValueError(f"unknown target {target!r}; choose openvino or tensorrt")
+    typer.echo(json.dumps(_bundle_summary(bundle, manifest), indent=2))
+
+
+@app.command()
+@_friendly
+def infer(
+    bundle: Path = typer.Argument(..., help="Bundle directory or packed archive."),
+    images: list[Path] = typer.Argument(..., help="Image files and/or folders."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder for results.jsonl and overlays/."),
+    backend: str = typer.Option("openvino", help="openvino | tensorrt"),
+    device: Optional[str] = typer.Option(None, help="Backend device (OpenVINO: CPU)."),
+    precision: Optional[str] = typer.Option(None, help="Engine precision (default: best compiled engine, else ONNX)."),
+    search: Optional[str] = typer.Option(None, help="hnsw | exact (default: the bundle's choice)."),
+    fail_on_anomaly: bool = typer.Option(False, "--fail-on-anomaly", help="Exit 1 if any image is anomalous."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images with a warning."),
+) -> None:
+    """Run the camera runtime: one JSON line per image (stdout and OUT/results.jsonl), overlay PNGs."""
+    from edgecore.runtime.detector import Detector
+    from edgecore.runtime.errors import ImageError
+    from edgecore.runtime.imageio import load_image
+    from edgecore.runtime.overlay import save_overlay
+
+    paths = _expand_images(images)
+    if output:
+        (output / "overlays").mkdir(parents=True, exist_ok=True)
+    anomalous = skipped = 0
+    with Detector.open(bundle, backend=backend, device=device, precision=precision, search=search) as detector:
+        rows = open(output / "results.jsonl", "w") if output else None
+        try:
+            for path in paths:
+                try:
+                    rgb = load_image(path)
+                except ImageError as exc:
+                    if not skip_bad:
+                        raise
+                    skipped += 1
+                    _echo_err(f"warning: skipped {exc}")
+                    continue
+                result = detector.detect(rgb)
+                anomalous += result.is_anomalous
+                row = {"image": str(path), **result.to_json()}
+                if output:
+                    overlay_path = output / "overlays" / f"{path.stem}.png"
+                    save_overlay(overlay_path, rgb, detector.normalization(result.map_original))
+                    row["overlay"] = str(overlay_path)
+                    rows.write(json.dumps(row) + "\n")
+                typer.echo(json.dumps(row))
+        finally:
+            if rows:
+                rows.close()
+    if skipped:
+        _echo_err(f"skipped {skipped} unreadable file(s)")
+    if fail_on_anomaly and anomalous:
+        raise typer.Exit(code=1)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -42,6 +42,8 @@ _MAX_BLOCKS = 2048
 # Above this fraction of affected rows, one streaming pass over all rows is cheaper
 # than gathering the affected ones.
 _FULL_PASS_FRACTION = 0.3
+# Coordinates of the cheap per-row distance lower bound used inside affected blocks.
+_BOUND_DIM = 32
 # Progress is reported every this many greedy steps (updating a bar is not free).
 _PROGRESS_EVERY = 256
 
@@ -215,14 +217,39 @@ def _float32_distance_error(dim: int) -> float:
     return (2 * dim + 16) * 2.0**-24
 
 
+def _lower_bound_coordinates(points: np.ndarray, dim: int) -> np.ndarray:
+    """Rows mapped to ``dim`` coordinates whose distances lower-bound distances between rows.
+
+    z = (P x, ||Q x||), with P the orthogonal projection onto the leading
+    ``dim - 1`` principal directions and Q its complement: ||z_x - z_c||^2 =
+    ||P(x - c)||^2 + (||Qx|| - ||Qc||)^2 <= ||x - c||^2. PatchCore features have most
+    of their variance in few directions, so the bound is tight while costing
+    ``dim`` instead of p flops per row. The basis only has to be orthonormal (eigh
+    guarantees that to float64 precision), not accurate, so the Gram matrix is a
+    float32 GEMM; the coordinates themselves are computed in float64.
+    """
+    dim = min(dim, points.shape[1])
+    _, eigenvectors = np.linalg.eigh((points.T @ points).astype(np.float64))
+    leading = np.ascontiguousarray(eigenvectors[:, ::-1][:, : dim - 1])
+    coords = np.empty((points.shape[0], dim), dtype=np.float32)
+    rows = max(1, (1 << 20) // points.shape[1])
+    for start in range(0, points.shape[0], rows):
+        chunk = points[start : start + rows].astype(np.float64)
+        projected = chunk @ leading
+        coords[start : start + rows, : dim - 1] = projected
+        rest_sq = np.einsum("ij,ij->i", chunk, chunk) - np.einsum("ij,ij->i", projected, projected)
+        coords[start : start + rows, dim - 1] = np.sqrt(np.maximum(rest_sq, 0.0))
+    return coords
+
+
 @dataclass
 class _Blocks:
     """Points grouped by nearest centre into contiguous row ranges, with what pruning needs."""
 
     starts: np.ndarray  # (B,) first row of each block
     sizes: np.ndarray  # (B,) rows per block
-    centres: np.ndarray  # (B, p) float32 centre of each block
-    centre_sq: np.ndarray  # (B,) float64 squared norm of each centre
+    centres: np.ndarray  # (B, dim) float32 lower-bound coordinates of each block's centre
+    centre_bound_sq: np.ndarray  # (B,) float64 their shrunk squared norms (see bound_sq)
     radius: np.ndarray  # (B,) float64 upper bound on any member's distance to its centre
     norm_sq_max: np.ndarray  # (B,) float64 largest member squared norm (for rounding bounds)
     max_min_sq: np.ndarray  # (B,) float64 current largest min-distance^2 in the block
@@ -251,9 +278,13 @@ class _PrunedFarthestFirst:
         self.min_sq = np.full(points.shape[0], np.inf, dtype=np.float32)
         self.owner = np.zeros(points.shape[0], dtype=np.int32)
         self.original = np.arange(points.shape[0], dtype=np.int64)
+        self.error = _float32_distance_error(points.shape[1])
+        self.bound_coords = _lower_bound_coordinates(points, _BOUND_DIM)
+        bound_sq = np.einsum("ij,ij->i", self.bound_coords, self.bound_coords)
+        # Two float32 distance evaluations can each be off by ``error`` x norms; 3x leaves slack.
+        self.bound_sq = bound_sq * np.float32(1 - 3 * self.error)
         self.selected: list[int] = []
         self.blocks: _Blocks | None = None
-        self.error = _float32_distance_error(points.shape[1])
         self.report = report
 
     def run(self, first: int, n_select: int) -> tuple[np.ndarray, float]:
@@ -287,7 +318,8 @@ class _PrunedFarthestFirst:
 
     def _absorb(self, rows: slice | np.ndarray, position: int, rank: int) -> None:
         """Lower ``min_sq`` of ``rows`` to their distance from the centre at ``position``."""
-        dist_sq = _sq_dist_to_centre(self.points[rows], self.sq_norms[rows], self.points[position], self.sq_norms[position])
+        points = self.points[rows] if isinstance(rows, slice) else np.take(self.points, rows, axis=0)
+        dist_sq = _sq_dist_to_centre(points, self.sq_norms[rows], self.points[position], self.sq_norms[position])
         current = self.min_sq[rows]
         self.owner[rows] = np.where(dist_sq < current, rank, self.owner[rows])
         self.min_sq[rows] = np.minimum(current, dist_sq, out=current)
@@ -305,9 +337,22 @@ class _PrunedFarthestFirst:
         sizes = blocks.sizes[affected]
         offsets = np.cumsum(sizes) - sizes
         rows = np.repeat(blocks.starts[affected] - offsets, sizes) + np.arange(offsets[-1] + sizes[-1])
-        self._absorb(rows, position, rank)
+        self._absorb(rows[self._may_get_closer(rows, position)], position, rank)
         self.min_sq[position] = -np.inf
         blocks.max_min_sq[affected] = np.maximum.reduceat(self.min_sq[rows], offsets)
+
+    def _may_get_closer(self, rows: np.ndarray, position: int) -> np.ndarray:
+        """Mask of ``rows`` whose min-distance the new centre might lower, by a cheap lower bound.
+
+        Uses ``_lower_bound_coordinates`` (``_BOUND_DIM`` instead of p flops per row);
+        ``bound_sq`` holds their squared norms already shrunk by the float32 rounding
+        margin of both this bound and the distance the unpruned loop would compute.
+        """
+        bound = np.take(self.bound_coords, rows, axis=0) @ self.bound_coords[position]
+        bound *= -2
+        bound += np.take(self.bound_sq, rows)
+        bound += self.bound_sq[position]
+        return bound < np.take(self.min_sq, rows)
 
     def _affected_blocks(self, position: int) -> np.ndarray:
         """Blocks that may hold a point closer to the new centre than to all earlier ones.
@@ -318,13 +363,11 @@ class _PrunedFarthestFirst:
         """
         blocks = self.blocks
         assert blocks is not None
-        centre = self.points[position]
-        centre_sq = float(self.sq_norms[position])
-        norms_sum = blocks.centre_sq + centre_sq
-        centre_dist_sq = norms_sum - 2.0 * (blocks.centres @ centre) - self.error * norms_sum
+        centre = self.bound_coords[position]
+        centre_dist_sq = blocks.centre_bound_sq + float(self.bound_sq[position]) - 2.0 * (blocks.centres @ centre)
         gap = np.sqrt(np.maximum(centre_dist_sq, 0.0)) - blocks.radius
         np.maximum(gap, 0.0, out=gap)
-        member_dist_sq_bound = gap * gap - self.error * (blocks.norm_sq_max + centre_sq)
+        member_dist_sq_bound = gap * gap - self.error * (blocks.norm_sq_max + float(self.sq_norms[position]))
         return np.flatnonzero(member_dist_sq_bound < blocks.max_min_sq)
 
     def _reblock(self) -> None:
@@ -335,6 +378,8 @@ class _PrunedFarthestFirst:
         self.min_sq = self.min_sq[order]
         self.owner = self.owner[order]
         self.original = self.original[order]
+        self.bound_coords = self.bound_coords[order]
+        self.bound_sq = self.bound_sq[order]
         n_blocks = len(self.selected)
         bounds = np.searchsorted(self.owner, np.arange(n_blocks + 1))
         starts = bounds[:-1]
@@ -348,8 +393,8 @@ class _PrunedFarthestFirst:
         self.blocks = _Blocks(
             starts=starts,
             sizes=np.diff(bounds),
-            centres=np.ascontiguousarray(self.points[centre_rows]),
-            centre_sq=centre_sq,
+            centres=np.ascontiguousarray(self.bound_coords[centre_rows]),
+            centre_bound_sq=self.bound_sq[centre_rows].astype(np.float64),
             radius=np.sqrt(member_dist_sq + self.error * (norm_sq_max + centre_sq)),
             norm_sq_max=norm_sq_max,
             max_min_sq=np.maximum.reduceat(self.min_sq, starts).astype(np.float64),

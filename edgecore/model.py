@@ -14,7 +14,6 @@ Model directory (written atomically)::
 from __future__ import annotations
 
 import time
-from statistics import NormalDist
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -26,11 +25,11 @@ import edgecore
 from edgecore.backbones import create_backbone
 from edgecore.coreset import KCenterGreedySampler
 from edgecore.features import PatchCoreFeatures, grid_shape
-from edgecore.metrics import threshold_for_false_alarm_rate
+from edgecore.calibration.threshold import threshold_config
 from edgecore.runtime.errors import ModelError
 from edgecore.runtime.fsutil import atomic_directory, write_json
 from edgecore.runtime.preprocess import PreprocessConfig, preprocess
-from edgecore.runtime.scoring import Normalization, anomaly_maps, image_scores
+from edgecore.runtime.scoring import Normalization, Scores, score_features
 from edgecore.runtime.search import ExactSearch, neighbour_table
 
 MODEL_FORMAT_VERSION = 1
@@ -77,15 +76,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-@dataclass
-class Scores:
-    """What scoring a batch returns: raw image scores, patch distances, crop-size maps."""
-
-    image: np.ndarray  # N
-    patches: np.ndarray  # N×P
-    maps: np.ndarray  # N×crop×crop
-
-
 class PatchCoreModel:
     """A fitted PatchCore: the feature module, the coreset and the decision rule."""
 
@@ -125,20 +115,19 @@ class PatchCoreModel:
         return self.features(tensor).float().cpu().numpy()
 
     def score_features(self, features: np.ndarray) -> Scores:
-        n, p, d = features.shape
-        distances, index = self.search.search(features.reshape(n * p, d), k=1)
-        patch_scores = distances[:, 0].reshape(n, p)
-        nn_index = index[:, 0].reshape(n, p)
-        scores = image_scores(patch_scores, nn_index, features, self.memory_bank, self.neighbour_table)
-        maps = anomaly_maps(patch_scores, self.grid, self.preprocess_config.crop, self.config["scoring"]["blur_sigma"])
-        return Scores(image=scores, patches=patch_scores, maps=maps)
+        return score_features(
+            features,
+            self.search,
+            self.memory_bank,
+            self.neighbour_table,
+            self.grid,
+            self.preprocess_config.crop,
+            self.config["scoring"]["blur_sigma"],
+        )
 
     def score_crops(self, crops: np.ndarray, batch_size: int = 16) -> Scores:
-        parts = [self.score_features(self.embed(crops[i : i + batch_size])) for i in range(0, len(crops), batch_size)]
-        return Scores(
-            image=np.concatenate([s.image for s in parts]),
-            patches=np.concatenate([s.patches for s in parts]),
-            maps=np.concatenate([s.maps for s in parts]),
+        return Scores.concatenate(
+            [self.score_features(self.embed(crops[i : i + batch_size])) for i in range(0, len(crops), batch_size)]
         )
 
     # --- persistence -------------------------------------------------------
@@ -328,29 +317,3 @@ def fit(
         "timings": {key: round(value, 3) for key, value in timings.items()},
     }
     return model
-
-
-def threshold_config(normal_scores: np.ndarray, false_alarm_rate: float, held_out: bool) -> dict:
-    """Decision threshold from normal images only, plus the normalisation that puts it at 0.5.
-
-    A handful of held-out images cannot show a 1 % tail empirically, so the
-    threshold is the larger of the empirical quantile and a Gaussian tail
-    estimate (mean + z·std); with enough images the empirical one dominates.
-    """
-    empirical = float(threshold_for_false_alarm_rate(normal_scores, false_alarm_rate))
-    gaussian = empirical
-    if len(normal_scores) >= 2 and false_alarm_rate > 0:
-        z = NormalDist().inv_cdf(1.0 - false_alarm_rate)
-        gaussian = float(np.mean(normal_scores) + z * np.std(normal_scores, ddof=1))
-    threshold = max(empirical, gaussian)
-    normalization = Normalization(threshold=threshold, min=float(np.min(normal_scores)), max=float(np.max(normal_scores)))
-    return {
-        "value": threshold,
-        "mode": "false_alarm_rate",
-        "false_alarm_rate": false_alarm_rate,
-        "empirical": empirical,
-        "gaussian_tail": gaussian,
-        "from_held_out_normals": held_out,
-        "validation_scores": [float(s) for s in normal_scores],
-        "normalization": normalization.to_dict(),
-    }

@@ -12,6 +12,23 @@ from functools import lru_cache
 import numpy as np
 
 
+@dataclass
+class Scores:
+    """What scoring a batch returns: raw image scores, patch distances, crop-size maps."""
+
+    image: np.ndarray  # N
+    patches: np.ndarray  # N×P
+    maps: np.ndarray  # N×crop×crop
+
+    @staticmethod
+    def concatenate(parts: list["Scores"]) -> "Scores":
+        return Scores(
+            image=np.concatenate([s.image for s in parts]),
+            patches=np.concatenate([s.patches for s in parts]),
+            maps=np.concatenate([s.maps for s in parts]),
+        )
+
+
 def image_scores(
     patch_scores: np.ndarray,
     nn_index: np.ndarray,
@@ -124,3 +141,36 @@ class Normalization:
     @classmethod
     def from_dict(cls, data: dict) -> "Normalization":
         return cls(threshold=float(data["threshold"]), min=float(data["min"]), max=float(data["max"]))
+
+
+def search_patches(features: np.ndarray, search) -> tuple[np.ndarray, np.ndarray]:
+    """N×P×D embeddings → (N×P nearest-coreset distances, N×P coreset indices)."""
+    n, p, d = features.shape
+    distances, index = search.search(features.reshape(n * p, d), k=1)
+    return distances[:, 0].reshape(n, p), index[:, 0].reshape(n, p)
+
+
+def score_patches(
+    patch_scores: np.ndarray,
+    nn_index: np.ndarray,
+    features: np.ndarray,
+    support_vectors,
+    neighbour_table: np.ndarray,
+    grid: tuple[int, int],
+    crop: int,
+    blur_sigma: float,
+) -> Scores:
+    """Search results → Scores (Eq. 7 image score + crop-size maps).
+
+    ``support_vectors[ids]`` must return the coreset rows (float32) that Eq. 7
+    compares against: the host passes its memory bank, the camera its index's
+    dequantized rows. Together with :func:`search_patches` this is the single
+    scoring path both sides run.
+    """
+    scores = image_scores(patch_scores, nn_index, features, support_vectors, neighbour_table)
+    return Scores(image=scores, patches=patch_scores, maps=anomaly_maps(patch_scores, grid, crop, blur_sigma))
+
+
+def score_features(features: np.ndarray, search, support_vectors, neighbour_table, grid, crop, blur_sigma) -> Scores:
+    patch_scores, nn_index = search_patches(features, search)
+    return score_patches(patch_scores, nn_index, features, support_vectors, neighbour_table, grid, crop, blur_sigma)

@@ -1,0 +1,95 @@
+"""`edgecore compile`: add a compiled engine to a bundle (atomically, manifest re-hashed).
+
+OpenVINO: ONNX → IR at the requested precision (INT8 through NNCF on normal
+images). Optionally re-fit the decision threshold with the compiled engine on
+held-out normal images, so the camera's boundary is computed by the camera's
+own numbers; it is stored with the engine and used whenever that engine runs.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import openvino as ov
+
+from edgecore.runtime.backends.openvino import PRECISIONS, engine_key, executed_precisions
+from edgecore.runtime.bundle import add_engine, verify_bundle
+from edgecore.runtime.preprocess import PreprocessConfig
+
+
+def compile_openvino(
+    bundle: str | Path,
+    precision: str,
+    calib: str | Path | None = None,
+    num_calib: int | None = None,
+    max_drop: float | None = None,
+    refit: str | Path | None = None,
+    false_alarm_rate: float | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> dict:
+    from edgecore.calibration.int8 import DEFAULT_NUM_CALIB, calibration_crops, quantize
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"OpenVINO precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "int8" and calib is None:
+        raise ValueError("--precision int8 needs --calib DIR (normal images: the train set or a folder)")
+    verified = verify_bundle(bundle)
+    manifest = verified.manifest
+    config = PreprocessConfig.from_dict(manifest["preprocess"])
+    core = ov.Core()
+    model = core.read_model(str(verified.path / manifest["graph"]["file"]))
+    description: dict = {"backend": "openvino", "precision": precision, "openvino_version": ov.get_version()}
+
+    if precision == "int8":
+        count = num_calib or DEFAULT_NUM_CALIB
+        start = time.perf_counter()
+        crops = calibration_crops(calib, config, count)
+        log(f"compile: NNCF INT8 calibration on {len(crops)} normal images from {calib}")
+        model = quantize(model, crops, max_drop=max_drop)
+        description["calibration"] = {
+            "source": str(calib), "images": int(len(crops)), "preset": "mixed",
+            "accuracy_control": {"metric": "embedding cosine", "max_drop": max_drop} if max_drop is not None else None,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+
+    def write_engine(engine_dir: Path) -> dict:
+        ov.save_model(model, str(engine_dir / "model.xml"), compress_to_fp16=precision == "fp16")
+        prefix = engine_dir.relative_to(engine_dir.parents[1]).as_posix()
+        return {"xml": f"{prefix}/model.xml", "bin": f"{prefix}/model.bin"}
+
+    hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}[precision]
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+    description["executed_on_this_cpu"] = executed_precisions(compiled)
+    manifest = add_engine(verified.path, engine_key(precision), write_engine, description)
+    if refit is not None:
+        manifest = refit_threshold(verified.path, precision, refit, false_alarm_rate, log)
+    return manifest
+
+
+def refit_threshold(
+    bundle: Path, precision: str, normals: str | Path, false_alarm_rate: float | None, log: Callable[[str], None]
+) -> dict:
+    """Score held-out normal images with the compiled engine and store that engine's own threshold.
+
+    Only manifest.json changes (it is not in its own file list), rewritten by atomic rename.
+    """
+    from edgecore.calibration.threshold import threshold_config
+    from edgecore.data.datasets import ImageStream, Sample, list_images
+    from edgecore.runtime.bundle import MANIFEST, read_manifest
+    from edgecore.runtime.detector import Detector
+    from edgecore.runtime.fsutil import write_json
+    from edgecore.runtime.preprocess import preprocess
+
+    samples = [Sample(path, 0, "good", None) for path in list_images(normals)]
+    with Detector.open(bundle, backend="openvino", precision=precision) as detector:
+        crops = np.stack([preprocess(rgb, detector.preprocess_config) for _, rgb in ImageStream(samples)])
+        scores = detector.score_crops(crops).image
+    manifest = read_manifest(bundle)
+    rate = false_alarm_rate if false_alarm_rate is not None else float(manifest["threshold"]["false_alarm_rate"])
+    log(f"compile: re-fitted the threshold on {len(scores)} normal images with the {precision} engine")
+    entry = manifest["engines"][engine_key(precision)]
+    entry["threshold"] = {**threshold_config(scores, rate, held_out=True), "source": str(normals)}
+    write_json(bundle / MANIFEST, manifest)
+    return manifest

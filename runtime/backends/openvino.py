@@ -1,0 +1,128 @@
+"""OpenVINO backend: the bundle's ONNX graph (or a compiled IR from `edgecore compile`) on CPU.
+
+Precision is a request, not a guarantee: OpenVINO runs bf16 on CPUs that have
+it unless told f32, and has no fp16 path on most CPUs. We ask explicitly and
+record what the compiled model reports it executes.
+"""
+from __future__ import annotations
+
+import os
+import queue
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+from edgecore.runtime.backends.base import EngineInfo
+from edgecore.runtime.errors import BundleError
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+# The hint applies to the layers that are not INT8-quantized; f32 keeps INT8 faithful.
+_HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
+_AUTO_ORDER = ("int8", "bf16", "fp16", "fp32")
+
+
+def engine_key(precision: str) -> str:
+    return f"openvino-{precision}"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("EDGECORE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "edgecore")
+    return Path(base) / "openvino"
+
+
+def executed_precisions(compiled: ov.CompiledModel) -> dict[str, int]:
+    """Count the runtime precision of every executed layer (what really ran)."""
+    counts: Counter[str] = Counter()
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        if "runtimePrecision" in info:
+            counts[str(info["runtimePrecision"].astype(str))] += 1
+    return dict(counts)
+
+
+def _summarise(counts: dict[str, int]) -> str:
+    """One word for reports: the lowest precision that does real work."""
+    for name in ("i8", "u8", "bf16", "f16", "f32"):
+        if counts.get(name):
+            return {"i8": "int8", "u8": "int8", "bf16": "bf16", "f16": "fp16", "f32": "fp32"}[name]
+    return "unknown"
+
+
+class OpenVINOBackend:
+    def __init__(
+        self,
+        bundle,
+        device: str = "CPU",
+        precision: str | None = None,
+        threads: int | None = None,
+        streams: int | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"OpenVINO precision must be one of {PRECISIONS}, got {precision!r}")
+        manifest = bundle.manifest
+        engines = manifest.get("engines", {})
+        if precision is None:
+            precision = next((p for p in _AUTO_ORDER if engine_key(p) in engines), None)
+        entry = engines.get(engine_key(precision)) if precision else None
+        if precision == "int8" and entry is None:
+            raise BundleError(
+                f"{bundle.path}: no OpenVINO INT8 engine in this bundle; "
+                "run `edgecore compile BUNDLE --target openvino --precision int8 --calib DIR` first"
+            )
+        core = ov.Core()
+        core.set_property({"CACHE_DIR": str(Path(cache_dir) if cache_dir else default_cache_dir())})
+        if entry is not None:
+            model_path = Path(bundle.path) / entry["xml"]
+            source = entry["xml"]
+        else:
+            model_path = Path(bundle.path) / manifest["graph"]["file"]
+            source = f"{manifest['graph']['file']} (compiled from ONNX)"
+        config: dict[str, object] = {"PERFORMANCE_HINT": "THROUGHPUT" if streams and streams > 1 else "LATENCY"}
+        if precision is not None:
+            config["INFERENCE_PRECISION_HINT"] = _HINT[precision]
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if streams:
+            config["NUM_STREAMS"] = int(streams)
+        try:
+            self.compiled = core.compile_model(core.read_model(str(model_path)), device, config)
+        except RuntimeError as exc:
+            raise BundleError(f"{model_path}: OpenVINO cannot compile it on {device}: {str(exc).splitlines()[0]}") from exc
+        counts = executed_precisions(self.compiled)
+        self.batch = int(manifest["graph"]["batch"])
+        self.info = EngineInfo(
+            backend="openvino",
+            device=device,
+            requested_precision=precision or "default",
+            executed_precision=_summarise(counts),
+            library_version=ov.get_version(),
+            source=source,
+            engine_key=engine_key(precision) if entry is not None else None,
+            details={
+                "layer_precisions": counts,
+                "inference_precision_hint": str(self.compiled.get_property("INFERENCE_PRECISION_HINT")),
+                "threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS")),
+                "streams": int(self.compiled.get_property("NUM_STREAMS")),
+            },
+        )
+        self._requests: queue.Queue = queue.Queue()
+        for _ in range(max(1, self.info.details["streams"])):
+            self._requests.put(self.compiled.create_infer_request())
+
+    def infer(self, crops: np.ndarray) -> np.ndarray:
+        if crops.dtype != np.uint8 or crops.shape[0] != self.batch:
+            raise ValueError(f"expected {self.batch}×H×W×3 uint8 crops, got {crops.dtype} {crops.shape}")
+        request = self._requests.get()  # one request per caller at a time: thread-safe
+        try:
+            request.infer({0: np.ascontiguousarray(crops)})
+            return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+        finally:
+            self._requests.put(request)
+
+    def close(self) -> None:
+        while not self._requests.empty():
+            self._requests.get_nowait()
+        self.compiled = None

@@ -1,0 +1,274 @@
+"""The bundle: everything the camera needs, verifiable on the camera (torch-free).
+
+A bundle is a directory ``NAME.edgecore/`` with ``manifest.json`` listing every
+other file with its size and sha256, plus the model parameters the runtime
+needs (preprocessing, grid, scoring, threshold, index). ``verify_bundle``
+checks schema, version, sizes and hashes; ``unpack_archive`` refuses anything
+that could write outside its destination.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from edgecore.runtime.errors import BundleError
+
+FORMAT = "edgecore-bundle"
+FORMAT_VERSION = "1.0"  # major.minor: a newer major is refused, a newer minor is read
+MANIFEST = "manifest.json"
+ARCHIVE_SUFFIX = ".edgecore.tar"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(root: Path, relative: str) -> dict:
+    path = root / relative
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+# --- schema ---------------------------------------------------------------
+def _require(data: dict, key: str, kind: type | tuple[type, ...], where: str) -> object:
+    if not isinstance(data, dict) or key not in data:
+        raise BundleError(f"{where}: missing field {key!r}")
+    value = data[key]
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise BundleError(f"{where}.{key}: expected a number, got {value!r}")
+    if not isinstance(value, kind):
+        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise BundleError(f"{where}.{key}: expected {expected}, got {type(value).__name__}")
+    return value
+
+
+def _positive(value: float, where: str) -> None:
+    if not value > 0:
+        raise BundleError(f"{where}: must be > 0, got {value!r}")
+
+
+def validate_manifest(manifest: object, where: str = MANIFEST) -> dict:
+    """Check types and ranges of every field the runtime relies on."""
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{where}: must be a JSON object")
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{where}: not an edgecore bundle manifest (format={manifest.get('format')!r})")
+    version = _require(manifest, "format_version", str, where)
+    try:
+        major, minor = (int(part) for part in version.split("."))
+    except ValueError:
+        raise BundleError(f"{where}: format_version {version!r} is not MAJOR.MINOR") from None
+    supported_major = int(FORMAT_VERSION.split(".")[0])
+    if major > supported_major:
+        raise BundleError(
+            f"{where}: bundle format {version} is newer than this runtime reads ({FORMAT_VERSION}); "
+            "upgrade edgecore on the camera"
+        )
+    if major < supported_major:
+        raise BundleError(f"{where}: bundle format {version} is too old; re-export it with this edgecore")
+
+    pre = _require(manifest, "preprocess", dict, where)
+    for key in ("resize", "crop"):
+        _positive(_require(pre, key, int, f"{where}.preprocess"), f"{where}.preprocess.{key}")
+    if pre["crop"] > pre["resize"]:
+        raise BundleError(f"{where}.preprocess: crop {pre['crop']} > resize {pre['resize']}")
+    feats = _require(manifest, "features", dict, where)
+    grid = _require(feats, "grid", list, f"{where}.features")
+    if len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid):
+        raise BundleError(f"{where}.features.grid: expected two positive integers, got {grid!r}")
+    _positive(_require(feats, "embed_dim", int, f"{where}.features"), f"{where}.features.embed_dim")
+    scoring = _require(manifest, "scoring", dict, where)
+    _positive(_require(scoring, "num_neighbors", int, f"{where}.scoring"), f"{where}.scoring.num_neighbors")
+    sigma = _require(scoring, "blur_sigma", (int, float), f"{where}.scoring")
+    if not 0 <= sigma <= 64:
+        raise BundleError(f"{where}.scoring.blur_sigma: must be in [0, 64], got {sigma!r}")
+    threshold = _require(manifest, "threshold", dict, where)
+    _require(threshold, "value", (int, float), f"{where}.threshold")
+    norm = _require(threshold, "normalization", dict, f"{where}.threshold")
+    for key in ("threshold", "min", "max"):
+        _require(norm, key, (int, float), f"{where}.threshold.normalization")
+    graph = _require(manifest, "graph", dict, where)
+    _require(graph, "file", str, f"{where}.graph")
+    _positive(_require(graph, "batch", int, f"{where}.graph"), f"{where}.graph.batch")
+    _require(manifest, "index", dict, where)
+    _require(manifest, "neighbour_table", dict, where)
+    engines = manifest.get("engines", {})
+    if not isinstance(engines, dict):
+        raise BundleError(f"{where}.engines: expected an object")
+    files = _require(manifest, "files", dict, where)
+    for name, entry in files.items():
+        _safe_relative(name, f"{where}.files")
+        size = _require(entry, "size", int, f"{where}.files[{name!r}]")
+        if size < 0:
+            raise BundleError(f"{where}.files[{name!r}].size: negative")
+        digest = _require(entry, "sha256", str, f"{where}.files[{name!r}]")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise BundleError(f"{where}.files[{name!r}].sha256: not a sha256 hex digest")
+    return manifest
+
+
+def _safe_relative(name: str, where: str) -> PurePosixPath:
+    path = PurePosixPath(name)
+    if not name or path.is_absolute() or ".." in path.parts or "\\" in name or name.startswith("~"):
+        raise BundleError(f"{where}: unsafe path {name!r}")
+    return path
+
+
+# --- reading & verifying ----------------------------------------------------
+def read_manifest(bundle: str | Path) -> dict:
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle}: not a bundle directory")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing; {bundle} is not a complete bundle") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON: {exc}") from None
+    return validate_manifest(data, str(path))
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    path: Path
+    manifest: dict
+
+
+def verify_bundle(bundle: str | Path) -> VerifiedBundle:
+    """Schema, version, then every listed file's size and sha256; unlisted files are errors too."""
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    listed = manifest["files"]
+    for name, entry in sorted(listed.items()):
+        path = bundle / name
+        if path.is_symlink() or not path.is_file():
+            raise BundleError(f"{path}: listed in the manifest but missing (or not a regular file)")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise BundleError(f"{path}: size {size} bytes, manifest says {entry['size']} (truncated or replaced)")
+        if sha256_file(path) != entry["sha256"]:
+            raise BundleError(f"{path}: sha256 mismatch (file corrupted or modified)")
+    for path in sorted(bundle.rglob("*")):
+        relative = path.relative_to(bundle).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            continue
+        if relative != MANIFEST and relative not in listed:
+            raise BundleError(f"{path}: not listed in the manifest (unexpected file in the bundle)")
+    for key in ("graph", "neighbour_table"):
+        if manifest[key].get("file") not in listed:
+            raise BundleError(f"{bundle / MANIFEST}: {key} file {manifest[key].get('file')!r} is not listed in files")
+    return VerifiedBundle(bundle, manifest)
+
+
+# --- archives -------------------------------------------------------------
+def unpack_archive(archive: str | Path, destination: str | Path) -> Path:
+    """Extract a packed bundle safely: regular files and folders only, nothing outside ``destination``.
+
+    Returns the bundle directory inside ``destination``. Extraction goes into a
+    temporary sibling first, so a refused archive leaves nothing behind.
+    """
+    archive, destination = Path(archive), Path(destination)
+    try:
+        tar = tarfile.open(archive, "r:*")
+    except FileNotFoundError:
+        raise BundleError(f"{archive}: archive not found") from None
+    except (tarfile.TarError, OSError) as exc:
+        raise BundleError(f"{archive}: not a readable bundle archive: {exc}") from None
+    destination.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".unpack.", dir=destination))
+    try:
+        with tar:
+            members = tar.getmembers()
+            roots = set()
+            for member in members:
+                path = _safe_relative(member.name, f"{archive}: member")
+                if not (member.isfile() or member.isdir()):
+                    raise BundleError(f"{archive}: member {member.name!r} is a link or device; refused")
+                roots.add(path.parts[0])
+            if len(roots) != 1:
+                raise BundleError(f"{archive}: expected one top-level bundle folder, found {sorted(roots)}")
+            for member in members:
+                target = staging / member.name
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(member)
+                if source is None:
+                    raise BundleError(f"{archive}: cannot read member {member.name!r}")
+                with source, open(target, "xb") as out:
+                    shutil.copyfileobj(source, out)
+                os.chmod(target, stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
+        (root,) = roots
+        final = destination / root
+        if final.exists():
+            raise BundleError(f"{final}: already exists; remove it or unpack elsewhere")
+        os.replace(staging / root, final)
+        return final
+    except (tarfile.TarError, OSError) as exc:
+        raise BundleError(f"{archive}: damaged archive: {exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def verify_path(path: str | Path) -> VerifiedBundle:
+    """Verify a bundle directory, or an archive (unpacked into a temp dir that is then removed)."""
+    path = Path(path)
+    if path.is_dir():
+        return verify_bundle(path)
+    with tempfile.TemporaryDirectory(prefix="edgecore-verify-") as scratch:
+        bundle = unpack_archive(path, scratch)
+        verified = verify_bundle(bundle)
+        return VerifiedBundle(path, verified.manifest)
+
+
+def add_engine(bundle: str | Path, key: str, write_engine, description: dict) -> dict:
+    """Add (or replace) ``engines/<key>/`` atomically; returns the new manifest.
+
+    The bundle is rebuilt in a staging sibling with hard links to the unchanged
+    files (cheap: they are never modified in place), the engine is written there,
+    the manifest re-hashed, verified, and the staging dir swapped in by rename.
+    ``write_engine(engine_dir) -> dict`` writes the files and returns extra fields
+    (paths relative to the bundle) for the manifest entry.
+    """
+    from edgecore.runtime.fsutil import atomic_directory, write_json
+
+    verified = verify_bundle(bundle)
+    bundle, manifest = verified.path, dict(verified.manifest)
+    prefix = f"engines/{key}/"
+    with atomic_directory(bundle) as staging:
+        for name in manifest["files"]:
+            if name.startswith(prefix):
+                continue
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(bundle / name, target)
+            except OSError:  # another filesystem or no hard links: copy
+                shutil.copy2(bundle / name, target)
+        engine_dir = staging / "engines" / key
+        engine_dir.mkdir(parents=True)
+        extra = write_engine(engine_dir)
+        files = {n: e for n, e in manifest["files"].items() if not n.startswith(prefix)}
+        for path in sorted(engine_dir.rglob("*")):
+            if path.is_file():
+                relative = path.relative_to(staging).as_posix()
+                files[relative] = file_entry(staging, relative)
+        engines = {k: v for k, v in manifest.get("engines", {}).items() if k != key}
+        engines[key] = {**description, **extra}
+        manifest["engines"] = dict(sorted(engines.items()))
+        manifest["files"] = dict(sorted(files.items()))
+        write_json(staging / MANIFEST, manifest)
+        verify_bundle(staging)
+    return manifest

@@ -1,0 +1,171 @@
+"""The camera-side detector: verified bundle → engine → index search → score + map.
+
+    det = Detector.open("bottle.edgecore", backend="openvino", precision="int8")
+    result = det.detect("frame.png")      # path, bytes, or H×W×3 uint8 array
+    result.score, result.normalized_score, result.is_anomalous, result.map, result.map_original
+
+It reuses the host's ONE preprocessing and ONE scoring implementation, so the
+only places camera and workstation can differ are the engine and the index —
+which is what the fidelity tests measure. A Detector is safe to share between
+threads: the engine hands each caller its own infer request, and the index and
+scoring are read-only.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgecore.runtime.backends import Backend, open_backend
+from edgecore.runtime.bundle import VerifiedBundle, read_manifest, unpack_archive, verify_bundle
+from edgecore.runtime.errors import BundleError
+from edgecore.runtime.imageio import ImageSource, load_image
+from edgecore.runtime.index import load_index
+from edgecore.runtime.preprocess import PreprocessConfig, crop_map_to_original, preprocess
+from edgecore.runtime.scoring import Normalization, Scores, score_features, score_patches, search_patches
+
+
+@dataclass
+class Detection:
+    score: float
+    normalized_score: float
+    is_anomalous: bool
+    map: np.ndarray  # crop×crop raw patch-distance map
+    map_original: np.ndarray  # H×W map on the original image (for overlays)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "score": self.score,
+            "normalized_score": self.normalized_score,
+            "is_anomalous": self.is_anomalous,
+            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+        }
+
+
+class Detector:
+    def __init__(self, bundle: VerifiedBundle, engine: Backend, search_mode: str | None = None) -> None:
+        manifest = bundle.manifest
+        self.bundle = bundle
+        self.manifest = manifest
+        self.engine = engine
+        self.preprocess_config = PreprocessConfig.from_dict(manifest["preprocess"])
+        self.grid = tuple(manifest["features"]["grid"])
+        self.blur_sigma = float(manifest["scoring"]["blur_sigma"])
+        # An engine compiled with `--refit-threshold` carries its own decision boundary.
+        decision = manifest["engines"].get(engine.info.engine_key or "", {}).get("threshold", manifest["threshold"])
+        self.threshold = float(decision["value"])
+        self.normalization = Normalization.from_dict(decision["normalization"])
+        self.index = load_index(bundle.path / manifest["index"]["dir"], manifest["index"], mode=search_mode)
+        table_path = bundle.path / manifest["neighbour_table"]["file"]
+        try:
+            self.neighbour_table = np.load(table_path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{table_path}: unreadable neighbour table: {exc}") from exc
+        if self.neighbour_table.ndim != 2 or self.neighbour_table.shape[0] != self.index.size:
+            raise BundleError(f"{table_path}: shape {self.neighbour_table.shape} does not match the index ({self.index.size})")
+
+    @classmethod
+    def open(
+        cls,
+        bundle: str | Path,
+        backend: str = "openvino",
+        device: str | None = None,
+        precision: str | None = None,
+        search: str | None = None,
+        verify: bool = True,
+        **engine_options,
+    ) -> "Detector":
+        """Open a bundle directory or a packed archive (unpacked into a private temp dir)."""
+        path = Path(bundle)
+        scratch = None
+        if path.is_file():
+            scratch = Path(tempfile.mkdtemp(prefix="edgecore-bundle-"))
+            path = unpack_archive(path, scratch)
+        try:
+            verified = verify_bundle(path) if verify else VerifiedBundle(path, read_manifest(path))
+            engine = open_backend(backend, verified, device=device, precision=precision, **engine_options)
+            detector = cls(verified, engine, search_mode=search)
+        except BaseException:
+            if scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        detector._scratch = scratch
+        return detector
+
+    _scratch: Path | None = None
+
+    def close(self) -> None:
+        self.engine.close()
+        if self._scratch:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def __enter__(self) -> "Detector":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- scoring ---------------------------------------------------------
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        """Run the engine on any number of crops, padding the last batch to the graph's static size."""
+        batch = self.engine.batch
+        parts = []
+        for start in range(0, len(crops), batch):
+            chunk = crops[start : start + batch]
+            if len(chunk) < batch:
+                pad = np.zeros((batch - len(chunk), *chunk.shape[1:]), dtype=np.uint8)
+                parts.append(self.engine.infer(np.concatenate([chunk, pad]))[: len(chunk)])
+            else:
+                parts.append(self.engine.infer(chunk))
+        return np.concatenate(parts)
+
+    def score_features(self, features: np.ndarray) -> Scores:
+        return score_features(
+            features, self.index, self.index.vectors, self.neighbour_table, self.grid,
+            self.preprocess_config.crop, self.blur_sigma,
+        )
+
+    def score_crops(self, crops: np.ndarray, batch_size: int = 16) -> Scores:
+        """The Scorer interface shared with the host model (used by `evaluate`)."""
+        return Scores.concatenate(
+            [self.score_features(self.embed(crops[i : i + batch_size])) for i in range(0, len(crops), batch_size)]
+        )
+
+    def detect(self, image: ImageSource) -> Detection:
+        t0 = time.perf_counter()
+        rgb = load_image(image)
+        t1 = time.perf_counter()
+        crop = preprocess(rgb, self.preprocess_config)
+        t2 = time.perf_counter()
+        features = self.embed(crop[None])
+        t3 = time.perf_counter()
+        patch_scores, nn_index = search_patches(features, self.index)
+        t4 = time.perf_counter()
+        scores = score_patches(
+            patch_scores, nn_index, features, self.index.vectors, self.neighbour_table, self.grid,
+            self.preprocess_config.crop, self.blur_sigma,
+        )
+        score, crop_map = float(scores.image[0]), scores.maps[0]
+        full_map = crop_map_to_original(crop_map, rgb.shape[:2], self.preprocess_config)
+        t5 = time.perf_counter()
+        return Detection(
+            score=score,
+            normalized_score=float(self.normalization(score)),
+            is_anomalous=score >= self.threshold,
+            map=crop_map,
+            map_original=full_map,
+            timings_ms={
+                "decode": (t1 - t0) * 1e3,
+                "preprocess": (t2 - t1) * 1e3,
+                "engine": (t3 - t2) * 1e3,
+                "search": (t4 - t3) * 1e3,
+                "scoring_map": (t5 - t4) * 1e3,
+                "total": (t5 - t0) * 1e3,
+            },
+        )
