@@ -178,14 +178,14 @@ def evaluate(
     from edgecore.evaluation import evaluate as run_evaluation, load_test_set, write_evaluation
 
     if (model / "manifest.json").is_file() or model.is_file():
-        from edgecore.runtime.detector import Detector
+        from edgecore.runtime.detector import Detector, describe_index
 
         scorer = Detector.open(
             model, backend=backend, device=None if device == "auto" else device, precision=precision, search=search
         )
         engine = scorer.engine.info
         described = {"runtime": f"{engine.backend} {engine.executed_precision} (requested {engine.requested_precision})",
-                     "search": scorer.index.describe()}
+                     "search": describe_index(scorer.index)}
     else:
         from edgecore.model import PatchCoreModel
 
@@ -350,6 +350,66 @@ def infer(
         raise typer.Exit(code=1)
 
 
+@app.command()
+@_friendly
+def bench(
+    bundle: Path = typer.Argument(..., help="Bundle directory or packed archive."),
+    backend: str = typer.Option("openvino", help="openvino | tensorrt"),
+    device: Optional[str] = typer.Option(None, help="Backend device."),
+    precision: list[str] = typer.Option([], help="Engine precision; repeat to compare several, interleaved."),
+    search: list[str] = typer.Option([], help="hnsw | exact; repeat to compare."),
+    images: Optional[Path] = typer.Option(None, help="Folder of frames (default: synthetic frames at bundle size)."),
+    iterations: int = typer.Option(50, help="Timed frames per configuration."),
+    warmup: int = typer.Option(5, help="Untimed frames first."),
+    threads: Optional[int] = typer.Option(None, help="Inference threads (default: the backend's choice)."),
+    streams: int = typer.Option(1, help="Parallel streams for the multi-stream throughput run."),
+    target_ms: float = typer.Option(200.0, help="Per-image budget; PASS when total p99 <= target."),
+    emulate_camera: bool = typer.Option(False, "--emulate-camera", help="Also run 1 thread + AVX2-capped ISA (estimate)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the report as Markdown."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when the target is missed."),
+    quiet: bool = typer.Option(False, "--quiet", help="No console table."),
+) -> None:
+    """Per-stage latency percentiles, throughput, RSS and PASS/FAIL against the per-image budget."""
+    from edgecore.runtime import bench as bench_mod
+
+    configs = [
+        bench_mod.BenchConfig(backend=backend, device=device, precision=p, search=s, threads=threads)
+        for p in (precision or [None])
+        for s in (search or [None])
+    ]
+    frames = bench_mod.folder_frames(images) if images else None
+    report = bench_mod.run_bench(
+        bundle, configs, frames=frames, iterations=iterations, warmup=warmup, streams=streams, target_ms=target_ms
+    )
+    if emulate_camera:
+        argv = [str(bundle), "--backend", backend, "--iterations", str(iterations), "--warmup", str(warmup),
+                "--target-ms", str(target_ms)]
+        argv += [a for p in precision for a in ("--precision", p)] + [a for s in search for a in ("--search", s)]
+        if images:
+            argv += ["--images", str(images)]
+        report["camera_estimate"] = bench_mod.emulate_camera(argv)
+    if not quiet:
+        bench_mod.print_table(report)
+        if emulate_camera:
+            bench_mod.print_table(report["camera_estimate"])
+    text = bench_mod.render_markdown(report)
+    if emulate_camera:
+        text += "\n" + bench_mod.render_markdown(report["camera_estimate"])
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2))
+    if markdown_out:
+        markdown_out.write_text(text)
+    passed = report["pass"] and (report.get("camera_estimate", {}).get("pass", True))
+    typer.echo(("PASS" if passed else "FAIL") + f": total p99 vs {target_ms:.0f} ms target")
+    if strict and not passed:
+        raise typer.Exit(code=1)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     warnings.simplefilter("default")
     app()
+
+
+if __name__ == "__main__":
+    main()

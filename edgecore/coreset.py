@@ -39,8 +39,8 @@ _REBLOCK_GROWTH = 4
 # ... up to this many blocks, where the per-step centre-to-centre distances
 # (blocks x dim) start to cost more than the points they let us skip.
 _MAX_BLOCKS = 2048
-# Above this fraction of affected rows, one streaming pass over all rows is cheaper
-# than gathering the affected ones.
+# Above this fraction of affected rows, streaming the lower-bound coordinates of all
+# rows is cheaper than gathering those of the affected ones.
 _FULL_PASS_FRACTION = 0.3
 # Coordinates of the cheap per-row distance lower bound used inside affected blocks.
 _BOUND_DIM = 32
@@ -155,7 +155,8 @@ def selection_space(features: np.ndarray, projection_dim: int | None, rng: np.ra
         points = np.empty((n_points, projection_dim), dtype=np.float32)
         rows = max(1, (1 << 22) // dim)  # ~16 MB of float32 input per GEMM
         for start in range(0, n_points, rows):
-            np.matmul(features[start : start + rows].astype(np.float32, copy=False), matrix, out=points[start : start + rows])
+            chunk = np.ascontiguousarray(features[start : start + rows], dtype=np.float32)  # same GEMM for any layout
+            np.matmul(chunk, matrix, out=points[start : start + rows])
     points -= points.mean(axis=0, dtype=np.float64).astype(np.float32)
     return points
 
@@ -206,6 +207,11 @@ def _sq_dist_to_centre(points: np.ndarray, sq_norms: np.ndarray, centre: np.ndar
     dist_sq += sq_norms
     dist_sq += centre_sq
     return np.maximum(dist_sq, 0, out=dist_sq)
+
+
+def _take_rows(array: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
+    """Rows as a view for a slice, else gathered with np.take (several times faster than fancy indexing)."""
+    return array[rows] if isinstance(rows, slice) else np.take(array, rows, axis=0)
 
 
 def _float32_distance_error(dim: int) -> float:
@@ -318,8 +324,7 @@ class _PrunedFarthestFirst:
 
     def _absorb(self, rows: slice | np.ndarray, position: int, rank: int) -> None:
         """Lower ``min_sq`` of ``rows`` to their distance from the centre at ``position``."""
-        points = self.points[rows] if isinstance(rows, slice) else np.take(self.points, rows, axis=0)
-        dist_sq = _sq_dist_to_centre(points, self.sq_norms[rows], self.points[position], self.sq_norms[position])
+        dist_sq = _sq_dist_to_centre(_take_rows(self.points, rows), self.sq_norms[rows], self.points[position], self.sq_norms[position])
         current = self.min_sq[rows]
         self.owner[rows] = np.where(dist_sq < current, rank, self.owner[rows])
         self.min_sq[rows] = np.minimum(current, dist_sq, out=current)
@@ -330,7 +335,7 @@ class _PrunedFarthestFirst:
         assert blocks is not None
         affected = self._affected_blocks(position)
         if blocks.sizes[affected].sum() > _FULL_PASS_FRACTION * self.points.shape[0]:
-            self._absorb(slice(None), position, rank)
+            self._absorb(np.flatnonzero(self._may_get_closer(slice(None), position)), position, rank)
             self.min_sq[position] = -np.inf
             blocks.max_min_sq = np.maximum.reduceat(self.min_sq, blocks.starts).astype(np.float64)
             return
@@ -341,18 +346,18 @@ class _PrunedFarthestFirst:
         self.min_sq[position] = -np.inf
         blocks.max_min_sq[affected] = np.maximum.reduceat(self.min_sq[rows], offsets)
 
-    def _may_get_closer(self, rows: np.ndarray, position: int) -> np.ndarray:
+    def _may_get_closer(self, rows: slice | np.ndarray, position: int) -> np.ndarray:
         """Mask of ``rows`` whose min-distance the new centre might lower, by a cheap lower bound.
 
         Uses ``_lower_bound_coordinates`` (``_BOUND_DIM`` instead of p flops per row);
         ``bound_sq`` holds their squared norms already shrunk by the float32 rounding
         margin of both this bound and the distance the unpruned loop would compute.
         """
-        bound = np.take(self.bound_coords, rows, axis=0) @ self.bound_coords[position]
+        bound = _take_rows(self.bound_coords, rows) @ self.bound_coords[position]
         bound *= -2
-        bound += np.take(self.bound_sq, rows)
+        bound += self.bound_sq[rows]
         bound += self.bound_sq[position]
-        return bound < np.take(self.min_sq, rows)
+        return bound < self.min_sq[rows]
 
     def _affected_blocks(self, position: int) -> np.ndarray:
         """Blocks that may hold a point closer to the new centre than to all earlier ones.

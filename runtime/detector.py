@@ -24,9 +24,26 @@ from edgecore.runtime.backends import Backend, open_backend
 from edgecore.runtime.bundle import VerifiedBundle, read_manifest, unpack_archive, verify_bundle
 from edgecore.runtime.errors import BundleError
 from edgecore.runtime.imageio import ImageSource, load_image
-from edgecore.runtime.index import load_index
+from edgecore.runtime.index import QuantizedIndex
 from edgecore.runtime.preprocess import PreprocessConfig, crop_map_to_original, preprocess
 from edgecore.runtime.scoring import Normalization, Scores, score_features, score_patches, search_patches
+
+
+def open_index(directory: Path, description: dict, search: str | None) -> QuantizedIndex:
+    """Load the bundle's index; ``search`` overrides its mode where the files allow it
+    (exact search needs only the vectors; HNSW needs the graph stored at export)."""
+    if search not in (None, "exact", "hnsw"):
+        raise ValueError(f"search must be hnsw or exact, got {search!r}")
+    description = dict(description)
+    if search and search != description.get("mode"):
+        if search == "hnsw":
+            raise BundleError(f"{directory}: this bundle's index has no HNSW graph; re-export with --search hnsw")
+        description["mode"] = "exact"
+    return QuantizedIndex.load(directory, description)
+
+
+def describe_index(index: QuantizedIndex) -> str:
+    return f"{index.dtype} {index.mode} over {index.size}×{index.dim}"
 
 
 @dataclass
@@ -60,7 +77,7 @@ class Detector:
         decision = manifest["engines"].get(engine.info.engine_key or "", {}).get("threshold", manifest["threshold"])
         self.threshold = float(decision["value"])
         self.normalization = Normalization.from_dict(decision["normalization"])
-        self.index = load_index(bundle.path / manifest["index"]["dir"], manifest["index"], mode=search_mode)
+        self.index = open_index(bundle.path / manifest["index"]["dir"], manifest["index"], search_mode)
         table_path = bundle.path / manifest["neighbour_table"]["file"]
         try:
             self.neighbour_table = np.load(table_path, allow_pickle=False)
@@ -127,7 +144,7 @@ class Detector:
 
     def score_features(self, features: np.ndarray) -> Scores:
         return score_features(
-            features, self.index, self.index.vectors, self.neighbour_table, self.grid,
+            features, self.index, self.index.points, self.neighbour_table, self.grid,
             self.preprocess_config.crop, self.blur_sigma,
         )
 
@@ -148,7 +165,7 @@ class Detector:
         patch_scores, nn_index = search_patches(features, self.index)
         t4 = time.perf_counter()
         scores = score_patches(
-            patch_scores, nn_index, features, self.index.vectors, self.neighbour_table, self.grid,
+            patch_scores, nn_index, features, self.index.points, self.neighbour_table, self.grid,
             self.preprocess_config.crop, self.blur_sigma,
         )
         score, crop_map = float(scores.image[0]), scores.maps[0]

@@ -42,3 +42,19 @@ def _random_init_warnings_are_expected():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*RANDOM INITIALISATION.*")
         yield
+
+
+@pytest.fixture(scope="session")
+def exported_bundle(fitted_model_dir, tmp_path_factory) -> Path:
+    """The synthetic model exported with defaults (int8 index, auto search). Treat as read-only."""
+    from edgecore.export.bundle import export_bundle
+
+    return export_bundle(fitted_model_dir, tmp_path_factory.mktemp("bundles") / "part.edgecore")
+
+
+@pytest.fixture
+def bundle_copy(exported_bundle, tmp_path) -> Path:
+    """A private copy a test may tamper with."""
+    import shutil
+
+    return Path(shutil.copytree(exported_bundle, tmp_path / exported_bundle.name))

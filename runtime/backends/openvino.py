@@ -32,22 +32,30 @@ def default_cache_dir() -> Path:
     return Path(base) / "openvino"
 
 
+_COMPUTE_LAYERS = {"Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution"}
+
+
 def executed_precisions(compiled: ov.CompiledModel) -> dict[str, int]:
-    """Count the runtime precision of every executed layer (what really ran)."""
+    """Runtime precision of every executed compute layer (convolutions, matmuls): what really ran.
+
+    Data-movement layers (the uint8 input, reorders, constants) are left out, or
+    a u8 input would read as "int8".
+    """
     counts: Counter[str] = Counter()
     for op in compiled.get_runtime_model().get_ops():
         info = op.get_rt_info()
-        if "runtimePrecision" in info:
+        if "runtimePrecision" in info and "layerType" in info and str(info["layerType"].astype(str)) in _COMPUTE_LAYERS:
             counts[str(info["runtimePrecision"].astype(str))] += 1
     return dict(counts)
 
 
 def _summarise(counts: dict[str, int]) -> str:
-    """One word for reports: the lowest precision that does real work."""
-    for name in ("i8", "u8", "bf16", "f16", "f32"):
-        if counts.get(name):
-            return {"i8": "int8", "u8": "int8", "bf16": "bf16", "f16": "fp16", "f32": "fp32"}[name]
-    return "unknown"
+    """One word for reports: int8 if any compute layer runs quantized, else the majority precision."""
+    names = {"i8": "int8", "u8": "int8", "bf16": "bf16", "f16": "fp16", "f32": "fp32"}
+    if counts.get("i8") or counts.get("u8"):
+        return "int8"
+    known = {names[k]: v for k, v in counts.items() if k in names}
+    return max(known, key=known.get) if known else "unknown"
 
 
 class OpenVINOBackend:

@@ -1,0 +1,219 @@
+"""C API overhead and memory: a C loop over libedgecore.so vs the same loop in Python.
+
+    python benchmarks/bench_capi.py [--frames 1000] [--rounds 2] [--size 128]
+
+Builds a tiny synthetic model and bundle (128→112 px, as the tests do), the
+library and a small C driver, then runs, alternately and each in a fresh
+process (same conditions: one caller thread, OpenVINO defaults, same frames,
+same bundle):
+
+* C:      ec_detect(RGB frame, with the crop-size map) timed with CLOCK_MONOTONIC;
+* Python: Detector.detect(the same RGB array) timed with perf_counter.
+
+The C call does everything the Python call does plus the C-side work (cffi
+transition, GIL, frame validation and wrapping, map normalisation and copy), so
+the difference of the median per-frame times is the C API's overhead (goal
+≤ 0.5 ms). Each process also samples its RSS every --rss-every frames: after
+warm-up it must not grow. Prints Markdown tables (paste into benchmarks/RESULTS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "runtime" / "capi" / "examples"
+
+C_DRIVER = r"""
+#define EC_DETECT_NO_MAIN
+#include "detect.c"
+#include <time.h>
+#include <unistd.h>
+
+static long rss_kb(void) {
+    long pages = 0, resident = 0;
+    FILE *file = fopen("/proc/self/statm", "r");
+    if (file) {
+        if (fscanf(file, "%ld %ld", &pages, &resident) != 2)
+            resident = 0;
+        fclose(file);
+    }
+    return resident * (sysconf(_SC_PAGESIZE) / 1024);
+}
+
+static double now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+
+/* bench BUNDLE FRAMES RSS_EVERY IMAGE.ppm... -> "open MS", "frame I MS", "rss I KB" lines */
+int main(int argc, char **argv) {
+    if (argc < 5) return 2;
+    int n = atoi(argv[2]), every = atoi(argv[3]), count = argc - 4;
+    frame_t *frames = calloc((size_t)count, sizeof *frames);
+    for (int i = 0; i < count; i++)
+        if (!load_pnm(argv[4 + i], 0, &frames[i])) return 1;
+    ec_detector_t *detector = NULL;
+    double t0 = now_ms();
+    ec_status_t status = ec_open(argv[1], NULL, NULL, NULL, &detector);
+    printf("open %.3f\n", now_ms() - t0);
+    if (status != EC_OK) { fprintf(stderr, "%s\n", ec_last_error()); return 1; }
+    int w = 0, h = 0;
+    ec_map_size(detector, &w, &h);
+    float *map = malloc((size_t)w * h * sizeof *map);
+    ec_result_t result;
+    printf("rss 0 %ld\n", rss_kb());
+    for (int i = 0; i < n; i++) {
+        const frame_t *f = &frames[i % count];
+        double start = now_ms();
+        status = ec_detect(detector, f->pixels, f->width, f->height, f->stride, EC_PIXEL_RGB8, &result,
+                           map, (size_t)w * h);
+        double ms = now_ms() - start;
+        if (status != EC_OK) { fprintf(stderr, "%s\n", ec_last_error()); return 1; }
+        printf("frame %d %.6f\n", i, ms);
+        if ((i + 1) % every == 0) printf("rss %d %ld\n", i + 1, rss_kb());
+    }
+    ec_close(detector);
+    return 0;
+}
+"""
+
+
+def rss_kb() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * (os.sysconf("SC_PAGESIZE") // 1024)
+
+
+def python_loop(bundle: str, n: int, every: int, images: list[str]) -> None:
+    """The Python side, run in its own process; prints the same lines as the C driver."""
+    from edgecore.runtime.detector import Detector
+    from edgecore.runtime.imageio import load_image
+
+    frames = [load_image(p) for p in images]
+    t0 = time.perf_counter()
+    detector = Detector.open(bundle)
+    print(f"open {(time.perf_counter() - t0) * 1e3:.3f}")
+    print(f"rss 0 {rss_kb()}")
+    for i in range(n):
+        frame = frames[i % len(frames)]
+        start = time.perf_counter()
+        detector.detect(frame)
+        print(f"frame {i} {(time.perf_counter() - start) * 1e3:.6f}")
+        if (i + 1) % every == 0:
+            print(f"rss {i + 1} {rss_kb()}")
+    detector.close()
+
+
+def parse(stdout: str) -> dict:
+    out: dict = {"frames": [], "rss": []}
+    for line in stdout.splitlines():
+        kind, *values = line.split()
+        if kind == "open":
+            out["open"] = float(values[0])
+        elif kind == "frame":
+            out["frames"].append(float(values[1]))
+        elif kind == "rss":
+            out["rss"].append((int(values[0]), int(values[1])))
+    return out
+
+
+def prepare(work: Path, size: int) -> tuple[Path, list[Path], Path]:
+    """Synthetic bundle, PPM frames, library + C driver."""
+    from PIL import Image
+
+    from edgecore.data.datasets import ImageStream, train_samples
+    from edgecore.data.synthetic import make_synthetic_dataset
+    from edgecore.export.bundle import export_bundle
+    from edgecore.model import FitConfig, fit
+    from edgecore.runtime.capi.build import build
+    from edgecore.runtime.preprocess import PreprocessConfig
+
+    category = make_synthetic_dataset(work, n_train=16, n_test_good=4, n_test_per_defect=2, size=size, seed=0)
+    model = fit([rgb for _, rgb in ImageStream(train_samples(category))],
+                FitConfig(device="cpu", preprocess=PreprocessConfig(128, 112)))
+    model.save(work / "model")
+    bundle = export_bundle(work / "model", work / "part.edgecore")
+    frames = []
+    for i, png in enumerate(sorted((category / "test").rglob("*.png"))):
+        frames.append(work / f"frame_{i}.ppm")
+        Image.open(png).convert("RGB").save(frames[-1])
+    library = build(work / "lib")
+    (work / "bench.c").write_text(C_DRIVER)
+    subprocess.run(
+        ["gcc", "-O2", "-D_GNU_SOURCE", f"-I{EXAMPLES}", f"-I{library.parent}", str(work / "bench.c"),
+         f"-L{library.parent}", "-ledgecore", f"-Wl,-rpath,{library.parent}", "-o", str(work / "bench")],
+        check=True,
+    )
+    return bundle, frames, work / "bench"
+
+
+def stats(times: list[float]) -> tuple[float, float, float]:
+    return statistics.median(times), float(np.percentile(times, 10)), float(np.percentile(times, 90))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=1000, help="frames per process (RSS needs 1000)")
+    parser.add_argument("--rss-every", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=100, help="frames excluded from timing and RSS growth")
+    parser.add_argument("--rounds", type=int, default=2, help="C and Python processes, alternated")
+    parser.add_argument("--size", type=int, default=128, help="frame size in pixels (model: 128→112)")
+    parser.add_argument("--work", type=Path, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--python-loop", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.python_loop:
+        bundle, n, every, *images = args.python_loop
+        python_loop(bundle, int(n), int(every), images)
+        return
+
+    with tempfile.TemporaryDirectory(prefix="bench-capi-") as scratch:
+        work = args.work or Path(scratch)
+        bundle, frames, driver = prepare(work, args.size)
+        common = [str(bundle), str(args.frames), str(args.rss_every), *map(str, frames)]
+        runs: dict[str, list[dict]] = {"C (ec_detect)": [], "Python (Detector.detect)": []}
+        for _ in range(args.rounds):
+            for name, command in (
+                ("C (ec_detect)", [str(driver), *common]),
+                ("Python (Detector.detect)", [sys.executable, __file__, "--python-loop", *common]),
+            ):
+                done = subprocess.run(command, capture_output=True, text=True, check=True)
+                runs[name].append(parse(done.stdout))
+
+    print(f"\n`python benchmarks/bench_capi.py --frames {args.frames} --rounds {args.rounds} --size {args.size}` — "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"{len(frames)} frames {args.size}x{args.size} cycled, crop 112, map requested in C\n")
+    print("| loop | processes × timed frames | median ms/frame | p10 | p90 | open (ms, median) |")
+    print("|---|---|---|---|---|---|")
+    medians = {}
+    for name, results in runs.items():
+        times = [t for r in results for t in r["frames"][args.warmup :]]
+        median, p10, p90 = stats(times)
+        medians[name] = median
+        opens = statistics.median(r["open"] for r in results)
+        print(f"| {name} | {len(results)} × {len(times) // len(results)} | {median:.3f} | {p10:.3f} | {p90:.3f} | {opens:.0f} |")
+    c_median, py_median = medians.values()
+    verdict = "meets" if c_median - py_median <= 0.5 else "MISSES"
+    print(f"\nC-call overhead (difference of medians): **{(c_median - py_median) * 1e3:+.0f} µs/frame** "
+          f"({verdict} the ≤ 0.5 ms goal)\n")
+
+    print("| process | RSS MB at frame " + " | ".join(str(i) for i, _ in runs["C (ec_detect)"][0]["rss"]) + " | growth after warm-up |")
+    print("|---|" + "---|" * (len(runs["C (ec_detect)"][0]["rss"]) + 1))
+    for name, results in runs.items():
+        for k, r in enumerate(results):
+            after = [kb for i, kb in r["rss"] if i >= args.warmup]
+            growth = (max(after) - after[0]) / 1024 if after else float("nan")
+            cells = " | ".join(f"{kb / 1024:.1f}" for _, kb in r["rss"])
+            print(f"| {name} #{k + 1} | {cells} | {growth:+.1f} MB |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Host side of the coreset index: quantize, build the graph, pick the search mode.
+
+numpy + hnswlib only (no torch). The camera reads the result with
+``edgecore.runtime.index.QuantizedIndex.load``; every number below is measured in
+``benchmarks/INDEX_STUDY.md`` (``benchmarks/bench_index.py``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from edgecore.runtime.index import DTYPES, MODES, QuantizedIndex, build_hnsw_graph, decode
+
+# Stored vectors (codes + quantization tables) may take at most this share of the
+# fp32 coreset bytes; the requirement is 0.27, the rest is headroom for .npy headers.
+VECTOR_BYTES_RATIO = 0.268
+# HNSW parameters (bench_index.py): m=16 meets recall@1 >= 0.99 with the smallest
+# graph (8·m+14 B/point keeps a 1024-d index at ~0.31 × fp32); ef_search=128 holds
+# recall at the exact-search level; single-threaded build with this seed is deterministic.
+HNSW_M = 16
+HNSW_EF_CONSTRUCTION = 200
+HNSW_EF_SEARCH = 128
+HNSW_SEED = 100
+# Exact search costs ∝ M·D per query, HNSW roughly ∝ D·log M: below this many coreset
+# points exact search is as fast or faster on 784 queries (crossover measured at
+# D=152 and D=1024 on 2 cores, see the study), and exact needs no approximation.
+EXACT_BELOW_POINTS = 6_000
+
+
+def choose_search_mode(size: int, dim: int) -> str:
+    """'exact' for small coresets, 'hnsw' from the measured crossover on.
+
+    The crossover hardly depends on ``dim`` (both costs scale linearly with it),
+    so it is a point count; ``dim`` is validated and kept for a future finer rule.
+    """
+    if size < 1 or dim < 1:
+        raise ValueError(f"need a non-empty coreset, got {size}×{dim}")
+    return "exact" if size < EXACT_BELOW_POINTS else "hnsw"
+
+
+def build_index(
+    coreset: np.ndarray, dtype: str = "int8", mode: str | None = None, patches_per_image: int = 784
+) -> QuantizedIndex:
+    """Quantize ``coreset`` (M×D float32) and build its index.
+
+    ``mode=None`` picks :func:`choose_search_mode`; ``"hnsw"``/``"exact"`` force it
+    (the exporter's ``--search``). ``patches_per_image`` (the feature grid h·w) is
+    the block in which hnsw mode certifies the largest distance exact. Deterministic: the same coreset gives the same
+    arrays, hence byte-identical files.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if not isinstance(patches_per_image, int) or patches_per_image < 1:
+        raise ValueError(f"patches_per_image must be a positive integer, got {patches_per_image!r}")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
+    coreset = np.asarray(coreset)
+    if coreset.ndim != 2 or coreset.shape[0] == 0 or coreset.shape[1] == 0:
+        raise ValueError(f"coreset must be a non-empty M×D array, got shape {coreset.shape}")
+    if not np.all(np.isfinite(coreset)):
+        raise ValueError("coreset contains NaN or infinite values")
+    coreset = np.ascontiguousarray(coreset, dtype=np.float32)
+    size, dim = coreset.shape
+    mode = mode or choose_search_mode(size, dim)
+    arrays = quantize(coreset, dtype)
+    if mode == "exact":
+        return QuantizedIndex(dtype, arrays, mode)
+    points = decode(dtype, arrays)  # the graph is built on what the camera will search
+    graph, params = build_hnsw_graph(points, HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_SEED)
+    params["ef_search"] = HNSW_EF_SEARCH
+    params["certify_block"] = int(patches_per_image)
+    return QuantizedIndex(dtype, arrays, mode, graph, params)
+
+
+def quantize(coreset: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+    """The arrays ``runtime.index.decode`` turns back into vectors (see its docstring)."""
+    if dtype == "fp32":
+        return {"codes": coreset.copy()}
+    if dtype == "fp16":
+        if np.max(np.abs(coreset)) > np.finfo(np.float16).max:
+            raise ValueError("coreset values exceed the float16 range; use dtype='int8' or 'fp32'")
+        return {"codes": coreset.astype(np.float16)}
+    return _quantize_int8(coreset.astype(np.float64))
+
+
+def pca_components(size: int, dim: int, ratio: float = VECTOR_BYTES_RATIO) -> int:
+    """Largest k whose int8 store (M·D + 2·M·k code bytes + float32 tables) fits ``ratio`` × fp32."""
+    budget = ratio * 4 * size * dim
+    k = 0
+    while k < dim and size * dim + 2 * size * (k + 1) + 4 * (2 * dim + (k + 1) * (dim + 2)) <= budget:
+        k += 1
+    return k
+
+
+def _quantize_int8(x: np.ndarray) -> dict[str, np.ndarray]:
+    """16-bit coordinates on the top-k principal directions + per-dimension int8 residual.
+
+    The residual is taken after the *quantized* coordinates, so the int8 step also
+    absorbs the 16-bit rounding. Tables are rounded to float32 before use so the
+    host encodes against exactly the numbers the camera decodes with.
+    """
+    size, dim = x.shape
+    k = pca_components(size, dim)
+    mean = x.mean(axis=0)
+    if k:
+        eigenvalues, eigenvectors = np.linalg.eigh(np.cov(x - mean, rowvar=False))
+        basis = eigenvectors[:, np.argsort(eigenvalues)[::-1][:k]].T
+        # eigh's sign is arbitrary: fix it so the stored basis is reproducible
+        signs = np.sign(basis[np.arange(k), np.argmax(np.abs(basis), axis=1)])
+        basis = (basis * signs[:, None]).astype(np.float32)
+    else:
+        basis = np.zeros((0, dim), np.float32)
+    basis64 = basis.astype(np.float64)
+    coords = (x - mean) @ basis64.T
+    coord_offset, coord_scale, coord_codes = _affine_codes(coords, 65535)
+    coords_hat = coord_offset.astype(np.float64) + coord_scale.astype(np.float64) * coord_codes
+    offset, scale, codes = _affine_codes(x - coords_hat @ basis64, 255)
+    return {
+        "codes": (codes.astype(np.int16) - 128).astype(np.int8),
+        "offset": offset,
+        "scale": scale,
+        "basis": basis,
+        "coord_codes": coord_codes.astype(np.uint16),
+        "coord_offset": coord_offset,
+        "coord_scale": coord_scale,
+    }
+
+
+def _affine_codes(values: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-column min/max affine code in 0..top; returns float32 (offset, scale) and the codes."""
+    lo = values.min(axis=0).astype(np.float32)
+    span = values.max(axis=0) - lo.astype(np.float64)
+    scale = np.where(span > 0, span / top, 1.0).astype(np.float32)
+    codes = np.rint((values - lo.astype(np.float64)) / scale.astype(np.float64))
+    return lo, scale, np.clip(codes, 0, top).astype(np.int64)
+

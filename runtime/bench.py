@@ -1,0 +1,303 @@
+"""`edgecore bench`: does this bundle meet the takt time on THIS device?
+
+Honest by construction: per-stage percentiles (not just a mean), warm-up
+excluded, what actually executed (precision, ISA, threads) recorded next to the
+numbers, peak RSS of this process, and — because shared machines are noisy —
+a comparison mode that interleaves configurations round-robin so their ratios
+hold even when absolute times drift.
+"""
+from __future__ import annotations
+
+import io
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+STAGES = ("decode", "preprocess", "engine", "search", "scoring_map", "total")
+ISA_FLAGS = ("sse4_2", "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    backend: str = "openvino"
+    device: str | None = None
+    precision: str | None = None
+    search: str | None = None
+    threads: int | None = None
+
+    def label(self) -> str:
+        parts = [self.backend, self.precision or "default", self.search or "auto"]
+        if self.threads:
+            parts.append(f"{self.threads}t")
+        return "/".join(parts)
+
+
+def synthetic_frames(size: int, count: int = 8, seed: int = 0) -> list[bytes]:
+    """PNG-encoded textured frames at the bundle's resize size, so decode is measured too."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    frames = []
+    for _ in range(count):
+        phase = rng.uniform(0, 2 * np.pi)
+        base = 128 + 60 * np.sin(xx / 7.0 + phase) * np.cos(yy / 11.0)
+        rgb = np.clip(base[..., None] + rng.normal(0, 8, (size, size, 3)), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, format="PNG")
+        frames.append(buffer.getvalue())
+    return frames
+
+
+def folder_frames(folder: str | Path, limit: int = 32) -> list[bytes]:
+    exts = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in exts)[:limit]
+    if not paths:
+        raise ValueError(f"{folder}: no images to benchmark with")
+    return [p.read_bytes() for p in paths]
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    array = np.asarray(values, dtype=np.float64)
+    return {
+        "p50": float(np.percentile(array, 50)),
+        "p90": float(np.percentile(array, 90)),
+        "p99": float(np.percentile(array, 99)),
+        "max": float(array.max()),
+        "mean": float(array.mean()),
+    }
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def environment() -> dict:
+    info = {
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+    }
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+        flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+        info["cpu_model"] = model
+        info["isa"] = [flag for flag in ISA_FLAGS if flag in flags]
+    except OSError:
+        info["cpu_model"] = platform.processor()
+    return info
+
+
+def kernel_isas(detector) -> dict[str, int]:
+    """Which instruction sets the compiled kernels use (OpenVINO only): proves an ISA cap took effect."""
+    compiled = getattr(detector.engine, "compiled", None)
+    if compiled is None:
+        return {}
+    counts: Counter[str] = Counter()
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        if "primitiveType" not in info:
+            continue
+        name = str(info["primitiveType"].astype(str))
+        isa = next((tag for tag in ("amx", "avx512", "avx2", "sse41") if tag in name), None)
+        if isa:
+            counts[isa] += 1
+    return dict(counts)
+
+
+def _throughput(detector, frames: list[bytes], streams: int, seconds: float) -> float:
+    """Images/s with ``streams`` threads sharing one detector for ``seconds``."""
+    done = [0] * streams
+    stop = time.perf_counter() + seconds
+
+    def worker(slot: int) -> None:
+        i = slot
+        while time.perf_counter() < stop:
+            detector.detect(frames[i % len(frames)])
+            done[slot] += 1
+            i += streams
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(streams)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(done) / (time.perf_counter() - start)
+
+
+def bundle_sizes(detector) -> dict:
+    files = detector.manifest["files"]
+    index_dir = detector.manifest["index"]["dir"] + "/"
+    return {
+        "bundle_bytes": sum(e["size"] for e in files.values()),
+        "graph_bytes": files[detector.manifest["graph"]["file"]]["size"],
+        "index_bytes": sum(e["size"] for n, e in files.items() if n.startswith(index_dir)),
+        "neighbour_table_bytes": files[detector.manifest["neighbour_table"]["file"]]["size"],
+        "coreset_fp32_bytes": int(detector.index.size * detector.manifest["features"]["embed_dim"] * 4),
+    }
+
+
+def run_bench(
+    bundle: str | Path,
+    configs: list[BenchConfig],
+    frames: list[bytes] | None = None,
+    iterations: int = 50,
+    warmup: int = 5,
+    streams: int = 1,
+    throughput_seconds: float = 3.0,
+    target_ms: float = 200.0,
+) -> dict:
+    """Benchmark one or more configurations, interleaved round-robin when there are several."""
+    from edgecore.runtime.detector import Detector, describe_index
+
+    detectors = []
+    try:
+        for config in configs:
+            detectors.append(
+                Detector.open(
+                    bundle, backend=config.backend, device=config.device, precision=config.precision,
+                    search=config.search, **({"threads": config.threads} if config.threads else {}),
+                    **({"streams": streams} if streams > 1 else {}),
+                )
+            )
+        if frames is None:
+            frames = synthetic_frames(detectors[0].preprocess_config.resize)
+        for detector in detectors:  # warm every configuration before any is timed
+            for i in range(warmup):
+                detector.detect(frames[i % len(frames)])
+        samples = [{stage: [] for stage in STAGES} for _ in detectors]
+        for i in range(iterations):  # round-robin: drift hits every configuration alike
+            for slot, detector in enumerate(detectors):
+                timings = detector.detect(frames[i % len(frames)]).timings_ms
+                for stage in STAGES:
+                    samples[slot][stage].append(timings[stage])
+        runs = []
+        for config, detector, stages in zip(configs, detectors, samples):
+            engine = detector.engine.info
+            run = {
+                "config": config.label(),
+                "stages_ms": {stage: percentiles(values) for stage, values in stages.items()},
+                "throughput_single_stream_ips": 1000.0 / float(np.mean(stages["total"])),
+                "engine": {
+                    "backend": engine.backend, "device": engine.device, "requested_precision": engine.requested_precision,
+                    "executed_precision": engine.executed_precision, "library_version": engine.library_version,
+                    "source": engine.source, "threads": engine.details.get("threads"),
+                    "streams": engine.details.get("streams"), "kernel_isa": kernel_isas(detector),
+                },
+                "search": describe_index(detector.index),
+                "sizes": bundle_sizes(detector),
+            }
+            if streams > 1:
+                run["throughput_multi_stream_ips"] = _throughput(detector, frames, streams, throughput_seconds)
+                run["streams"] = streams
+            p99 = run["stages_ms"]["total"]["p99"]
+            run["target_ms"] = target_ms
+            run["pass"] = bool(p99 <= target_ms)
+            runs.append(run)
+        base = runs[0]["stages_ms"]["total"]["p50"]
+        for run in runs:
+            run["ratio_p50_vs_first"] = run["stages_ms"]["total"]["p50"] / base
+        return {
+            "bundle": str(bundle),
+            "iterations": iterations,
+            "warmup": warmup,
+            "frames": len(frames),
+            "peak_rss_mb": peak_rss_mb(),
+            "environment": environment(),
+            "runs": runs,
+            "pass": all(run["pass"] for run in runs),
+        }
+    finally:
+        for detector in detectors:
+            detector.close()
+
+
+def emulate_camera(argv: list[str]) -> dict:
+    """Re-run this bench in a child with 1 thread and oneDNN capped to AVX2 (a Core/Atom-class
+    estimate). OpenVINO's CPU plugin honours ONEDNN_MAX_CPU_ISA; the child reports the kernel
+    ISAs it actually used, so the report can say whether the cap took effect."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "camera.json"
+        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+        command = [sys.executable, "-m", "edgecore.cli", "bench", *argv, "--threads", "1", "--json", str(out), "--quiet"]
+        completed = subprocess.run(command, env=env, capture_output=True, text=True)
+        if completed.returncode not in (0, 1) or not out.is_file():
+            raise RuntimeError(f"camera emulation run failed: {completed.stderr.strip()[-500:]}")
+        report = json.loads(out.read_text())
+    for run in report["runs"]:
+        isas = run["engine"]["kernel_isa"]
+        run["isa_cap_honoured"] = not any(k in isas for k in ("avx512", "amx")) if isas else None
+    report["estimate"] = "camera-class emulation: 1 thread, ONEDNN_MAX_CPU_ISA=AVX2 (an estimate, not a measurement on a camera)"
+    return report
+
+
+def render_markdown(report: dict) -> str:
+    """The report as Markdown (for RESULTS.md and CI logs)."""
+    env = report["environment"]
+    lines = [
+        f"# edgecore bench — {report['bundle']}",
+        "",
+        f"CPU: {env.get('cpu_model')} ({env.get('cpu_count')} logical), ISA: {', '.join(env.get('isa', []))}; "
+        f"{env.get('os')}; peak RSS {report['peak_rss_mb']:.0f} MB; {report['iterations']} iterations "
+        f"after {report['warmup']} warm-up, {report['frames']} frames.",
+    ]
+    if report.get("estimate"):
+        lines += ["", f"**{report['estimate']}**"]
+    lines += ["", "| config | executed | " + " | ".join(f"{s} p50" for s in STAGES) + " | total p90 | total p99 | max | img/s | ratio | result |",
+              "|---" * (len(STAGES) + 8) + "|"]
+    for run in report["runs"]:
+        st = run["stages_ms"]
+        cells = [run["config"], run["engine"]["executed_precision"]]
+        cells += [f"{st[s]['p50']:.2f}" for s in STAGES]
+        cells += [f"{st['total']['p90']:.2f}", f"{st['total']['p99']:.2f}", f"{st['total']['max']:.2f}",
+                  f"{run['throughput_single_stream_ips']:.1f}", f"{run['ratio_p50_vs_first']:.2f}",
+                  ("PASS" if run["pass"] else "FAIL") + f" (p99 ≤ {run['target_ms']:.0f} ms)"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for run in report["runs"]:
+        sizes = run["sizes"]
+        extra = f", {run['throughput_multi_stream_ips']:.1f} img/s with {run['streams']} streams" if "streams" in run else ""
+        lines.append(
+            f"- {run['config']}: engine {run['engine']['source']} (OpenVINO/TensorRT {run['engine']['library_version']}, "
+            f"threads {run['engine']['threads']}, kernels {run['engine']['kernel_isa']}), search {run['search']}, "
+            f"bundle {sizes['bundle_bytes'] / 1e6:.1f} MB, index {sizes['index_bytes'] / 1e6:.2f} MB "
+            f"(fp32 coreset {sizes['coreset_fp32_bytes'] / 1e6:.2f} MB){extra}"
+            + (f"; ISA cap honoured: {run['isa_cap_honoured']}" if "isa_cap_honoured" in run else "")
+        )
+    return "\n".join(lines) + "\n"
+
+
+def print_table(report: dict) -> None:
+    """A rich table on the console with PASS/FAIL."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    title = "edgecore bench" + (" (camera-class ESTIMATE)" if report.get("estimate") else "")
+    table = Table(title=title)
+    for column in ("config", "executed", *[f"{s} p50" for s in STAGES], "p99", "img/s", "ratio", "result"):
+        table.add_column(column, justify="right" if column not in ("config", "executed") else "left")
+    for run in report["runs"]:
+        st = run["stages_ms"]
+        table.add_row(
+            run["config"], run["engine"]["executed_precision"], *[f"{st[s]['p50']:.2f}" for s in STAGES],
+            f"{st['total']['p99']:.2f}", f"{run['throughput_single_stream_ips']:.1f}", f"{run['ratio_p50_vs_first']:.2f}",
+            "[green]PASS[/green]" if run["pass"] else "[red]FAIL[/red]",
+        )
+    console.print(table)
+    env = report["environment"]
+    console.print(f"{env.get('cpu_model')} · ISA {' '.join(env.get('isa', []))} · peak RSS {report['peak_rss_mb']:.0f} MB")

@@ -1,0 +1,246 @@
+"""C API: libedgecore.so (cffi embedding) driven by the C examples must match the Python runtime.
+
+The library and the two C programs are built once per module (~2 s); each C run
+starts its own embedded Python and compiles the engine (~2-3 s). The
+frame-conversion checks at the bottom need no compiler.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgecore.runtime import capi
+
+EXAMPLES = Path(capi.__file__).with_name("examples")
+RTOL = 1e-6
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def capi_programs(tmp_path_factory) -> dict[str, Path]:
+    """Build and install the library into a prefix, then compile detect.c and errors_test.c against it."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc not found: the C API tests compile C programs")
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        pytest.skip("this Python has no shared libpython; cffi embedding links against it")
+    from edgecore.runtime.capi.build import main
+
+    root = tmp_path_factory.mktemp("capi")
+    prefix = root / "prefix"
+    assert main(["--out", str(root / "out"), "--prefix", str(prefix)]) == 0
+    assert (prefix / "include" / "edgecore.h").is_file() and (prefix / "lib" / "libedgecore.so").is_file()
+    pc_dir = prefix / "lib" / "pkgconfig"
+    if shutil.which("pkg-config"):
+        env = dict(os.environ, PKG_CONFIG_PATH=str(pc_dir))
+        flags = subprocess.run(
+            ["pkg-config", "--cflags", "--libs", "edgecore"], env=env, check=True, capture_output=True, text=True
+        ).stdout.split()
+    else:
+        flags = [f"-I{prefix / 'include'}", f"-L{prefix / 'lib'}", "-ledgecore"]
+    programs = {}
+    for name in ("detect", "errors_test"):
+        out = root / name
+        compiled = subprocess.run(
+            ["gcc", "-std=c99", "-D_POSIX_C_SOURCE=200809L", "-Wall", "-Wextra", "-O1", str(EXAMPLES / f"{name}.c"),
+             *flags, f"-Wl,-rpath,{prefix / 'lib'}", "-pthread", "-o", str(out)],
+            capture_output=True, text=True,
+        )
+        assert compiled.returncode == 0, compiled.stderr
+        assert "warning" not in compiled.stderr, compiled.stderr  # the header must be clean C99
+        programs[name] = out
+    return programs
+
+
+@pytest.fixture(scope="module")
+def capi_bundle(fitted_model_dir, tmp_path_factory) -> Path:
+    from edgecore.export.bundle import export_bundle
+
+    return export_bundle(fitted_model_dir, tmp_path_factory.mktemp("capi_bundle") / "part.edgecore")
+
+
+@pytest.fixture(scope="module")
+def images(synthetic_category, tmp_path_factory) -> list[dict]:
+    """A few test frames (good and defective) as PNG, PPM (P6) and PGM (P5) with their arrays."""
+    out = tmp_path_factory.mktemp("capi_frames")
+    pngs = sorted((synthetic_category / "test").rglob("*.png"))
+    chosen = pngs[:2] + pngs[-2:]
+    frames = []
+    for i, png in enumerate(chosen):
+        rgb = np.asarray(Image.open(png).convert("RGB"))
+        gray = np.asarray(Image.open(png).convert("L"))
+        ppm, pgm = out / f"{i}.ppm", out / f"{i}.pgm"
+        Image.fromarray(rgb).save(ppm)
+        Image.fromarray(gray).save(pgm)
+        frames.append({"png": png, "ppm": ppm, "pgm": pgm, "rgb": rgb, "gray": gray})
+    return frames
+
+
+@pytest.fixture(scope="module")
+def detector(capi_bundle):
+    from edgecore.runtime.detector import Detector
+
+    with Detector.open(capi_bundle) as det:
+        yield det
+
+
+def run_detect(programs: dict[str, Path], *args: object) -> list[tuple[float, float, int]]:
+    done = subprocess.run(
+        [str(programs["detect"]), *map(str, args)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    rows = []
+    for line in done.stdout.splitlines():
+        if line.startswith("#"):
+            continue
+        score, normalized, anomalous, _path = line.split(maxsplit=3)
+        rows.append((float(score), float(normalized), int(anomalous)))
+    return rows
+
+
+def assert_rows_match(rows: list[tuple[float, float, int]], expected: list) -> None:
+    assert len(rows) == len(expected)
+    for (score, normalized, anomalous), want in zip(rows, expected):
+        np.testing.assert_allclose(score, want.score, rtol=RTOL)
+        np.testing.assert_allclose(normalized, want.normalized_score, rtol=RTOL, atol=1e-12)
+        assert anomalous == int(want.is_anomalous)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_c_scores_and_maps_match_python_runtime(capi_programs, capi_bundle, images, detector, tmp_path):
+    rows = run_detect(capi_programs, "--maps", tmp_path, capi_bundle, *(f["ppm"] for f in images))
+    expected = [detector.detect(f["png"]) for f in images]
+    assert_rows_match(rows, expected)
+    assert {r[2] for r in rows} <= {0, 1}
+    crop = detector.preprocess_config.crop
+    for i, want in enumerate(expected):
+        got = np.fromfile(tmp_path / f"map_{i}.f32", dtype=np.float32)
+        assert got.size == crop * crop, "the C map is at crop size"
+        np.testing.assert_allclose(got.reshape(crop, crop), detector.normalization(want.map), rtol=RTOL, atol=1e-6)
+        assert got.min() >= 0.0 and got.max() <= 1.0
+
+
+@pytest.mark.slow
+def test_two_threads_on_one_handle_match_one_thread(capi_programs, capi_bundle, images, detector):
+    frames = [f["ppm"] for f in images]
+    rows = run_detect(capi_programs, "--threads", 2, capi_bundle, *frames)
+    single = [detector.detect(f["rgb"]) for f in images]
+    assert len(rows) == 2 * len(frames)
+    assert_rows_match(rows[: len(frames)], single)
+    assert_rows_match(rows[len(frames) :], single)
+
+
+@pytest.mark.slow
+def test_bgr_gray_and_padded_rows_match_rgb_converted_in_python(capi_programs, capi_bundle, images, detector):
+    bgr = run_detect(capi_programs, "--bgr", "--pad", 7, capi_bundle, *(f["ppm"] for f in images))
+    assert_rows_match(bgr, [detector.detect(f["rgb"]) for f in images])
+    gray = run_detect(capi_programs, "--pad", 3, capi_bundle, *(f["pgm"] for f in images))
+    assert_rows_match(gray, [detector.detect(np.repeat(f["gray"][:, :, None], 3, axis=2)) for f in images])
+
+
+@pytest.mark.slow
+def test_every_misuse_returns_its_code_and_a_message(capi_programs, capi_bundle):
+    done = subprocess.run(
+        [str(capi_programs["errors_test"]), str(capi_bundle)], capture_output=True, text=True, timeout=120
+    )
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stdout + done.stderr  # also catches a crash (negative returncode)
+    assert not [line for line in lines if line.startswith("FAIL")], done.stdout
+    checks = {line.split()[1]: line for line in lines if line.startswith("ok ")}
+    for name, code in {
+        "open_null_path": "EC_ERR_NULL_ARGUMENT",
+        "open_missing_bundle": "EC_ERR_BUNDLE",
+        "open_unknown_backend": "EC_ERR_INVALID_ARGUMENT",
+        "detect_map_too_small": "EC_ERR_BUFFER_TOO_SMALL",
+        "detect_stride_too_small": "EC_ERR_INVALID_ARGUMENT",
+        "detect_unknown_format": "EC_ERR_INVALID_ARGUMENT",
+        "detect_after_close": "EC_ERR_INVALID_HANDLE",
+    }.items():
+        assert code in checks[name], checks[name]
+    assert "/nonexistent/part.edgecore" in checks["open_missing_bundle"]  # messages name the culprit
+    assert "stride" in checks["detect_stride_too_small"]
+    assert "map_size" in " ".join(lines)
+
+
+@pytest.mark.slow
+def test_embedded_version_is_the_runtime_version(capi_programs, capi_bundle):
+    import edgecore
+
+    done = subprocess.run(
+        [str(capi_programs["errors_test"]), str(capi_bundle)], capture_output=True, text=True, timeout=120
+    )
+    assert f"version {edgecore.__version__} api 1." in done.stdout
+
+
+# --------------------------------------------------------------------------- frame conversion (no compiler)
+
+
+def _frame(array: np.ndarray, pad: int) -> tuple[object, np.ndarray, int]:
+    """A padded copy of array in a plain byte buffer, as a camera would hand it over."""
+    from cffi import FFI
+
+    ffi = FFI()
+    rows = array.reshape(array.shape[0], -1)
+    stride = rows.shape[1] + pad
+    buffer = np.full((rows.shape[0], stride), 0xEE, dtype=np.uint8)
+    buffer[:, : rows.shape[1]] = rows
+    return ffi, buffer, stride
+
+
+def test_frame_view_converts_layouts_without_reading_padding():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    ffi, buffer, stride = _frame(rgb, pad=4)
+    view = capi.frame_view(ffi, ffi.from_buffer(buffer), 7, 5, stride, capi.EC_PIXEL_RGB8)
+    np.testing.assert_array_equal(view, rgb)
+    assert not view.flags.writeable
+
+    ffi, buffer, stride = _frame(np.ascontiguousarray(rgb[:, :, ::-1]), pad=1)
+    np.testing.assert_array_equal(capi.frame_view(ffi, ffi.from_buffer(buffer), 7, 5, stride, capi.EC_PIXEL_BGR8), rgb)
+
+    gray = rgb[:, :, 0].copy()
+    ffi, buffer, stride = _frame(gray, pad=3)
+    np.testing.assert_array_equal(capi.frame_view(ffi, ffi.from_buffer(buffer), 7, 5, stride, capi.EC_PIXEL_GRAY8), gray)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "stride", "fmt", "words"),
+    [
+        (7, 5, 20, capi.EC_PIXEL_RGB8, "stride"),  # 20 < 7 * 3
+        (0, 5, 21, capi.EC_PIXEL_RGB8, "width and height"),
+        (7, -5, 21, capi.EC_PIXEL_RGB8, "width and height"),
+        (7, 5, 21, 9, "pixel format"),
+        (100_000, 100_000, 300_000, capi.EC_PIXEL_RGB8, "EC_MAX_PIXELS"),
+        (7, 5, 1 << 29, capi.EC_PIXEL_RGB8, "EC_MAX_FRAME_BYTES"),
+    ],
+)
+def test_frame_view_rejects_bad_geometry_before_touching_memory(width, height, stride, fmt, words):
+    from cffi import FFI
+
+    ffi = FFI()
+    tiny = np.zeros(8, dtype=np.uint8)  # far too small for any of these frames: must never be read
+    with pytest.raises(capi.ApiError, match=words) as info:
+        capi.frame_view(ffi, ffi.from_buffer(tiny), width, height, stride, fmt)
+    assert info.value.status == capi.EC_ERR_INVALID_ARGUMENT
+
+
+def test_exceptions_map_to_status_codes():
+    from edgecore.runtime.errors import BundleError, ImageError
+
+    assert capi.status_for(BundleError("x")) == capi.EC_ERR_BUNDLE
+    assert capi.status_for(ImageError("x")) == capi.EC_ERR_IMAGE
+    assert capi.status_for(ValueError("unknown backend"), during_open=True) == capi.EC_ERR_INVALID_ARGUMENT
+    assert capi.status_for(ValueError("inside detect")) == capi.EC_ERR_RUNTIME
+    assert capi.status_for(KeyboardInterrupt()) == capi.EC_ERR_RUNTIME
+    assert capi.describe("ec_detect", KeyError("k")).startswith("ec_detect: KeyError")
