@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import openvino as ov
 
 from edgecore.runtime.errors import DatasetError
 from edgecore.runtime.imageio import load_image
@@ -41,11 +40,12 @@ def mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.mean(num / den))
 
 
-def quantize(model: ov.Model, crops: np.ndarray, max_drop: float | None = None) -> ov.Model:
+def quantize(model, crops: np.ndarray, max_drop: float | None = None):
     """NNCF PTQ (mixed preset: symmetric weights, asymmetric activations — better for post-ReLU
     features); with ``max_drop``, the accuracy-aware variant keeps layers in fp32 until the
     embedding cosine drop is within bounds."""
     import nncf
+    import openvino as ov  # only here: a Jetson image has no OpenVINO but still calibrates for TensorRT
 
     items = [crop[None] for crop in crops]
     dataset = nncf.Dataset(items)
@@ -57,7 +57,7 @@ def quantize(model: ov.Model, crops: np.ndarray, max_drop: float | None = None) 
     reference = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     expected = [reference(item)[0] for item in items]
 
-    def validate(compiled: ov.CompiledModel, data) -> float:
+    def validate(compiled, data) -> float:
         return float(np.mean([mean_cosine(ref, compiled(item)[0]) for ref, item in zip(expected, data)]))
 
     return nncf.quantize_with_accuracy_control(

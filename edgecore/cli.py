@@ -266,6 +266,26 @@ def verify(bundle: Path = typer.Argument(..., help="Bundle directory or packed a
     typer.echo(json.dumps({"ok": True, **_bundle_summary(bundle, verified.manifest)}, indent=2))
 
 
+@app.command()
+@_friendly
+def unpack(
+    archive: Path = typer.Argument(..., help="Packed bundle (.edgecore.tar)."),
+    output: Path = typer.Option(Path("."), "-o", "--output", help="Folder to unpack into."),
+) -> None:
+    """Safely unpack and verify an archive on the camera (refuses links, devices, absolute or .. paths)."""
+    from edgecore.runtime.bundle import unpack_archive, verify_bundle
+
+    bundle = unpack_archive(archive, output)
+    try:
+        verified = verify_bundle(bundle)
+    except Exception:
+        import shutil
+
+        shutil.rmtree(bundle, ignore_errors=True)  # never leave an unverified bundle behind
+        raise
+    typer.echo(json.dumps({"ok": True, **_bundle_summary(bundle, verified.manifest)}, indent=2))
+
+
 @app.command(name="compile")
 @_friendly
 def compile_(

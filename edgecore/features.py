@@ -49,7 +49,8 @@ class PatchCoreFeatures(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: N×H×W×3 uint8 → N×(h·w)×D float32 patch embeddings."""
-        x = images.permute(0, 3, 1, 2).float() * self.scale - self.shift
+        # Cast first: TensorRT requires a uint8 network input to feed a Cast directly.
+        x = images.float().permute(0, 3, 1, 2) * self.scale - self.shift
         maps = [self.pool(m) for m in self.trunk(x)]
         size = maps[0].shape[-2:]
         maps = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]

@@ -12,6 +12,7 @@ import io
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -40,6 +41,18 @@ class BenchConfig:
         if self.threads:
             parts.append(f"{self.threads}t")
         return "/".join(parts)
+
+
+def _engine_options(config: BenchConfig, streams: int) -> dict:
+    """Threads/streams are OpenVINO CPU knobs; TensorRT has one stream per detector."""
+    if config.backend != "openvino":
+        return {}
+    options: dict = {}
+    if config.threads:
+        options["threads"] = config.threads
+    if streams > 1:
+        options["streams"] = streams
+    return options
 
 
 def synthetic_frames(size: int, count: int = 8, seed: int = 0) -> list[bytes]:
@@ -167,8 +180,7 @@ def run_bench(
             detectors.append(
                 Detector.open(
                     bundle, backend=config.backend, device=config.device, precision=config.precision,
-                    search=config.search, **({"threads": config.threads} if config.threads else {}),
-                    **({"streams": streams} if streams > 1 else {}),
+                    search=config.search, **_engine_options(config, streams),
                 )
             )
         if frames is None:
@@ -286,7 +298,7 @@ def print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, width=max(132, shutil.get_terminal_size().columns))
     title = "edgecore bench" + (" (camera-class ESTIMATE)" if report.get("estimate") else "")
     table = Table(title=title)
     for column in ("config", "executed", *[f"{s} p50" for s in STAGES], "p99", "img/s", "ratio", "result"):

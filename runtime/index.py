@@ -391,5 +391,5 @@ def _hnswlib_index(graph: dict[str, np.ndarray], points: np.ndarray, params: dic
     }
     index = hnswlib.Index.__new__(hnswlib.Index)
     index.__setstate__((state,))
-    index.set_num_threads(os.cpu_count() or 1)  # queries are independent: results do not depend on it
+    index.set_num_threads(len(os.sched_getaffinity(0)))  # queries are independent: results do not depend on it
     return index

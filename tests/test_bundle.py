@@ -167,3 +167,22 @@ def test_cli_export_pack_verify(fitted_model_dir, tmp_path):
     (bundle / "neighbours.npy").write_bytes(b"x")
     result = runner.invoke(app, ["verify", str(bundle)])
     assert result.exit_code == 2 and "neighbours.npy" in result.output
+
+
+def test_cli_unpack_verifies_and_removes_a_bad_bundle(exported_bundle, tmp_path):
+    archive = pack_bundle(exported_bundle, tmp_path / "u.edgecore.tar")
+    result = runner.invoke(app, ["unpack", str(archive), "-o", str(tmp_path / "cam")])
+    assert result.exit_code == 0, result.output
+    assert verify_bundle(tmp_path / "cam" / exported_bundle.name)
+    # an archive whose payload was altered after packing: unpack refuses and leaves nothing
+    with tarfile.open(archive) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    bad = tmp_path / "bad.edgecore.tar"
+    with tarfile.open(bad, "w") as tar:
+        for member, data in members:
+            if member.name.endswith("neighbours.npy"):
+                data = data[:-1] + bytes([data[-1] ^ 1])
+            tar.addfile(member, io.BytesIO(data))
+    result = runner.invoke(app, ["unpack", str(bad), "-o", str(tmp_path / "cam2")])
+    assert result.exit_code == 2 and "sha256 mismatch" in result.output
+    assert list((tmp_path / "cam2").iterdir()) == []

@@ -61,10 +61,9 @@ def capi_programs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def capi_bundle(fitted_model_dir, tmp_path_factory) -> Path:
-    from edgecore.export.bundle import export_bundle
-
-    return export_bundle(fitted_model_dir, tmp_path_factory.mktemp("capi_bundle") / "part.edgecore")
+def capi_bundle(exported_bundle) -> Path:
+    """The session's synthetic bundle (conftest), shared read-only with the other runtime tests."""
+    return exported_bundle
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +180,26 @@ def test_embedded_version_is_the_runtime_version(capi_programs, capi_bundle):
         [str(capi_programs["errors_test"]), str(capi_bundle)], capture_output=True, text=True, timeout=120
     )
     assert f"version {edgecore.__version__} api 1." in done.stdout
+
+
+@pytest.mark.slow
+def test_a_broken_python_environment_is_an_error_code_not_a_crash(capi_programs, capi_bundle, images, tmp_path):
+    frame = str(images[0]["ppm"])
+    # 1. No standard library: Python's own start-up fails (a bare Py_InitializeEx would abort).
+    env = dict(os.environ, PYTHONHOME=str(tmp_path / "no-python-here"))
+    done = subprocess.run([str(capi_programs["detect"]), str(capi_bundle), frame], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "EC_ERR_RUNTIME" in done.stderr and "failed to start" in done.stderr
+    # 2. Python starts but edgecore cannot be imported (shadowed by a broken package).
+    fake = tmp_path / "shadow" / "edgecore"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('simulated broken install')\n")
+    env = dict(os.environ, PYTHONPATH=str(fake.parent))
+    done = subprocess.run([str(capi_programs["detect"]), str(capi_bundle), frame], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "cannot load the edgecore runtime" in done.stderr and "simulated broken install" in done.stderr
 
 
 # --------------------------------------------------------------------------- frame conversion (no compiler)

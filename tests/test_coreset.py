@@ -255,6 +255,17 @@ def test_non_2d_or_empty_features_are_rejected(shape: tuple[int, ...], sampler: 
         sampler.select(np.zeros(shape, dtype=np.float32))  # type: ignore[attr-defined]
 
 
+def test_invalid_arguments_are_rejected() -> None:
+    with pytest.raises(ValueError, match="projection_dim"):
+        KCenterGreedySampler(projection_dim=0)
+    with pytest.raises(ValueError, match="device"):
+        KCenterGreedySampler(device="tpu")
+    with pytest.raises(ValueError, match="NaN"):
+        KCenterGreedySampler().select(np.array([[0.0, np.nan], [1.0, 2.0]]))
+    with pytest.raises(ValueError, match="selected_idx"):
+        coverage_radius(np.zeros((3, 2)), np.array([], dtype=np.int64))
+
+
 def test_random_sampler_is_sorted_unique_and_seeded() -> None:
     features = np.zeros((500, 3))
     selected = RandomSampler(ratio=0.2, seed=1).select(features)

@@ -103,11 +103,6 @@ def test_select_engine_without_tensorrt_engines_or_precision():
         select_engine(_engines(_engine("fp16")), ORIN, ORIN_TRT, "fp32")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="features.py transposes the uint8 input before casting it; TensorRT needs a uint8 network input "
-    "to feed a Cast directly (NVIDIA/TensorRT#3985), so its builder refuses this graph. Fix: cast, then permute.",
-)
 def test_uint8_input_feeds_a_cast_directly():
     pytest.importorskip("torch", reason="exporting the graph needs torch (host side)")
     from edgecore.backbones import create_backbone

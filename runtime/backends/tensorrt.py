@@ -101,9 +101,10 @@ def select_engine(
             f"device that runs them: {_rebuild_hint(bundle, wanted)}"
         )
     if not here:
-        elsewhere = "; ".join(
-            sorted({f"{e.get('precision')} on {e.get('gpu')} with TensorRT {e.get('tensorrt_version')}" for e in built.values()})
-        )
+        elsewhere = "; ".join(sorted(
+            {f"{e.get('precision')} on {e.get('gpu')} with TensorRT {e.get('tensorrt_version')}"
+             for e in built.values()}
+        ))
         raise BundleError(
             f"{bundle}: its TensorRT engines were built for {elsewhere}, but {this_device}. A TensorRT engine only "
             f"runs on the GPU model and TensorRT version that built it; rebuild here: {_rebuild_hint(bundle, wanted)}"
@@ -172,7 +173,8 @@ class _Gpu:
             self._cuda.Context.pop()
 
     def release(self) -> None:
-        # Dropping pycuda's handle releases the retained primary context (as pycuda.autoprimaryctx does).
+        # Dropping pycuda's handle releases the retained primary context (as pycuda.autoprimaryctx does);
+        # from a thread other than the opening one pycuda leaves it retained until the process exits.
         self.context = None
 
 
@@ -321,12 +323,16 @@ def compile_tensorrt(
                     config = PreprocessConfig.from_dict(manifest["preprocess"])
                     crops = calibration_crops(calib, config, num_calib or DEFAULT_NUM_CALIB)
                     calibrator = _entropy_calibrator(trt, cuda, crops, int(manifest["graph"]["batch"]))
-                    description["calibration"] = {"source": str(calib), "images": int(len(crops)), "algorithm": "entropy2"}
+                    description["calibration"] = {
+                        "source": str(calib), "images": int(len(crops)), "algorithm": "entropy2"
+                    }
                     log(f"compile: TensorRT INT8 entropy calibration on {len(crops)} normal images from {calib}")
                 start = time.perf_counter()
                 log(f"compile: building the TensorRT {precision} engine for {gpu.name} (TensorRT {version}); "
                     "minutes on a Jetson")
-                plan_bytes, cache_bytes = _build(trt, graph_path, precision, workspace_mb, dla_core, calibrator, timing_cache)
+                plan_bytes, cache_bytes = _build(
+                    trt, graph_path, precision, workspace_mb, dla_core, calibrator, timing_cache
+                )
                 description["seconds"] = round(time.perf_counter() - start, 1)
                 calibration_cache = calibrator.cache if calibrator is not None else None
             finally:
@@ -394,8 +400,9 @@ class TensorRTBackend:
                 raise BundleError(f"{plan_path}: expected one input and one output tensor, got {names}")
             self._host_in = self._pinned(trt, engine, inputs[0], np.uint8)
             self._host_out = self._pinned(trt, engine, outputs[0], np.float32)
-            if self._host_in.shape[0] != self.batch or self._host_in.shape[-1] != 3:
-                raise BundleError(f"{plan_path}: input shape {self._host_in.shape} is not [{self.batch}, H, W, 3]")
+            self.input_shape: tuple[int, ...] = tuple(self._host_in.shape)
+            if self.input_shape[0] != self.batch or self.input_shape[-1] != 3:
+                raise BundleError(f"{plan_path}: input shape {self.input_shape} is not [{self.batch}, H, W, 3]")
             self._context = engine.create_execution_context()
             for name, host in ((inputs[0], self._host_in), (outputs[0], self._host_out)):
                 memory = cuda.mem_alloc(host.nbytes)
@@ -414,7 +421,7 @@ class TensorRTBackend:
                 "cuda_device": device,
                 "compute_capability": gpu.compute_capability,
                 "builder": entry.get("builder", {}),
-                "threads": "one execution context, calls serialised by a lock",
+                "execution_contexts": 1,  # calls are serialised by a lock
                 "index_search": "cpu",
             },
         )
@@ -427,8 +434,8 @@ class TensorRTBackend:
         return self._cuda.pagelocked_empty(tuple(engine.get_tensor_shape(name)), dtype)
 
     def infer(self, crops: np.ndarray) -> np.ndarray:
-        if crops.dtype != np.uint8 or crops.shape != self._host_in.shape:
-            raise ValueError(f"expected {self._host_in.shape} uint8 crops, got {crops.dtype} {crops.shape}")
+        if crops.dtype != np.uint8 or crops.shape != self.input_shape:
+            raise ValueError(f"expected {self.input_shape} uint8 crops, got {crops.dtype} {crops.shape}")
         cuda = self._cuda
         with self._lock:
             if self._gpu is None:

@@ -1,12 +1,13 @@
 """The Python side of libedgecore.so, the C API (see edgecore.h and README.md).
 
 `build.py` compiles the library with cffi's embedding mode; the init code frozen
-into it imports this module and calls :func:`install`, which binds the
-``extern "Python"`` functions the C wrappers call. Each of those functions:
+into it imports this module and calls :func:`install`, which binds the Python
+"twins" (declared with cffi's ``embedding_api``) that the exported C wrappers
+call. Each twin:
 
-* returns ``DONE | status``: cffi answers 0 from every ``extern "Python"``
-  function when the embedded interpreter failed to start, and 0 is EC_OK, so
-  the C side only trusts a result carrying the DONE bit;
+* returns ``DONE | status``: cffi makes such a function return 0 when its own
+  start-up failed, and 0 is EC_OK, so the C side only trusts a result carrying
+  the DONE bit;
 * catches every exception (BaseException included) and turns it into a status
   code plus a thread-local message stored on the C side (``_ec_set_error``):
   nothing Python ever unwinds into the C caller;
@@ -152,7 +153,7 @@ def _text(ffi: Any, value: Any) -> str | None:
 
 
 def install(ffi: Any, lib: Any) -> None:
-    """Bind the ``extern "Python"`` functions of the compiled library (called by its init code)."""
+    """Bind the Python twins of the compiled library (called once by its init code)."""
     done = int(lib.EC__DONE)
     mirrors = {name: value for name, value in globals().items() if name.startswith(("EC_OK", "EC_ERR_", "EC_PIXEL_"))}
     mirrors.update(EC_MAX_PIXELS=MAX_PIXELS, EC_MAX_FRAME_BYTES=MAX_FRAME_BYTES)
@@ -244,15 +245,11 @@ def install(ffi: Any, lib: Any) -> None:
         out.is_anomalous = 1 if result.is_anomalous else 0
         return EC_OK
 
-    @ffi.def_extern(onerror=on_unexpected)
-    def ec_close(handle_ptr: Any) -> None:
-        try:
-            lib._ec_set_error(b"")
-            handle = int(ffi.cast("uintptr_t", handle_ptr))
-            detector = _registry.pop(handle)
-            if detector is not None:
-                detector.close()
-            elif handle:
-                set_error(f"ec_close: handle {handle:#x} is not open (never opened, or already closed)")
-        except BaseException as exc:  # noqa: BLE001 — ec_close is void: report through ec_last_error
-            set_error(describe("ec_close", exc))
+    @extern()
+    @guarded("ec_close")
+    def _ec_py_close(handle: int) -> int:
+        detector = _registry.pop(int(handle))
+        if detector is None:
+            raise ApiError(EC_ERR_INVALID_HANDLE, f"handle {int(handle):#x} is not open (never opened, or already closed)")
+        detector.close()
+        return EC_OK

@@ -8,18 +8,20 @@ installs ``include/edgecore.h``, ``lib/libedgecore.so`` and
 
 How the pieces fit (cffi's embedding mode):
 
-* ``embedding_api`` declares what the library exports and implements in
-  Python. Only ``ec_close`` is there: it returns ``void``, so it is the one
-  entry point for which cffi's "Python failed to start → return zeros" rule is
-  harmless. Every function returning a status is a small C wrapper (below) that
-  checks NULL pointers, calls a ``static extern "Python"`` twin and only trusts
-  a result carrying the DONE bit — a zeroed result would otherwise read EC_OK.
-* ``ec_last_error`` and the message buffer are plain C (``__thread``), so they
-  are thread-local by construction and work even when Python did not start.
-* The init code (frozen into the .so, run on the first call) makes the
-  builder's site-packages importable, then binds the Python implementations
-  from :mod:`edgecore.runtime.capi`. If that import fails, every call reports
-  the reason through ``ec_last_error`` instead of a bare stderr dump.
+* The exported functions are the small C wrappers in ``C_SOURCE``. They check
+  NULL pointers, start Python once (``ec__start_python``: PyConfig, as the
+  building interpreter, no signal handlers, failure = an error code instead of
+  an abort), then call a Python "twin" declared with ``embedding_api``.
+* A twin returns ``DONE | status``: cffi makes a Python-implemented function
+  return zeros when its own start-up fails, and 0 is EC_OK, so a wrapper only
+  trusts a result that carries the DONE bit.
+* ``ec_last_error`` and its buffer are plain C (``__thread``): thread-local by
+  construction and usable even when Python never started.
+* The init code (frozen into the .so, run on the first call into Python) adds
+  the builder's site-packages, then binds the twins from
+  :mod:`edgecore.runtime.capi`. If that import fails, every call returns
+  EC_ERR_RUNTIME and ``ec_last_error`` says why.
+* A linker version script exports only ``ec_*``; the twins stay internal.
 """
 from __future__ import annotations
 
@@ -38,49 +40,99 @@ HERE = Path(__file__).resolve().parent
 HEADER = HERE / "edgecore.h"
 LIBRARY = "libedgecore.so"
 
-# Internal, not exported: the C wrappers below call these Python twins.
-INTERNAL_CDEF = """
+# Python implementations (the "twins" of the public C functions). They go through
+# embedding_api, so cffi defines them as C functions that run Python; the linker
+# version script keeps them out of the library's exported symbols.
+EMBEDDING_API = """
+const char *_ec_py_version(void);
+int _ec_py_open(const char *, const char *, const char *, const char *, uintptr_t *);
+int _ec_py_map_size(uintptr_t, int *, int *);
+int _ec_py_detect(uintptr_t, const uint8_t *, int, int, int, int, ec_result_t *, float *, size_t);
+int _ec_py_close(uintptr_t);
+"""
+
+# Plain C helpers the Python side calls through `lib`.
+HELPERS_CDEF = """
 #define EC__DONE 256
-extern "Python" const char *_ec_py_version(void);
-extern "Python" int _ec_py_open(const char *, const char *, const char *, const char *, uintptr_t *);
-extern "Python" int _ec_py_map_size(uintptr_t, int *, int *);
-extern "Python" int _ec_py_detect(uintptr_t, const uint8_t *, int, int, int, int, ec_result_t *, float *, size_t);
 void _ec_set_error(const char *message);
 """
 
-EMBEDDING_API = "void ec_close(ec_detector_t *detector);"
+# Only the header's functions are exported.
+VERSION_SCRIPT = "{ global: ec_*; local: *; };\n"
 
 C_SOURCE = r"""
+#include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include "edgecore.h"
 
 #define EC__DONE 256  /* set by every Python twin that really ran: see edgecore.runtime.capi */
+#define EC__PROGRAM %(program)s  /* the interpreter that built the library */
 
 static __thread char ec__error[1024];
+static pthread_once_t ec__python_once = PTHREAD_ONCE_INIT;
+static char ec__python_failure[768];  /* written once, under ec__python_once */
 
 /* Called from Python (through `lib`) and from the wrappers; the buffer is per thread. */
 static void _ec_set_error(const char *message) {
-    snprintf(ec__error, sizeof ec__error, "%s", message ? message : "");
+    snprintf(ec__error, sizeof ec__error, "%%s", message ? message : "");
 }
 
-/* The extern "Python" twins: cffi defines them further down this file. */
-static const char *_ec_py_version(void);
-static int _ec_py_open(const char *, const char *, const char *, const char *, uintptr_t *);
-static int _ec_py_map_size(uintptr_t, int *, int *);
-static int _ec_py_detect(uintptr_t, const uint8_t *, int, int, int, int, ec_result_t *, float *, size_t);
+/* The Python twins; cffi defines them further down this file (embedding_api). */
+const char *_ec_py_version(void);
+int _ec_py_open(const char *, const char *, const char *, const char *, uintptr_t *);
+int _ec_py_map_size(uintptr_t, int *, int *);
+int _ec_py_detect(uintptr_t, const uint8_t *, int, int, int, int, ec_result_t *, float *, size_t);
+int _ec_py_close(uintptr_t);
+
+/* Start CPython ourselves, before cffi would (its Py_InitializeEx(0) is then a no-op):
+   - as the building interpreter (program_name = its executable), so the standard library
+     and site-packages are that interpreter's (or its venv's), not those of whichever
+     "python3" comes first on PATH, which is what a bare Py_InitializeEx picks;
+   - with PyConfig, so a broken installation is an error code, not a Py_FatalError abort;
+   - without Python's signal handlers (the host program keeps SIGINT). */
+static void ec__start_python(void) {
+    PyConfig config;
+    PyStatus status;
+    if (Py_IsInitialized())
+        return;  /* loaded into a process that already runs Python */
+    PyConfig_InitPythonConfig(&config);  /* honours PYTHONHOME / PYTHONPATH */
+    config.install_signal_handlers = 0;
+    config.parse_argv = 0;
+    status = PyConfig_SetBytesString(&config, &config.program_name, EC__PROGRAM);
+    if (!PyStatus_Exception(status))
+        status = Py_InitializeFromConfig(&config);
+    PyConfig_Clear(&config);
+    if (PyStatus_Exception(status)) {
+        snprintf(ec__python_failure, sizeof ec__python_failure,
+                 "edgecore: the embedded Python (%%s) failed to start: %%s%%s%%s; check PYTHONHOME/PYTHONPATH "
+                 "(see edgecore's capi/README.md)", EC__PROGRAM, status.func ? status.func : "",
+                 status.func ? ": " : "", status.err_msg ? status.err_msg : "unknown error");
+        return;
+    }
+    PyEval_SaveThread();  /* release the GIL: cffi takes it on every call */
+}
 
 static ec_status_t ec__fail(ec_status_t status, const char *message) {
     _ec_set_error(message);
     return status;
 }
 
-/* A twin returns DONE | status; 0 means cffi could not run Python at all. */
+/* 1 if Python runs; otherwise sets this thread's error and returns 0. */
+static int ec__python_ready(void) {
+    pthread_once(&ec__python_once, ec__start_python);
+    if (ec__python_failure[0] == '\0')
+        return 1;
+    _ec_set_error(ec__python_failure);
+    return 0;
+}
+
+/* A twin returns DONE | status; cffi returns 0 from it if its own start-up failed. */
 static ec_status_t ec__finish(int result) {
     if (result & EC__DONE)
         return (ec_status_t)(result & ~EC__DONE);
-    return ec__fail(EC_ERR_RUNTIME,
-                    "edgecore: the embedded Python runtime failed to start (details on stderr; "
-                    "check PYTHONHOME/PYTHONPATH, see edgecore's capi/README.md)");
+    return ec__fail(EC_ERR_RUNTIME, "edgecore: the embedded Python runtime failed to initialise "
+                                    "(details on stderr)");
 }
 
 EC_API const char *ec_last_error(void) { return ec__error; }
@@ -100,7 +152,10 @@ EC_API const char *ec_status_string(ec_status_t status) {
 }
 
 EC_API const char *ec_version(void) {
-    const char *version = _ec_py_version();
+    const char *version = NULL;
+    pthread_once(&ec__python_once, ec__start_python);  /* not ec__python_ready: keep the error */
+    if (ec__python_failure[0] == '\0')
+        version = _ec_py_version();
     return version ? version : "unknown";
 }
 
@@ -114,6 +169,8 @@ EC_API ec_status_t ec_open(const char *bundle_path, const char *backend, const c
     *out = NULL;
     if (bundle_path == NULL)
         return ec__fail(EC_ERR_NULL_ARGUMENT, "ec_open: bundle_path is NULL");
+    if (!ec__python_ready())
+        return EC_ERR_RUNTIME;
     status = ec__finish(_ec_py_open(bundle_path, backend, device, precision, &id));
     if (status == EC_OK)
         *out = (ec_detector_t *)id;
@@ -126,6 +183,8 @@ EC_API ec_status_t ec_map_size(const ec_detector_t *detector, int *width, int *h
     ec__error[0] = '\0';
     if (detector == NULL || width == NULL || height == NULL)
         return ec__fail(EC_ERR_NULL_ARGUMENT, "ec_map_size: detector, width and height must not be NULL");
+    if (!ec__python_ready())
+        return EC_ERR_RUNTIME;
     status = ec__finish(_ec_py_map_size((uintptr_t)detector, &w, &h));
     if (status == EC_OK) {
         *width = w;
@@ -148,11 +207,19 @@ EC_API ec_status_t ec_detect(ec_detector_t *detector, const uint8_t *pixels, int
         return ec__fail(EC_ERR_NULL_ARGUMENT, "ec_detect: out is NULL");
     if (map == NULL && map_capacity != 0)
         return ec__fail(EC_ERR_NULL_ARGUMENT, "ec_detect: map is NULL but map_capacity is not 0");
+    if (!ec__python_ready())
+        return EC_ERR_RUNTIME;
     status = ec__finish(_ec_py_detect((uintptr_t)detector, pixels, width, height, stride_bytes,
                                       (int)format, &result, map, map_capacity));
     if (status == EC_OK)
         *out = result;
     return status;
+}
+
+EC_API void ec_close(ec_detector_t *detector) {
+    ec__error[0] = '\0';
+    if (detector != NULL && ec__python_ready())
+        (void)ec__finish(_ec_py_close((uintptr_t)detector));
 }
 """
 
@@ -174,10 +241,9 @@ except BaseException as _exc:
         lib._ec_set_error(_message)
         return lib.EC__DONE | lib.EC_ERR_RUNTIME
 
-    for _name in ("_ec_py_open", "_ec_py_map_size", "_ec_py_detect"):
+    for _name in ("_ec_py_open", "_ec_py_map_size", "_ec_py_detect", "_ec_py_close"):
         ffi.def_extern(name=_name)(_unavailable)
     ffi.def_extern(name="_ec_py_version")(lambda: ffi.NULL)
-    ffi.def_extern(name="ec_close")(lambda handle: None)
 """
 
 
@@ -192,9 +258,10 @@ def header_declarations(header: str) -> str:
 def site_dirs() -> list[str]:
     """Where the builder's Python finds edgecore and its dependencies.
 
-    The embedded interpreter starts from libpython's own prefix and would miss a
-    virtualenv's (or the user's) site-packages; baking them in makes the library
-    see what the building interpreter saw. PYTHONPATH still adds to it at run time.
+    The library starts Python as the building interpreter, which normally yields
+    these already; adding them again (a no-op then) keeps edgecore importable
+    when that executable is gone at run time and Python falls back to libpython's
+    compiled-in prefix. PYTHONPATH still adds to it at run time.
     """
     dirs = list(site.getsitepackages())
     if site.ENABLE_USER_SITE and Path(site.getusersitepackages()).is_dir():
@@ -202,17 +269,24 @@ def site_dirs() -> list[str]:
     return [d for d in dict.fromkeys(dirs) if Path(d).is_dir()]
 
 
-def make_ffibuilder(module: str = "_edgecore_cffi") -> FFI:
+def c_string(text: str) -> str:
+    """A C string literal (json's escapes are valid C for these paths)."""
+    import json
+
+    return json.dumps(text)
+
+
+def make_ffibuilder(version_script: Path, module: str = "_edgecore_cffi") -> FFI:
     ffibuilder = FFI()
     ffibuilder.cdef(header_declarations(HEADER.read_text()))
-    ffibuilder.cdef(INTERNAL_CDEF)
+    ffibuilder.cdef(HELPERS_CDEF)
     ffibuilder.embedding_api(EMBEDDING_API)
     ffibuilder.set_source(
         module,
-        C_SOURCE,
+        C_SOURCE % {"program": c_string(sys.executable)},
         include_dirs=[str(HERE)],
-        # Export only the EC_API / CFFI_DLLEXPORT functions (and cffi's module init).
-        extra_compile_args=["-O2", "-fvisibility=hidden"],
+        extra_compile_args=["-O2", "-fvisibility=hidden", "-pthread"],
+        extra_link_args=["-pthread", f"-Wl,--version-script={version_script}"],
     )
     ffibuilder.embedding_init_code(INIT_CODE.format(site_dirs=site_dirs(), module=module))
     return ffibuilder
@@ -223,7 +297,10 @@ def build(out_dir: str | Path, verbose: bool = False) -> Path:
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edgecore-capi-") as scratch:
-        built = Path(make_ffibuilder().compile(tmpdir=scratch, target="libedgecore.*", verbose=verbose))
+        version_script = Path(scratch) / "exports.map"
+        version_script.write_text(VERSION_SCRIPT)
+        ffibuilder = make_ffibuilder(version_script)
+        built = Path(ffibuilder.compile(tmpdir=scratch, target="libedgecore.*", verbose=verbose))
         library = out_dir / LIBRARY
         shutil.copy2(built, library)
     shutil.copy2(HEADER, out_dir / HEADER.name)

@@ -148,7 +148,8 @@ EC_API ec_status_t ec_detect(ec_detector_t *detector, const uint8_t *pixels, int
  * @brief Release a handle (engine, index, unpacked archive). NULL is ignored.
  *
  * Must not run while another thread uses the same handle; the handle is invalid afterwards
- * (calls with it return EC_ERR_INVALID_HANDLE instead of crashing).
+ * (calls with it return EC_ERR_INVALID_HANDLE instead of crashing). Closing a handle that
+ * is not open does nothing but set ec_last_error().
  */
 EC_API void ec_close(ec_detector_t *detector);
 
@@ -157,7 +158,8 @@ EC_API void ec_close(ec_detector_t *detector);
  *
  * @return A thread-local, NUL-terminated UTF-8 string owned by the library (never NULL).
  *         It is "" when the last call on this thread succeeded, and stays valid until
- *         the next ec_* call on the same thread. Copy it if you need it longer.
+ *         the next ec_* call on the same thread (ec_version(), ec_status_string() and
+ *         ec_last_error() itself leave it unchanged). Copy it if you need it longer.
  */
 EC_API const char *ec_last_error(void);
 

@@ -1,0 +1,347 @@
+"""anomalib half of the peer benchmark. Runs with the anomalib venv's python, never the project's.
+
+    anomalib_side.py fit    --root R --category C --work W     # Engine.fit, phase timings, bank dump
+    anomalib_side.py export --work W                            # Engine.export(openvino) from the checkpoint
+    anomalib_side.py serve  --xml X                             # stdin/stdout worker for interleaved latency
+    anomalib_side.py rss    --xml X --images I... [--bare]      # fresh inference-only process: ru_maxrss
+    anomalib_side.py kcenter --bank B.npy --ratio 0.1           # anomalib's KCenterGreedy alone, on any bank
+
+Every command prints one JSON line (last line of stdout) for the orchestrator
+(``anomalib_peer.py``). Nothing here downloads anything: the backbone is built with
+``pre_trained=False`` and the MVTec datamodule finds ``root/category`` on disk.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+T_PROCESS = time.perf_counter()
+
+
+def emit(payload: dict) -> None:
+    sys.stdout.write(json.dumps(payload) + "\n")
+    sys.stdout.flush()
+
+
+def max_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def versions() -> dict:
+    import anomalib
+    import lightning
+    import openvino
+    import timm
+    import torch
+
+    return {
+        "anomalib": anomalib.__version__,
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "timm": timm.__version__,
+        "openvino": openvino.__version__,
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+    }
+
+
+def build_model(args):
+    from anomalib.models import Patchcore
+
+    pre = Patchcore.configure_pre_processor(image_size=(args.resize, args.resize), center_crop_size=(args.crop, args.crop))
+    # evaluator/visualizer off: edgecore's fit computes no metrics and draws nothing either.
+    # The post-processor (threshold + normalisation from the validation split) stays: edgecore fits its threshold too.
+    return Patchcore(
+        backbone="wide_resnet50_2",
+        layers=["layer2", "layer3"],
+        pre_trained=False,
+        coreset_sampling_ratio=args.ratio,
+        num_neighbors=args.num_neighbors,
+        pre_processor=pre,
+        evaluator=False,
+        visualizer=False,
+    )
+
+
+# --------------------------------------------------------------------------- fit
+def cmd_fit(args) -> None:
+    import numpy as np
+    import torch
+    from lightning.pytorch import Callback, seed_everything
+
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+    from anomalib.models.components.sampling import k_center_greedy
+
+    t_imported = time.perf_counter()
+    torch.set_num_threads(args.threads) if args.threads else None
+    seed_everything(args.seed, workers=True)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    # Time anomalib's own KCenterGreedy as the Engine calls it, and keep its input bank and
+    # selection so the orchestrator can run edgecore's sampler on the very same bank.
+    record: dict = {}
+    original = k_center_greedy.KCenterGreedy.select_coreset_idxs
+
+    def timed_select(self):
+        start = time.perf_counter()
+        idxs = original(self)
+        record["coreset_s"] = time.perf_counter() - start
+        record["bank_shape"] = list(self.embedding.shape)
+        record["projected_dim"] = int(self.features.shape[1])
+        record["coreset_size"] = len(idxs)
+        record["embedding"] = self.embedding  # a reference, dumped after the timed fit
+        record["idxs"] = idxs
+        return idxs
+
+    k_center_greedy.KCenterGreedy.select_coreset_idxs = timed_select
+
+    marks: dict[str, float] = {}
+
+    class Phases(Callback):
+        def on_train_start(self, trainer, pl_module):
+            marks["train_start"] = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):  # callbacks run before the module's hook (= coreset)
+            marks["features_end"] = time.perf_counter()
+
+        def on_validation_start(self, trainer, pl_module):
+            marks["val_start"] = time.perf_counter()
+
+        def on_validation_end(self, trainer, pl_module):
+            marks["val_end"] = time.perf_counter()
+
+    datamodule = MVTecAD(
+        root=args.root,
+        category=args.category,
+        train_batch_size=args.batch_size,
+        eval_batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        # like edgecore: hold out val_ratio of train/good to set the threshold (edgecore: --val-ratio 0.1)
+        val_split_mode="from_train",
+        val_split_ratio=args.val_ratio,
+        seed=args.seed,
+    )
+    model = build_model(args)
+    engine = Engine(
+        callbacks=[Phases()],
+        default_root_dir=str(work / "results"),
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        **({"limit_train_batches": args.limit_train_batches} if args.limit_train_batches else {}),
+    )
+    start = time.perf_counter()
+    engine.fit(model=model, datamodule=datamodule)
+    fit_s = time.perf_counter() - start
+    ckpt = engine.best_model_path or ""
+    if not ckpt:
+        ckpt = str(work / "patchcore.ckpt")
+        engine.trainer.save_checkpoint(ckpt)
+
+    bank_file = ""
+    if args.dump_bank and "embedding" in record:
+        bank_file = str(work / "anomalib_bank.npy")
+        np.save(bank_file, record["embedding"].detach().cpu().numpy().astype(np.float32, copy=False))
+        np.save(work / "anomalib_coreset_idx.npy", np.asarray(record["idxs"], dtype=np.int64))
+
+    features_s = marks.get("features_end", float("nan")) - marks.get("train_start", float("nan"))
+    emit(
+        {
+            "side": "anomalib",
+            "cmd": "fit",
+            "engine_fit_s": fit_s,
+            "features_s": features_s,
+            "coreset_s": record.get("coreset_s"),
+            "validation_s": marks.get("val_end", float("nan")) - marks.get("val_start", float("nan")),
+            "import_s": t_imported - T_PROCESS,
+            "bank_shape": record.get("bank_shape"),
+            "projected_dim": record.get("projected_dim"),
+            "coreset_size": record.get("coreset_size"),
+            "train_images": len(datamodule.train_data),
+            "val_images": len(datamodule.val_data),
+            "checkpoint": ckpt,
+            "bank_file": bank_file,
+            "threads": torch.get_num_threads(),
+            "versions": versions(),
+        }
+    )
+
+
+# --------------------------------------------------------------------------- export
+def cmd_export(args) -> None:
+    import torch
+
+    from anomalib.engine import Engine
+    from anomalib.models import Patchcore
+
+    t_imported = time.perf_counter()
+    fit = json.loads(Path(args.fit_json).read_text())
+    ckpt = fit["checkpoint"]
+    start = time.perf_counter()
+    model = Patchcore.load_from_checkpoint(ckpt, map_location="cpu")
+    load_s = time.perf_counter() - start
+    engine = Engine(default_root_dir=str(Path(args.work) / "results"), accelerator="cpu", devices=1, enable_progress_bar=False)
+    start = time.perf_counter()
+    xml = engine.export(model=model, export_type="openvino", export_root=str(Path(args.work) / "export"))
+    export_s = time.perf_counter() - start
+    xml = Path(xml)
+    emit(
+        {
+            "side": "anomalib",
+            "cmd": "export",
+            "export_s": export_s,
+            "load_ckpt_s": load_s,
+            "import_s": t_imported - T_PROCESS,
+            "xml": str(xml),
+            "ir_bytes": xml.stat().st_size + xml.with_suffix(".bin").stat().st_size,
+            "memory_bank": list(model.model.memory_bank.shape),
+            "threads": torch.get_num_threads(),
+        }
+    )
+
+
+# --------------------------------------------------------------------------- inference
+class BareOpenVINO:
+    """anomalib's exported IR with only openvino + numpy + Pillow (no torch, no anomalib import).
+
+    Same input contract as anomalib's OpenVINOInferencer (float32 RGB in [0,1], NCHW, full
+    resolution; resize/crop/normalise are inside the exported graph), so it measures what
+    the IR itself needs, as a lower bound for any anomalib-exported deployment.
+    """
+
+    def __init__(self, xml: str) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        self.model = core.compile_model(core.read_model(xml), "CPU")
+        self.request = self.model.create_infer_request()
+
+    def predict(self, path: str):
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as im:
+            image = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        result = self.request.infer({0: image.transpose(2, 0, 1)[None]})
+        return {next(iter(k.names)): v for k, v in result.items()}
+
+
+def open_inferencer(xml: str, bare: bool):
+    if bare:
+        return BareOpenVINO(xml)
+    from anomalib.deploy import OpenVINOInferencer
+
+    return OpenVINOInferencer(path=xml, device="CPU")
+
+
+def score_of(prediction) -> float:
+    if isinstance(prediction, dict):
+        return float(prediction["pred_score"].reshape(-1)[0])
+    return float(prediction.pred_score.reshape(-1)[0])
+
+
+def cmd_serve(args) -> None:
+    """Line protocol: one image path in, one JSON line out (ms measured around predict only)."""
+    inferencer = open_inferencer(args.xml, args.bare)
+    emit({"ready": True, "rss_mib": max_rss_mib()})
+    for line in sys.stdin:
+        path = line.strip()
+        if not path:
+            break
+        start = time.perf_counter()
+        prediction = inferencer.predict(path)
+        ms = (time.perf_counter() - start) * 1e3
+        emit({"ms": ms, "score": score_of(prediction)})
+    emit({"done": True, "rss_mib": max_rss_mib()})
+
+
+def cmd_rss(args) -> None:
+    start = time.perf_counter()
+    inferencer = open_inferencer(args.xml, args.bare)
+    load_s = time.perf_counter() - start
+    rss_loaded = max_rss_mib()
+    scores = [score_of(inferencer.predict(path)) for path in args.images]
+    emit(
+        {
+            "side": "anomalib-bare-ov" if args.bare else "anomalib",
+            "cmd": "rss",
+            "images": len(scores),
+            "load_s": load_s,
+            "maxrss_after_load_mib": rss_loaded,
+            "maxrss_mib": max_rss_mib(),
+        }
+    )
+
+
+# --------------------------------------------------------------------------- coreset
+def cmd_kcenter(args) -> None:
+    """anomalib's KCenterGreedy class, unchanged, on a bank given as .npy (e.g. edgecore's)."""
+    import numpy as np
+    import torch
+
+    from anomalib.models.components.sampling import KCenterGreedy
+
+    torch.manual_seed(args.seed)
+    bank = torch.from_numpy(np.load(args.bank))
+    sampler = KCenterGreedy(embedding=bank, sampling_ratio=args.ratio)
+    start = time.perf_counter()
+    idxs = sampler.select_coreset_idxs()
+    seconds = time.perf_counter() - start
+    np.save(args.out, np.asarray(idxs, dtype=np.int64))
+    emit({"cmd": "kcenter", "coreset_s": seconds, "projected_dim": int(sampler.features.shape[1]), "size": len(idxs)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("fit")
+    p.add_argument("--root", required=True)
+    p.add_argument("--category", default="bottle")
+    p.add_argument("--work", required=True)
+    p.add_argument("--ratio", type=float, default=0.1)
+    p.add_argument("--num-neighbors", type=int, default=9)
+    p.add_argument("--resize", type=int, default=256)
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--val-ratio", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--limit-train-batches", type=int, default=0, help="smoke tests only")
+    p.add_argument("--dump-bank", action="store_true")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("export")
+    p.add_argument("--work", required=True)
+    p.add_argument("--fit-json", required=True)
+    p.set_defaults(func=cmd_export)
+
+    for name, func in (("serve", cmd_serve), ("rss", cmd_rss)):
+        p = sub.add_parser(name)
+        p.add_argument("--xml", required=True)
+        p.add_argument("--bare", action="store_true", help="openvino only, no anomalib/torch import")
+        if name == "rss":
+            p.add_argument("--images", nargs="+", required=True)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("kcenter")
+    p.add_argument("--bank", required=True)
+    p.add_argument("--ratio", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_kcenter)
+
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
