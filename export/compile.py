@@ -30,6 +30,7 @@ def compile_openvino(
     log: Callable[[str], None] = lambda message: None,
 ) -> dict:
     from edgecore.calibration.int8 import DEFAULT_NUM_CALIB, calibration_crops, quantize
+    from edgecore.runtime.cpu import has_vnni
 
     if precision not in PRECISIONS:
         raise ValueError(f"OpenVINO precision must be one of {PRECISIONS}, got {precision!r}")
@@ -47,9 +48,12 @@ def compile_openvino(
         start = time.perf_counter()
         crops = calibration_crops(calib, config, count)
         log(f"compile: NNCF INT8 calibration on {len(crops)} normal images from {calib}")
-        model = quantize(model, crops, max_drop=max_drop)
+        vnni = has_vnni()
+        model = quantize(model, crops, max_drop=max_drop, vnni=vnni)
+        description["requires_vnni"] = vnni
         description["calibration"] = {
-            "source": str(calib), "images": int(len(crops)), "preset": "mixed",
+            "source": str(calib), "images": int(len(crops)), "preset": "mixed", "head_kept_fp32": True,
+            "overflow_fix": not vnni,
             "accuracy_control": {"metric": "embedding cosine", "max_drop": max_drop} if max_drop is not None else None,
             "seconds": round(time.perf_counter() - start, 2),
         }

@@ -13,6 +13,7 @@ from edgecore.runtime.index import DTYPES, MODES, QuantizedIndex, build_hnsw_gra
 # Stored vectors (codes + quantization tables) may take at most this share of the
 # fp32 coreset bytes; the requirement is 0.27, the rest is headroom for .npy headers.
 VECTOR_BYTES_RATIO = 0.268
+_NPY_HEADER = 128  # bytes np.save puts before each array (format 1.0, these shapes)
 # HNSW parameters (bench_index.py): m=16 meets recall@1 >= 0.99 with the smallest
 # graph (8·m+14 B/point keeps a 1024-d index at ~0.31 × fp32); ef_search=128 holds
 # recall at the exact-search level; single-threaded build with this seed is deterministic.
@@ -83,12 +84,11 @@ def quantize(coreset: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
 
 
 def pca_components(size: int, dim: int, ratio: float = VECTOR_BYTES_RATIO) -> int:
-    """Largest k whose int8 store (M·D + 2·M·k code bytes + float32 tables) fits ``ratio`` × fp32."""
-    budget = ratio * 4 * size * dim
-    k = 0
-    while k < dim and size * dim + 2 * size * (k + 1) + 4 * (2 * dim + (k + 1) * (dim + 2)) <= budget:
-        k += 1
-    return k
+    """Largest k whose int8 files fit ``ratio`` × the fp32 bytes: M·D int8 codes,
+    2·M·k coordinate codes, float32 tables (2·D + k·(D + 2)) and 7 .npy headers."""
+    fixed = size * dim + 4 * 2 * dim + _NPY_HEADER * 7
+    per_component = 2 * size + 4 * (dim + 2)
+    return int(min(dim, max(0, (ratio * 4 * size * dim - fixed) // per_component)))
 
 
 def _quantize_int8(x: np.ndarray) -> dict[str, np.ndarray]:

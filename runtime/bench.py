@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from edgecore.runtime.cpu import cpu_info
+
 STAGES = ("decode", "preprocess", "engine", "search", "scoring_map", "total")
 ISA_FLAGS = ("sse4_2", "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
@@ -100,14 +102,9 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
     }
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
-        flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-        info["cpu_model"] = model
-        info["isa"] = [flag for flag in ISA_FLAGS if flag in flags]
-    except OSError:
-        info["cpu_model"] = platform.processor()
+    model, flags = cpu_info()
+    info["cpu_model"] = model
+    info["isa"] = [flag for flag in ISA_FLAGS if flag in flags]
     return info
 
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
+import math
 import os
 import shutil
 import stat
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -57,6 +60,16 @@ def _positive(value: float, where: str) -> None:
         raise BundleError(f"{where}: must be > 0, got {value!r}")
 
 
+def _finite(value: float, where: str) -> None:
+    # json.loads accepts NaN / Infinity; a NaN threshold would call every frame normal.
+    if not math.isfinite(value):
+        raise BundleError(f"{where}: must be a finite number, got {value!r}")
+
+
+# Engine entry fields that name a file inside the bundle (OpenVINO IR, TensorRT plan and caches).
+ENGINE_FILE_FIELDS = ("xml", "bin", "plan", "timing_cache", "calibration_cache")
+
+
 def validate_manifest(manifest: object, where: str = MANIFEST) -> dict:
     """Check types and ranges of every field the runtime relies on."""
     if not isinstance(manifest, dict):
@@ -92,19 +105,27 @@ def validate_manifest(manifest: object, where: str = MANIFEST) -> dict:
     sigma = _require(scoring, "blur_sigma", (int, float), f"{where}.scoring")
     if not 0 <= sigma <= 64:
         raise BundleError(f"{where}.scoring.blur_sigma: must be in [0, 64], got {sigma!r}")
-    threshold = _require(manifest, "threshold", dict, where)
-    _require(threshold, "value", (int, float), f"{where}.threshold")
-    norm = _require(threshold, "normalization", dict, f"{where}.threshold")
-    for key in ("threshold", "min", "max"):
-        _require(norm, key, (int, float), f"{where}.threshold.normalization")
+    _validate_threshold(_require(manifest, "threshold", dict, where), f"{where}.threshold")
     graph = _require(manifest, "graph", dict, where)
-    _require(graph, "file", str, f"{where}.graph")
+    _safe_relative(_require(graph, "file", str, f"{where}.graph"), f"{where}.graph.file")
     _positive(_require(graph, "batch", int, f"{where}.graph"), f"{where}.graph.batch")
-    _require(manifest, "index", dict, where)
-    _require(manifest, "neighbour_table", dict, where)
+    index = _require(manifest, "index", dict, where)
+    _safe_relative(_require(index, "dir", str, f"{where}.index"), f"{where}.index.dir")
+    for key, entry in _require(index, "files", dict, f"{where}.index").items():
+        _safe_relative(_require(entry, "file", str, f"{where}.index.files[{key!r}]"), f"{where}.index.files[{key!r}]")
+    table = _require(manifest, "neighbour_table", dict, where)
+    _safe_relative(_require(table, "file", str, f"{where}.neighbour_table"), f"{where}.neighbour_table.file")
     engines = manifest.get("engines", {})
     if not isinstance(engines, dict):
         raise BundleError(f"{where}.engines: expected an object")
+    for key, entry in engines.items():
+        if not isinstance(entry, dict):
+            raise BundleError(f"{where}.engines[{key!r}]: expected an object, got {type(entry).__name__}")
+        for field in ENGINE_FILE_FIELDS:
+            if field in entry:
+                _safe_relative(_require(entry, field, str, f"{where}.engines[{key!r}]"), f"{where}.engines[{key!r}].{field}")
+        if "threshold" in entry:  # an engine-specific decision boundary (compile --refit-threshold)
+            _validate_threshold(_require(entry, "threshold", dict, f"{where}.engines[{key!r}]"), f"{where}.engines[{key!r}].threshold")
     files = _require(manifest, "files", dict, where)
     for name, entry in files.items():
         _safe_relative(name, f"{where}.files")
@@ -117,9 +138,19 @@ def validate_manifest(manifest: object, where: str = MANIFEST) -> dict:
     return manifest
 
 
+def _validate_threshold(threshold: dict, where: str) -> None:
+    _finite(_require(threshold, "value", (int, float), where), f"{where}.value")
+    norm = _require(threshold, "normalization", dict, where)
+    for key in ("threshold", "min", "max"):
+        _finite(_require(norm, key, (int, float), f"{where}.normalization"), f"{where}.normalization.{key}")
+
+
 def _safe_relative(name: str, where: str) -> PurePosixPath:
     path = PurePosixPath(name)
-    if not name or path.is_absolute() or ".." in path.parts or "\\" in name or name.startswith("~"):
+    if (
+        not name or not path.parts or path.is_absolute() or ".." in path.parts or "\\" in name
+        or name.startswith("~") or "\x00" in name
+    ):
         raise BundleError(f"{where}: unsafe path {name!r}")
     return path
 
@@ -130,12 +161,18 @@ def read_manifest(bundle: str | Path) -> dict:
     path = bundle / MANIFEST
     if not bundle.is_dir():
         raise BundleError(f"{bundle}: not a bundle directory")
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise BundleError(f"{path}: not a regular file (a link, folder or device); refused")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BundleError(f"{path}: missing; {bundle} is not a complete bundle") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BundleError(f"{path}: not valid JSON: nested too deeply") from None
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     return validate_manifest(data, str(path))
 
 
@@ -152,6 +189,11 @@ def verify_bundle(bundle: str | Path) -> VerifiedBundle:
     listed = manifest["files"]
     for name, entry in sorted(listed.items()):
         path = bundle / name
+        parent = bundle
+        for part in PurePosixPath(name).parts[:-1]:
+            parent = parent / part
+            if parent.is_symlink():
+                raise BundleError(f"{bundle / name}: listed in the manifest, but {parent} is a symbolic link; refused")
         if path.is_symlink() or not path.is_file():
             raise BundleError(f"{path}: listed in the manifest but missing (or not a regular file)")
         size = path.stat().st_size
@@ -165,9 +207,18 @@ def verify_bundle(bundle: str | Path) -> VerifiedBundle:
             continue
         if relative != MANIFEST and relative not in listed:
             raise BundleError(f"{path}: not listed in the manifest (unexpected file in the bundle)")
-    for key in ("graph", "neighbour_table"):
-        if manifest[key].get("file") not in listed:
-            raise BundleError(f"{bundle / MANIFEST}: {key} file {manifest[key].get('file')!r} is not listed in files")
+    # Every file the runtime opens must be one of the verified ones (never a path outside the bundle).
+    referenced = {"graph": manifest["graph"]["file"], "neighbour_table": manifest["neighbour_table"]["file"]}
+    index = manifest["index"]
+    for key, entry in index["files"].items():
+        referenced[f"index.files[{key!r}]"] = f"{index['dir']}/{entry['file']}"
+    for key, entry in manifest.get("engines", {}).items():
+        for field in ENGINE_FILE_FIELDS:
+            if field in entry:
+                referenced[f"engines[{key!r}].{field}"] = entry[field]
+    for what, name in referenced.items():
+        if PurePosixPath(name).as_posix() not in listed:
+            raise BundleError(f"{bundle / MANIFEST}: {what} file {name!r} is not listed in files")
     return VerifiedBundle(bundle, manifest)
 
 
@@ -185,16 +236,25 @@ def unpack_archive(archive: str | Path, destination: str | Path) -> Path:
         raise BundleError(f"{archive}: archive not found") from None
     except (tarfile.TarError, OSError) as exc:
         raise BundleError(f"{archive}: not a readable bundle archive: {exc}") from None
-    destination.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".unpack.", dir=destination))
+    try:
+        destination.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".unpack.", dir=destination))
+    except OSError as exc:
+        tar.close()
+        raise BundleError(f"{destination}: cannot unpack into it: {exc.strerror or exc}") from None
     try:
         with tar:
-            members = tar.getmembers()
+            # A bare "." folder entry (tar -C DIR -cf x.tar .) carries nothing: skip it.
+            members = [m for m in tar.getmembers() if not (m.isdir() and not PurePosixPath(m.name).parts)]
             roots = set()
             for member in members:
                 path = _safe_relative(member.name, f"{archive}: member")
                 if not (member.isfile() or member.isdir()):
                     raise BundleError(f"{archive}: member {member.name!r} is a link or device; refused")
+                if member.issparse():  # may expand to any size on disk
+                    raise BundleError(f"{archive}: member {member.name!r} is a sparse file; refused")
+                if len(path.parts) == 1 and not member.isdir():
+                    raise BundleError(f"{archive}: top-level member {member.name!r} is a file; expected one bundle folder")
                 roots.add(path.parts[0])
             if len(roots) != 1:
                 raise BundleError(f"{archive}: expected one top-level bundle folder, found {sorted(roots)}")
@@ -216,7 +276,8 @@ def unpack_archive(archive: str | Path, destination: str | Path) -> Path:
             raise BundleError(f"{final}: already exists; remove it or unpack elsewhere")
         os.replace(staging / root, final)
         return final
-    except (tarfile.TarError, OSError) as exc:
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError) as exc:
+        # EOFError / zlib.error / LZMAError: a truncated or damaged compressed archive.
         raise BundleError(f"{archive}: damaged archive: {exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -100,10 +100,10 @@ class Detector:
         """Open a bundle directory or a packed archive (unpacked into a private temp dir)."""
         path = Path(bundle)
         scratch = None
-        if path.is_file():
-            scratch = Path(tempfile.mkdtemp(prefix="edgecore-bundle-"))
-            path = unpack_archive(path, scratch)
         try:
+            if path.is_file():
+                scratch = Path(tempfile.mkdtemp(prefix="edgecore-bundle-"))
+                path = unpack_archive(path, scratch)  # inside the try: a refused archive leaves no scratch
             verified = verify_bundle(path) if verify else VerifiedBundle(path, read_manifest(path))
             engine = open_backend(backend, verified, device=device, precision=precision, **engine_options)
             detector = cls(verified, engine, search_mode=search)

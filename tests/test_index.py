@@ -137,12 +137,14 @@ def test_build_is_deterministic(data, tmp_path):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
-def test_int8_vectors_fit_the_size_budget(indexes, tmp_path):
-    description = indexes["int8", "hnsw"].save(tmp_path)
-    vector_bytes = sum(f["bytes"] for key, f in description["files"].items() if key.startswith("vectors."))
-    fp32_bytes = 2000 * DIM * 4
-    assert vector_bytes <= 0.27 * fp32_bytes, vector_bytes / fp32_bytes
-    assert description["quantization"]["pca_components"] >= 0
+@pytest.mark.parametrize("size, dim", [(2000, DIM), (500, 152), (3000, 256)])
+def test_int8_vectors_fit_the_size_budget(tmp_path, size, dim):
+    points = np.random.default_rng(3).gamma(2.0, 1.0, (size, dim)).astype(np.float32)
+    description = build_index(points, "int8", "exact").save(tmp_path)
+    on_disk = sum(f["bytes"] for key, f in description["files"].items() if key.startswith("vectors."))
+    assert on_disk == sum(p.stat().st_size for p in tmp_path.iterdir())
+    assert on_disk <= 0.27 * points.nbytes, on_disk / points.nbytes
+    assert description["quantization"]["pca_components"] > 0  # the budget buys some 16-bit coordinates
 
 
 def test_choose_search_mode():

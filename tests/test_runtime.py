@@ -152,6 +152,29 @@ def test_int8_compile_with_calibration_and_refit(bundle_copy, synthetic_category
     assert metrics.auroc(scores, labels) >= 0.9
 
 
+def test_int8_keeps_the_patchcore_head_in_fp32_and_guards_vnni(bundle_copy, synthetic_category, monkeypatch):
+    import openvino as ov
+
+    from edgecore.export.compile import compile_openvino
+    from edgecore.runtime.errors import BundleError
+
+    manifest = compile_openvino(bundle_copy, "int8", calib=synthetic_category, num_calib=4)
+    entry = manifest["engines"]["openvino-int8"]
+    model = ov.Core().read_model(str(bundle_copy / entry["xml"]))
+    fake_quantized = [op for op in model.get_ops() if op.get_type_name() == "FakeQuantize"]
+    assert len(fake_quantized) > 10  # the backbone is quantized ...
+    for op in model.get_ops():  # ... the pooling/upsampling/concat head is not
+        if op.get_type_name() in ("AvgPool", "Interpolate", "Concat") and op.get_friendly_name() != "":
+            producers = {inp.get_source_output().get_node().get_type_name() for inp in op.inputs()}
+            assert "FakeQuantize" not in producers, op.get_friendly_name()
+    if entry["requires_vnni"]:
+        import edgecore.runtime.backends.openvino as ov_backend
+
+        monkeypatch.setattr(ov_backend, "has_vnni", lambda: False)  # pretend to be an AVX2-only camera
+        with pytest.raises(BundleError, match="VNNI"):
+            Detector.open(bundle_copy, precision="int8")
+
+
 def test_missing_int8_engine_is_a_clear_error(exported_bundle):
     from edgecore.runtime.errors import BundleError
 

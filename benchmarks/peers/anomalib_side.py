@@ -32,6 +32,11 @@ def max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def versions() -> dict:
     import anomalib
     import lightning
@@ -90,9 +95,10 @@ def cmd_fit(args) -> None:
     original = k_center_greedy.KCenterGreedy.select_coreset_idxs
 
     def timed_select(self):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         idxs = original(self)
         record["coreset_s"] = time.perf_counter() - start
+        record["coreset_cpu_s"] = time.process_time() - cpu_start
         record["bank_shape"] = list(self.embedding.shape)
         record["projected_dim"] = int(self.features.shape[1])
         record["coreset_size"] = len(idxs)
@@ -108,10 +114,12 @@ def cmd_fit(args) -> None:
         def on_train_start(self, trainer, pl_module):
             marks["train_start"] = time.perf_counter()
 
-        def on_train_epoch_end(self, trainer, pl_module):  # callbacks run before the module's hook (= coreset)
-            marks["features_end"] = time.perf_counter()
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            marks["features_end"] = time.perf_counter()  # the last one wins: all train features extracted
 
         def on_validation_start(self, trainer, pl_module):
+            # callbacks run before the module's own on_validation_start, which is where
+            # MemoryBankMixin runs the coreset selection; validation_s below excludes it
             marks["val_start"] = time.perf_counter()
 
         def on_validation_end(self, trainer, pl_module):
@@ -159,7 +167,10 @@ def cmd_fit(args) -> None:
             "engine_fit_s": fit_s,
             "features_s": features_s,
             "coreset_s": record.get("coreset_s"),
-            "validation_s": marks.get("val_end", float("nan")) - marks.get("val_start", float("nan")),
+            "coreset_cpu_s": record.get("coreset_cpu_s"),
+            "validation_s": marks.get("val_end", float("nan")) - marks.get("val_start", float("nan"))
+            - record.get("coreset_s", 0.0),
+            "cpu_s": _cpu_seconds(),
             "import_s": t_imported - T_PROCESS,
             "bank_shape": record.get("bank_shape"),
             "projected_dim": record.get("projected_dim"),
@@ -175,7 +186,23 @@ def cmd_fit(args) -> None:
 
 
 # --------------------------------------------------------------------------- export
+def _ir_input_shape(xml: Path) -> str:
+    import openvino as ov
+
+    return str(ov.Core().read_model(str(xml)).input(0).get_partial_shape())
+
+
 def cmd_export(args) -> None:
+    """Engine.export(export_type="openvino") from the fit checkpoint, as anomalib documents it.
+
+    anomalib 2.7's default export marks batch, height and width dynamic and traces a
+    (2, 3, 2, 2) example with the dynamo ONNX exporter; with torch 2.14 the batch axis comes
+    out specialised to 2 (IR input [2,3,?,?]), so its own OpenVINOInferencer cannot score one
+    image. When that happens (checked on the IR, not assumed) the export is redone with
+    ``onnx_kwargs={"dynamic_shapes": ({2: Dim("height"), 3: Dim("width")},)}``: batch 1,
+    height/width still dynamic (resize + crop + normalise stay inside the graph, as in the
+    default export). Both exports are timed; ``export_s`` is the one that is used.
+    """
     import torch
 
     from anomalib.engine import Engine
@@ -188,21 +215,50 @@ def cmd_export(args) -> None:
     model = Patchcore.load_from_checkpoint(ckpt, map_location="cpu")
     load_s = time.perf_counter() - start
     engine = Engine(default_root_dir=str(Path(args.work) / "results"), accelerator="cpu", devices=1, enable_progress_bar=False)
+
     start = time.perf_counter()
-    xml = engine.export(model=model, export_type="openvino", export_root=str(Path(args.work) / "export"))
-    export_s = time.perf_counter() - start
-    xml = Path(xml)
+    xml = Path(engine.export(model=model, export_type="openvino", export_root=str(Path(args.work) / "export_default")))
+    default_s = time.perf_counter() - start
+    default_shape = _ir_input_shape(xml)
+    result = {
+        "default_export_s": default_s,
+        "default_input_shape": default_shape,
+        "workaround": None,
+        "export_s": default_s,
+    }
+    if not default_shape.startswith("[1,") and not default_shape.startswith("[?,"):
+        if args.probe_image:  # show what a user of the default export gets
+            try:
+                open_inferencer(str(xml), bare=False).predict(args.probe_image)
+                result["default_inferencer_error"] = None
+            except Exception as exc:  # noqa: BLE001 - reported verbatim
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+                result["default_inferencer_error"] = f"{type(exc).__name__}: " + " ".join(lines[-2:])
+        dims = {2: torch.export.Dim("height", min=2), 3: torch.export.Dim("width", min=2)}
+        start = time.perf_counter()
+        xml = Path(
+            engine.export(
+                model=model,
+                export_type="openvino",
+                export_root=str(Path(args.work) / "export"),
+                onnx_kwargs={"dynamic_shapes": (dims,)},
+            )
+        )
+        result["export_s"] = time.perf_counter() - start
+        result["workaround"] = "onnx_kwargs dynamic_shapes=({2: Dim('height'), 3: Dim('width')},) -> batch 1"
+    result["input_shape"] = _ir_input_shape(xml)
     emit(
         {
             "side": "anomalib",
             "cmd": "export",
-            "export_s": export_s,
+            **result,
             "load_ckpt_s": load_s,
             "import_s": t_imported - T_PROCESS,
             "xml": str(xml),
             "ir_bytes": xml.stat().st_size + xml.with_suffix(".bin").stat().st_size,
             "memory_bank": list(model.model.memory_bank.shape),
             "threads": torch.get_num_threads(),
+            "cpu_s": _cpu_seconds(),
         }
     )
 
@@ -291,11 +347,11 @@ def cmd_kcenter(args) -> None:
     torch.manual_seed(args.seed)
     bank = torch.from_numpy(np.load(args.bank))
     sampler = KCenterGreedy(embedding=bank, sampling_ratio=args.ratio)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     idxs = sampler.select_coreset_idxs()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     np.save(args.out, np.asarray(idxs, dtype=np.int64))
-    emit({"cmd": "kcenter", "coreset_s": seconds, "projected_dim": int(sampler.features.shape[1]), "size": len(idxs)})
+    emit({"cmd": "kcenter", "coreset_s": seconds, "coreset_cpu_s": cpu, "projected_dim": int(sampler.features.shape[1]), "size": len(idxs)})
 
 
 def main() -> None:
@@ -322,6 +378,7 @@ def main() -> None:
     p = sub.add_parser("export")
     p.add_argument("--work", required=True)
     p.add_argument("--fit-json", required=True)
+    p.add_argument("--probe-image", default="", help="score this with the default export to record its error")
     p.set_defaults(func=cmd_export)
 
     for name, func in (("serve", cmd_serve), ("rss", cmd_rss)):

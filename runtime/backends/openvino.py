@@ -15,6 +15,7 @@ import numpy as np
 import openvino as ov
 
 from edgecore.runtime.backends.base import EngineInfo
+from edgecore.runtime.cpu import has_vnni
 from edgecore.runtime.errors import BundleError
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -79,6 +80,12 @@ class OpenVINOBackend:
             raise BundleError(
                 f"{bundle.path}: no OpenVINO INT8 engine in this bundle; "
                 "run `edgecore compile BUNDLE --target openvino --precision int8 --calib DIR` first"
+            )
+        if entry is not None and entry.get("requires_vnni") and not has_vnni():
+            raise BundleError(
+                f"{bundle.path}: the {precision} engine was compiled for CPUs with VNNI/AMX (full 8-bit weights) and "
+                "would saturate on this CPU; recompile it here: "
+                f"`edgecore compile BUNDLE --target openvino --precision {precision} --calib DIR`"
             )
         core = ov.Core()
         core.set_property({"CACHE_DIR": str(Path(cache_dir) if cache_dir else default_cache_dir())})

@@ -16,9 +16,11 @@
  * All functions may be called from any thread. One ::ec_detector_t may be used
  * by several threads concurrently (ec_detect() and ec_map_size()); only
  * ec_close() must not race with other calls on the same handle.
- * The Python parts of a call (frame conversion, index search, scoring) hold
- * Python's GIL, so concurrent callers serialise there; the neural-network
- * inference (OpenVINO) releases the GIL and runs in parallel.
+ * The Python-level parts of a call (frame conversion, preprocessing, scoring)
+ * hold Python's GIL, so concurrent callers serialise there; OpenVINO inference
+ * releases the GIL, so one thread's inference overlaps another's Python work.
+ * A handle runs one inference at a time: open one handle per thread for
+ * parallel inference.
  *
  * @par Memory
  * The library never keeps a pointer passed in by the caller after the call

@@ -1,0 +1,490 @@
+"""edgecore vs anomalib PatchCore, side by side, in one run, on the same data and model configuration.
+
+    bash benchmarks/peers/run_anomalib_peer.sh            # makes the venv, then runs this
+    python benchmarks/peers/anomalib_peer.py --venv /tmp/anomalib-venv --work /tmp/peer/run
+
+This orchestrator runs with the project's python. edgecore steps run as the project's
+CLI / runtime (system python); anomalib steps run in anomalib's own virtual environment
+(``--venv``) through ``anomalib_side.py``. Model configuration on both sides:
+WideResNet-50-2 layer2+layer3, RANDOM INIT (no pretrained weights offline; anomalib
+``pre_trained=False``, edgecore ``--random-init``), 256 -> 224 center crop, 10 % coreset,
+9 neighbours, 10 % of train/good held out for the threshold, batch 16, CPU.
+
+Measured (each in a fresh process unless said otherwise):
+  fit      edgecore ``edgecore fit`` vs anomalib ``Engine.fit`` (process wall + CPU, phases)
+  export   ``edgecore export`` vs ``Engine.export(export_type="openvino")`` from the checkpoint
+  coreset  on anomalib's own bank: its KCenterGreedy (timed inside Engine.fit, optionally
+           re-run) vs edgecore's KCenterGreedySampler; coverage radius of both in the
+           original feature space with edgecore.coreset.coverage_radius
+  latency  path -> score per image, all workers alive at once, one image at a time in a
+           shuffled worker order per image (interleaved), timed inside each worker
+  RSS      fresh inference-only process per configuration: load + score N images,
+           ``ru_maxrss``
+Prints a Markdown report (also written to WORK/report.md, raw numbers to WORK/results.json).
+Goals are reported as met / missed, never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+
+
+# --------------------------------------------------------------------------- helpers
+def log(msg: str) -> None:
+    print(f"[peer {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_step(name: str, cmd: list[str], work: Path, cwd: Path | None = None) -> dict:
+    """Run one command to completion; wall and CPU seconds of the process, its last JSON line."""
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log(f"{name}: {' '.join(cmd)}")
+    cpu0, t0 = children_cpu(), time.perf_counter()
+    with open(logs / f"{name}.out", "w") as out, open(logs / f"{name}.err", "w") as err:
+        proc = subprocess.run(cmd, stdout=out, stderr=err, cwd=cwd or work)
+    wall, cpu = time.perf_counter() - t0, children_cpu() - cpu0
+    text = (logs / f"{name}.out").read_text()
+    if proc.returncode != 0:
+        tail = (logs / f"{name}.err").read_text()[-3000:]
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}); stderr tail:\n{tail}")
+    payload = last_json(text)
+    log(f"{name}: {wall:.1f} s wall, {cpu:.1f} s CPU")
+    return {"wall_s": wall, "cpu_s": cpu, "out": payload, "cmd": " ".join(cmd)}
+
+
+def last_json(text: str) -> dict:
+    """The last JSON object in a process's stdout: the CLI pretty-prints one object (possibly
+    after progress bars), the side scripts print one JSON line."""
+    text = text.rstrip()
+    starts = [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n" and text[i + 1 : i + 2] == "{"]
+    for start in reversed(starts):
+        try:
+            return json.loads(text[start:])
+        except json.JSONDecodeError:
+            continue
+    return {}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    pos = (len(ordered) - 1) * q
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+class Worker:
+    """A long-lived scoring process speaking the one-path-in, one-JSON-line-out protocol."""
+
+    def __init__(self, label: str, cmd: list[str], cwd: Path, err_file: Path) -> None:
+        self.label = label
+        self.err = open(err_file, "w")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err,
+                                     text=True, bufsize=1, cwd=cwd)
+        self.ready = self._read()
+        self.ms: list[float] = []
+        self.scores: dict[str, float] = {}
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.err.flush()
+            raise RuntimeError(f"{self.label}: worker died; see {self.err.name}")
+        return json.loads(line)
+
+    def score(self, path: str, record: bool = True) -> dict:
+        self.proc.stdin.write(path + "\n")
+        self.proc.stdin.flush()
+        reply = self._read()
+        if record:
+            self.ms.append(reply["ms"])
+            self.scores[path] = reply["score"]
+        return reply
+
+    def close(self) -> dict:
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        final = self._read()
+        self.proc.wait(timeout=60)
+        self.err.close()
+        return final
+
+
+def test_images(data: Path) -> list[str]:
+    return sorted(str(p) for p in (data / "test").rglob("*.png"))
+
+
+# --------------------------------------------------------------------------- stages
+def machine_info() -> dict:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        wanted = ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+        present = [flag for flag in wanted if f" {flag}" in text]
+        flags = " ".join(present)
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "logical_cpus": os.cpu_count(),
+        "cpu_flags": flags,
+        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "loadavg_start": os.getloadavg(),
+        "kernel": platform.release(),
+    }
+
+
+def project_versions() -> dict:
+    import numpy
+    import openvino
+    import torch
+
+    import edgecore
+
+    return {"edgecore": edgecore.__version__, "torch": torch.__version__, "openvino": openvino.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version(), "executable": sys.executable}
+
+
+def interleaved_latency(workers: list[Worker], images: list[str], warmup: int, seed: int) -> None:
+    rng = random.Random(seed)
+    for path in images[:warmup]:
+        for worker in workers:
+            worker.score(path, record=False)
+    for path in images:
+        order = list(workers)
+        rng.shuffle(order)
+        for worker in order:
+            worker.score(path)
+
+
+def rss_probe(name: str, cmd: list[str], work: Path, cwd: Path) -> dict:
+    result = run_step(name, cmd, work, cwd=cwd)
+    return {**result["out"], "wall_s": result["wall_s"]}
+
+
+# --------------------------------------------------------------------------- report
+def fmt(value, digits=1, unit=""):
+    if value is None:
+        return "–"
+    if isinstance(value, float) and value != value:
+        return "–"
+    return f"{value:.{digits}f}{unit}"
+
+
+def verdict(ok: bool) -> str:
+    return "**met**" if ok else "**missed**"
+
+
+def build_report(r: dict) -> str:
+    ec_fit, an_fit = r["edgecore_fit"], r["anomalib_fit"]
+    ec_exp, an_exp = r["edgecore_export"], r["anomalib_export"]
+    cs = r["coreset"]
+    lat = r["latency"]
+    rss = r["rss"]
+    lines = []
+    add = lines.append
+    add("## edgecore vs anomalib PatchCore — MVTec AD bottle, WRN-50-2 layer2+3, random init, CPU")
+    add("")
+    m = r["machine"]
+    add(f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs ({m['cpu_flags']}), {m['mem_gib']} GiB, shared "
+        f"(load average at start {m['loadavg_start'][0]:.1f}, at end {r['loadavg_end'][0]:.1f}). "
+        f"anomalib {an_fit['out']['versions']['anomalib']} (venv, lightning {an_fit['out']['versions']['lightning']}, "
+        f"timm {an_fit['out']['versions']['timm']}), edgecore {r['versions']['edgecore']}, torch {r['versions']['torch']}, "
+        f"OpenVINO {r['versions']['openvino'].split('-')[0]}.")
+    add("")
+    add("### Fit and export (one fresh process each; wall = elapsed, CPU = user+sys of that process)")
+    add("")
+    add("| step | edgecore | anomalib | anomalib / edgecore |")
+    add("|---|---:|---:|---:|")
+
+    def row(label, ec, an, digits=1, unit=" s"):
+        ratio = an / ec if ec and an else None
+        add(f"| {label} | {fmt(ec, digits, unit)} | {fmt(an, digits, unit)} | {fmt(ratio, 2, '×')} |")
+
+    row("fit, process wall (CLI / script incl. imports)", ec_fit["wall_s"], an_fit["wall_s"])
+    row("fit, process CPU", ec_fit["cpu_s"], an_fit["cpu_s"])
+    ect = ec_fit["out"]["timings_s"]
+    ao = an_fit["out"]
+    row("· feature extraction (train images)", ect["features_s"], ao["features_s"])
+    row("· coreset selection (own bank)", ect["coreset_s"], ao["coreset_s"])
+    row("· neighbour table (edgecore) / —", ect.get("neighbour_table_s"), None)
+    row("· threshold on held-out normals", ect["threshold_s"], ao["validation_s"])
+    row("export, process wall", ec_exp["wall_s"], an_exp["wall_s"])
+    row("export, process CPU", ec_exp["cpu_s"], an_exp["cpu_s"])
+    row("· export call itself (anomalib: the export that works)", None, an_exp["out"]["export_s"])
+    add("")
+    add(f"Banks: edgecore {ec_fit['out']['train_images']} train images → coreset {ec_fit['out']['coreset_size']} × "
+        f"{ec_fit['out']['embed_dim']}; anomalib {ao['train_images']} train images → bank {ao['bank_shape'][0]} × "
+        f"{ao['bank_shape'][1]} → coreset {ao['coreset_size']} (anomalib keeps all 1536 channels; edgecore reduces "
+        f"to 1024). Artefacts: edgecore bundle {ec_exp['bytes'] / 2**20:.0f} MiB, anomalib IR "
+        f"{an_exp['out']['ir_bytes'] / 2**20:.0f} MiB.")
+    if an_exp["out"].get("workaround"):
+        add("")
+        add(f"anomalib's default `Engine.export(export_type=\"openvino\")` produced an IR with input "
+            f"`{an_exp['out']['default_input_shape']}` ({fmt(an_exp['out']['default_export_s'])} s); its own "
+            f"OpenVINOInferencer fails on one image with: `{an_exp['out'].get('default_inferencer_error')}`. "
+            f"Re-exported with `{an_exp['out']['workaround']}` → input `{an_exp['out']['input_shape']}`; "
+            f"that IR is the one measured below.")
+    add("")
+    add(f"### Coreset selection on one bank (anomalib's own bank, {cs['bank_shape'][0]} × {cs['bank_shape'][1]}, ratio 0.1)")
+    add("")
+    add("| sampler | selected | wall | CPU | coverage radius (original space) |")
+    add("|---|---:|---:|---:|---:|")
+    add(f"| anomalib KCenterGreedy (inside Engine.fit, SparseRandomProjection eps=0.9 → {ao['projected_dim']}-d) | "
+        f"{cs['anomalib_size']} | {fmt(ao['coreset_s'])} s | {fmt(ao.get('coreset_cpu_s'))} s | {fmt(cs['anomalib_radius'], 4)} |")
+    if "anomalib_rerun_s" in cs:
+        add(f"| anomalib KCenterGreedy, re-run on the same bank (fresh process) | {cs['anomalib_size']} | "
+            f"{fmt(cs['anomalib_rerun_s'])} s | {fmt(cs['anomalib_rerun_cpu_s'])} s | {fmt(cs['anomalib_rerun_radius'], 4)} |")
+    add(f"| edgecore KCenterGreedySampler (projection {cs['edgecore_projection_dim']}-d, seed 0) | {cs['edgecore_size']} | "
+        f"{fmt(cs['edgecore_s'])} s | {fmt(cs['edgecore_cpu_s'])} s | {fmt(cs['edgecore_radius'], 4)} |")
+    for extra in cs.get("extra", []):
+        add(f"| edgecore KCenterGreedySampler (projection {extra['projection_dim']}-d, seed 0) | {extra['size']} | "
+            f"{fmt(extra['s'])} s | {fmt(extra['cpu_s'])} s | {fmt(extra['radius'], 4)} |")
+    add(f"| uniform random subset (baseline) | {cs['anomalib_size']} | – | – | {fmt(cs['random_radius'], 4)} |")
+    add("")
+    add(f"### Per-image latency, path → score, interleaved ({lat['images']} test images, {lat['warmup']} warm-up each)")
+    add("")
+    add("| runtime | p50 ms | p90 ms | mean ms | worker RSS after run |")
+    add("|---|---:|---:|---:|---:|")
+    for entry in lat["workers"]:
+        add(f"| {entry['label']} | {fmt(entry['p50'])} | {fmt(entry['p90'])} | {fmt(entry['mean'])} | "
+            f"{fmt(entry['rss_mib'], 0, ' MiB')} |")
+    add("")
+    add(f"### Peak RSS of a fresh inference-only process (load + score {rss['images']} images, ru_maxrss)")
+    add("")
+    add("| runtime | peak RSS | RSS after load | load time |")
+    add("|---|---:|---:|---:|")
+    for entry in rss["probes"]:
+        add(f"| {entry['label']} | {fmt(entry['maxrss_mib'], 0, ' MiB')} | {fmt(entry['maxrss_after_load_mib'], 0, ' MiB')} | "
+            f"{fmt(entry['load_s'], 2, ' s')} |")
+    add("")
+    add("### Goals")
+    add("")
+    for goal in r["goals"]:
+        add(f"- {goal['goal']}: {verdict(goal['met'])} — {goal['detail']}")
+    add("")
+    return "\n".join(lines)
+
+
+def evaluate_goals(r: dict) -> list[dict]:
+    goals = []
+    lat = {w["key"]: w for w in r["latency"]["workers"]}
+    an, ec = lat["anomalib"], lat["edgecore"]
+    ratio50, ratio90 = an["p50"] / ec["p50"], an["p90"] / ec["p90"]
+    goals.append({
+        "goal": "edgecore ≥ 2× faster end to end (path → score) than anomalib's OpenVINO export",
+        "met": ratio50 >= 2.0 and ratio90 >= 2.0,
+        "detail": f"p50 {ec['p50']:.0f} vs {an['p50']:.0f} ms = {ratio50:.2f}×, p90 {ec['p90']:.0f} vs {an['p90']:.0f} ms "
+                  f"= {ratio90:.2f}× (edgecore default bundle vs anomalib OpenVINOInferencer)",
+    })
+    probes = {p["key"]: p for p in r["rss"]["probes"]}
+    ec_rss, an_rss = probes["edgecore"]["maxrss_mib"], probes["anomalib"]["maxrss_mib"]
+    detail = f"{ec_rss:.0f} vs {an_rss:.0f} MiB = {ec_rss / an_rss:.2f} of anomalib's (target ≤ 0.33)"
+    if "anomalib-bare" in probes:
+        bare = probes["anomalib-bare"]["maxrss_mib"]
+        detail += f"; against anomalib's IR run with bare OpenVINO (no torch/anomalib import, {bare:.0f} MiB) it is {ec_rss / bare:.2f}"
+    goals.append({"goal": "edgecore inference RSS ≤ 1/3 of anomalib's", "met": ec_rss <= an_rss / 3.0, "detail": detail})
+    cs, ao = r["coreset"], r["anomalib_fit"]["out"]
+    speed = ao["coreset_s"] / cs["edgecore_s"]
+    cpu_speed = ao["coreset_cpu_s"] / cs["edgecore_cpu_s"] if ao.get("coreset_cpu_s") else float("nan")
+    radius_ok = cs["edgecore_radius"] <= cs["anomalib_radius"]
+    detail = (f"{cs['edgecore_s']:.1f} s vs {ao['coreset_s']:.1f} s = {speed:.1f}× wall ({cpu_speed:.1f}× CPU); radius "
+              f"{cs['edgecore_radius']:.4f} vs {cs['anomalib_radius']:.4f} "
+              f"({100 * (cs['edgecore_radius'] / cs['anomalib_radius'] - 1):+.1f} %)")
+    if "anomalib_rerun_s" in cs:
+        detail += (f"; anomalib re-run: {cs['anomalib_rerun_s']:.1f} s ({cs['anomalib_rerun_s'] / cs['edgecore_s']:.1f}×), "
+                   f"radius {cs['anomalib_rerun_radius']:.4f}")
+    goals.append({"goal": "coreset selection ≥ 5× faster than anomalib's KCenterGreedy at equal or smaller coverage radius",
+                  "met": speed >= 5.0 and radius_ok, "detail": detail})
+    return goals
+
+
+# --------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--venv", default="/tmp/anomalib-venv", help="anomalib's virtual environment")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mvtec_bottle"))
+    parser.add_argument("--work", default="/tmp/peer/run", help="scratch folder (models, bundles, logs)")
+    parser.add_argument("--latency-images", type=int, default=0, help="0 = all test images")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rss-images", type=int, default=20)
+    parser.add_argument("--rerun-anomalib-coreset", action="store_true",
+                        help="also re-time anomalib's KCenterGreedy on the same bank in a fresh process (slow)")
+    parser.add_argument("--extra-projection-dims", default="",
+                        help="comma list: also run edgecore's sampler at these projection dims ('anomalib' = its JL dim)")
+    parser.add_argument("--compile-int8", action="store_true", help="also compile + measure an edgecore int8 engine")
+    parser.add_argument("--reuse", action="store_true", help="reuse fit/export results already in WORK (debugging)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    data, work = Path(args.data).resolve(), Path(args.work).resolve()
+    venv_python = str(Path(args.venv) / "bin" / "python")
+    work.mkdir(parents=True, exist_ok=True)
+    cwd = work / "cwd"  # anomalib's OpenVINOInferencer writes ./openvino_cache
+    cwd.mkdir(exist_ok=True)
+    mvtec_root = work / "mvtec"  # anomalib's MVTecAD wants ROOT/<category>: a symlink, no copy, no download
+    mvtec_root.mkdir(exist_ok=True)
+    link = mvtec_root / "bottle"
+    if not link.exists():
+        link.symlink_to(data, target_is_directory=True)
+    results_file = work / "results.json"
+    prev = json.loads(results_file.read_text()) if args.reuse and results_file.exists() else {}
+
+    r: dict = {"machine": machine_info(), "versions": project_versions(), "data": str(data), "args": vars(args)}
+    py = sys.executable
+    ec_model, ec_bundle, an_work = work / "ec_model", work / "ec.edgecore", work / "anomalib"
+
+    # 1-2. fit (edgecore first, then anomalib; both write only under WORK)
+    if prev.get("edgecore_fit"):
+        r["edgecore_fit"] = prev["edgecore_fit"]
+    else:
+        shutil.rmtree(ec_model, ignore_errors=True)
+        r["edgecore_fit"] = run_step("edgecore_fit", [
+            py, "-m", "edgecore.cli", "fit", str(data), "-o", str(ec_model), "--backbone", "wide_resnet50_2",
+            "--random-init", "--coreset-ratio", "0.1", "--num-neighbors", "9", "--seed", str(args.seed)], work)
+    if prev.get("anomalib_fit"):
+        r["anomalib_fit"] = prev["anomalib_fit"]
+    else:
+        shutil.rmtree(an_work, ignore_errors=True)
+        r["anomalib_fit"] = run_step("anomalib_fit", [
+            venv_python, str(HERE / "anomalib_side.py"), "fit", "--root", str(mvtec_root), "--category", "bottle",
+            "--work", str(an_work), "--seed", str(args.seed), "--dump-bank"], work)
+    (an_work / "fit.json").write_text(json.dumps(r["anomalib_fit"]["out"]))
+    results_file.write_text(json.dumps(r, indent=1))
+
+    # 3-4. export
+    images = test_images(data)
+    if prev.get("edgecore_export"):
+        r["edgecore_export"] = prev["edgecore_export"]
+    else:
+        shutil.rmtree(ec_bundle, ignore_errors=True)
+        step = run_step("edgecore_export", [py, "-m", "edgecore.cli", "export", str(ec_model), "-o", str(ec_bundle)], work)
+        step["bytes"] = step["out"].get("bytes", 0)
+        r["edgecore_export"] = step
+    if args.compile_int8 and not prev.get("edgecore_compile_int8"):
+        r["edgecore_compile_int8"] = run_step("edgecore_compile_int8", [
+            py, "-m", "edgecore.cli", "compile", str(ec_bundle), "--precision", "int8", "--calib", str(data)], work)
+    elif prev.get("edgecore_compile_int8"):
+        r["edgecore_compile_int8"] = prev["edgecore_compile_int8"]
+    if prev.get("anomalib_export"):
+        r["anomalib_export"] = prev["anomalib_export"]
+    else:
+        r["anomalib_export"] = run_step("anomalib_export", [
+            venv_python, str(HERE / "anomalib_side.py"), "export", "--work", str(an_work),
+            "--fit-json", str(an_work / "fit.json"), "--probe-image", images[0]], work, cwd=cwd)
+    results_file.write_text(json.dumps(r, indent=1))
+    xml = r["anomalib_export"]["out"]["xml"]
+
+    # 5. coreset on one bank
+    if prev.get("coreset"):
+        r["coreset"] = prev["coreset"]
+    else:
+        ao = r["anomalib_fit"]["out"]
+        cmd = [py, str(HERE / "coreset_compare.py"), "--bank", ao["bank_file"],
+               "--anomalib-idx", str(an_work / "anomalib_coreset_idx.npy"), "--seed", str(args.seed), "--work", str(work)]
+        if args.rerun_anomalib_coreset:
+            cmd += ["--rerun-anomalib", venv_python]
+        r["coreset"] = run_step("coreset_compare", cmd, work)["out"]
+        extra = []
+        for dim in [d for d in args.extra_projection_dims.split(",") if d]:
+            dim = str(ao["projected_dim"]) if dim == "anomalib" else dim
+            out = run_step(f"coreset_edgecore_{dim}", [
+                py, "-c", EXTRA_SAMPLER, ao["bank_file"], dim, str(args.seed)], work)["out"]
+            extra.append(out)
+        r["coreset"]["extra"] = extra
+    results_file.write_text(json.dumps(r, indent=1))
+
+    # 6. interleaved latency
+    latency_images = images[: args.latency_images] if args.latency_images else images
+    configs = [
+        ("anomalib", "anomalib OpenVINOInferencer (its export, fp32 IR, OV CPU default hints)",
+         [venv_python, str(HERE / "anomalib_side.py"), "serve", "--xml", xml]),
+        ("anomalib-bare", "anomalib's IR via bare openvino (no anomalib/torch import)",
+         [venv_python, str(HERE / "anomalib_side.py"), "serve", "--xml", xml, "--bare"]),
+        ("edgecore", "edgecore Detector, default bundle (ONNX → OV, int8 HNSW index)",
+         [py, str(HERE / "edgecore_side.py"), "serve", "--bundle", str(ec_bundle)]),
+        ("edgecore-exact", "edgecore Detector, same bundle, exact search",
+         [py, str(HERE / "edgecore_side.py"), "serve", "--bundle", str(ec_bundle), "--search", "exact"]),
+    ]
+    if args.compile_int8:
+        configs.append(("edgecore-int8", "edgecore Detector, int8 engine (edgecore compile --precision int8)",
+                        [py, str(HERE / "edgecore_side.py"), "serve", "--bundle", str(ec_bundle), "--precision", "int8"]))
+    log(f"latency: {len(configs)} workers × {len(latency_images)} images, interleaved")
+    workers = []
+    for key, label, cmd in configs:
+        worker = Worker(label, cmd, cwd, work / "logs" / f"serve_{key}.err")
+        worker.key = key
+        workers.append(worker)
+    interleaved_latency(workers, latency_images, args.warmup, args.seed)
+    entries = []
+    for worker in workers:
+        final = worker.close()
+        entries.append({
+            "key": worker.key, "label": worker.label, "p50": percentile(worker.ms, 0.5), "p90": percentile(worker.ms, 0.9),
+            "mean": statistics.fmean(worker.ms), "n": len(worker.ms), "rss_mib": final.get("rss_mib"),
+            "ready": worker.ready, "ms": worker.ms,
+        })
+    r["latency"] = {"images": len(latency_images), "warmup": args.warmup, "workers": entries}
+    results_file.write_text(json.dumps(r, indent=1))
+
+    # 7. peak RSS, fresh inference-only processes
+    rss_images = images[: args.rss_images]
+    probes = []
+    for key, label, cmd in configs:
+        side = cmd[:2] + ["rss"] + cmd[3:] + ["--images", *rss_images]
+        out = rss_probe(f"rss_{key}", side, work, cwd)
+        probes.append({"key": key, "label": label, **out})
+    r["rss"] = {"images": len(rss_images), "probes": probes}
+    r["loadavg_end"] = os.getloadavg()
+    r["goals"] = evaluate_goals(r)
+    results_file.write_text(json.dumps(r, indent=1))
+    report = build_report(r)
+    (work / "report.md").write_text(report)
+    print(report)
+
+
+# edgecore's sampler at another projection dim, for the coverage/speed trade-off (one JSON line).
+EXTRA_SAMPLER = r"""
+import json, sys, time
+import numpy as np
+from edgecore.coreset import KCenterGreedySampler, coverage_radius
+bank = np.load(sys.argv[1]).astype(np.float32, copy=False)
+dim = int(sys.argv[2])
+s = KCenterGreedySampler(ratio=0.1, projection_dim=dim, seed=int(sys.argv[3]), device="cpu")
+t, c = time.perf_counter(), time.process_time()
+idx = s.select(bank)
+out = {"projection_dim": dim, "s": time.perf_counter() - t, "cpu_s": time.process_time() - c, "size": int(idx.size)}
+out["radius"] = coverage_radius(bank, idx)
+print(json.dumps(out))
+"""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""What the CPU can do (Linux /proc/cpuinfo): for reports and for engines tied to an ISA."""
+from __future__ import annotations
+
+import platform
+from functools import lru_cache
+from pathlib import Path
+
+
+@lru_cache(maxsize=1)
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """(model name, ISA flags); empty flags where /proc/cpuinfo is unavailable."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor(), frozenset()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return model, frozenset(flags)
+
+
+def has_vnni() -> bool:
+    """VNNI/AMX multiply int8 without saturating (no 7-bit weight 'overflow fix' needed)."""
+    return bool(cpu_info()[1] & {"avx512_vnni", "avx_vnni", "amx_int8"})
