@@ -10,7 +10,9 @@ Bank shapes worth running (N patches x d), all at ratio 0.1:
     python benchmarks/bench_coreset.py --features bank.npy
 
 All methods run in the same process on the same features; on a shared machine
-absolute seconds are noisy, the ratios within one run are what count. The
+absolute seconds are noisy, the ratios within one run are what count. On an
+oversubscribed machine multi-threaded BLAS/torch loops can stall badly; for a
+per-core comparison run with OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1. The
 anomalib loop is slow, so it runs ``--anomalib-iters`` steps and its total is
 extrapolated linearly (and labelled so). Coverage radii are exact, in the
 original feature space.

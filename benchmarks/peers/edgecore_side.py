@@ -25,6 +25,22 @@ def max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def vm_hwm_mib() -> float:
+    """Peak RSS of this process's own address space (/proc/self/status VmHWM).
+
+    ru_maxrss can carry the spawning parent's peak across fork/vfork + exec on Linux
+    (exec folds the old mm's high-water mark into the signal struct's maxrss), so a
+    small child of a big parent reports the parent's number; VmHWM starts fresh at exec.
+    """
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
 def open_detector(args):
     from edgecore.runtime.detector import Detector
 
@@ -41,7 +57,7 @@ def describe(detector) -> dict:
 
 def cmd_serve(args) -> None:
     detector = open_detector(args)
-    emit({"ready": True, "rss_mib": max_rss_mib(), **describe(detector)})
+    emit({"ready": True, "rss_mib": vm_hwm_mib(), **describe(detector)})
     for line in sys.stdin:
         path = line.strip()
         if not path:
@@ -50,14 +66,14 @@ def cmd_serve(args) -> None:
         detection = detector.detect(path)
         ms = (time.perf_counter() - start) * 1e3
         emit({"ms": ms, "score": detection.score, "parts_ms": detection.timings_ms})
-    emit({"done": True, "rss_mib": max_rss_mib(), "torch_imported": "torch" in sys.modules})
+    emit({"done": True, "rss_mib": vm_hwm_mib(), "torch_imported": "torch" in sys.modules})
 
 
 def cmd_rss(args) -> None:
     start = time.perf_counter()
     detector = open_detector(args)
     load_s = time.perf_counter() - start
-    rss_loaded = max_rss_mib()
+    rss_loaded = vm_hwm_mib()
     scores = [detector.detect(path).score for path in args.images]
     emit(
         {
@@ -67,6 +83,7 @@ def cmd_rss(args) -> None:
             "load_s": load_s,
             "maxrss_after_load_mib": rss_loaded,
             "maxrss_mib": max_rss_mib(),
+            "vm_hwm_mib": vm_hwm_mib(),
             "torch_imported": "torch" in sys.modules,
             **describe(detector),
         }
