@@ -324,7 +324,7 @@ def test_fit_skip_bad_counts_every_bad_file_and_keeps_odd_modes(synthetic_catego
     assert f"skipped {len(BAD_FILES)} unreadable file(s)" in result.output
 
 
-@pytest.mark.parametrize("case", ["zero-byte", "truncated", "not-an-image", "bomb-header"])
+@pytest.mark.parametrize("case", ["zero-byte", "truncated", "bomb-header"])
 def test_predict_names_the_bad_file(fitted_model_dir, synthetic_category, tmp_path, case):
     data = _folder_with(tmp_path, synthetic_category / "test" / "good", [case])
     result = runner.invoke(app, ["predict", str(fitted_model_dir), str(data), "-o", str(tmp_path / "out")])

@@ -265,12 +265,12 @@ def build_report(r: dict) -> str:
     add("| sampler | selected | wall | CPU | coverage radius (original space) |")
     add("|---|---:|---:|---:|---:|")
     add(f"| anomalib KCenterGreedy inside Engine.fit (SparseRandomProjection → {ao['projected_dim']}-d){star} | "
-        f"{ao['coreset_size']} | {fmt(ao['coreset_s'])} s | {fmt(ao.get('coreset_cpu_s'))} s | "
+        f"{ao['coreset_size']} | {fmt(ao['coreset_s'])} s | {fmt(ao.get('coreset_cpu_s'), 1, ' s')} | "
         f"{fmt(cs.get('anomalib_radius'), 4)} |")
     rr = cs.get("anomalib_rerun")
     if rr:
         add(f"| anomalib KCenterGreedy, re-run right after edgecore's (fresh process){' *(extrapolated)*' if rr['extrapolated'] else ''} "
-            f"| {rr['size']} | {fmt(rr['coreset_s'])} s | {fmt(rr.get('coreset_cpu_s'))} s | {fmt(rr.get('radius'), 4)} |")
+            f"| {rr['size']} | {fmt(rr['coreset_s'])} s | {fmt(rr.get('coreset_cpu_s'), 1, ' s')} | {fmt(rr.get('radius'), 4)} |")
     for e in cs["edgecore"]:
         add(f"| edgecore KCenterGreedySampler (projection {e['projection_dim']}-d, seed 0) | {e['size']} | {fmt(e['s'])} s | "
             f"{fmt(e['cpu_s'])} s | {fmt(e['radius'], 4)} |")
@@ -382,7 +382,8 @@ def main() -> None:
     parser.add_argument("--extra-projection-dims", default="",
                         help="comma list: also run edgecore's sampler at these projection dims ('anomalib' = its JL dim)")
     parser.add_argument("--compile-int8", action="store_true", help="also compile + measure an edgecore int8 engine")
-    parser.add_argument("--reuse", action="store_true", help="reuse fit/export results already in WORK (debugging)")
+    parser.add_argument("--reuse", action="store_true", help="reuse fit/export/coreset results already in WORK (debugging)")
+    parser.add_argument("--report-only", action="store_true", help="only re-render WORK/results.json as Markdown")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -397,6 +398,13 @@ def main() -> None:
     if not link.exists():
         link.symlink_to(data, target_is_directory=True)
     results_file = work / "results.json"
+    if args.report_only:
+        r = json.loads(results_file.read_text())
+        r["goals"] = evaluate_goals(r)
+        report = build_report(r)
+        (work / "report.md").write_text(report)
+        print(report)
+        return
     prev = json.loads(results_file.read_text()) if args.reuse and results_file.exists() else {}
 
     py = sys.executable
