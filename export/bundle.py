@@ -56,10 +56,11 @@ def export_bundle(
 
     start = time.perf_counter()
     log(f"export: building the {index_dtype} coreset index")
-    index = build_index(model.memory_bank, dtype=index_dtype, mode=search)
+    grid = config["features"]["grid"]
+    # HNSW certification re-checks each image's worst patches: it needs the per-image query count.
+    index = build_index(model.memory_bank, dtype=index_dtype, mode=search, patches_per_image=grid[0] * grid[1])
     timings["index_s"] = time.perf_counter() - start
 
-    grid = config["features"]["grid"]
     embed_dim = config["features"]["embed_dim"]
     with atomic_directory(output) as staging:
         onnx.save(graph, str(staging / GRAPH_FILE))

@@ -77,23 +77,24 @@ def refit_threshold(
 ) -> dict:
     """Score held-out normal images with the compiled engine and store that engine's own threshold.
 
-    Only manifest.json changes (it is not in its own file list), rewritten by atomic rename.
+    Only manifest.json changes; it is rewritten through the same atomic bundle swap as a new engine.
     """
     from edgecore.calibration.threshold import threshold_config
     from edgecore.data.datasets import ImageStream, Sample, list_images
-    from edgecore.runtime.bundle import MANIFEST, read_manifest
+    from edgecore.runtime.bundle import rewrite_bundle
     from edgecore.runtime.detector import Detector
-    from edgecore.runtime.fsutil import write_json
     from edgecore.runtime.preprocess import preprocess
 
     samples = [Sample(path, 0, "good", None) for path in list_images(normals)]
     with Detector.open(bundle, backend="openvino", precision=precision) as detector:
         crops = np.stack([preprocess(rgb, detector.preprocess_config) for _, rgb in ImageStream(samples)])
         scores = detector.score_crops(crops).image
-    manifest = read_manifest(bundle)
-    rate = false_alarm_rate if false_alarm_rate is not None else float(manifest["threshold"]["false_alarm_rate"])
     log(f"compile: re-fitted the threshold on {len(scores)} normal images with the {precision} engine")
-    entry = manifest["engines"][engine_key(precision)]
-    entry["threshold"] = {**threshold_config(scores, rate, held_out=True), "source": str(normals)}
-    write_json(bundle / MANIFEST, manifest)
-    return manifest
+
+    def change(staging: Path, manifest: dict) -> dict:
+        rate = false_alarm_rate if false_alarm_rate is not None else float(manifest["threshold"]["false_alarm_rate"])
+        entry = manifest["engines"][engine_key(precision)]
+        entry["threshold"] = {**threshold_config(scores, rate, held_out=True), "source": str(normals)}
+        return manifest
+
+    return rewrite_bundle(bundle, change)

@@ -6,6 +6,8 @@ numpy + hnswlib only (no torch). The camera reads the result with
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from edgecore.runtime.index import DTYPES, MODES, QuantizedIndex, build_hnsw_graph, decode
@@ -21,21 +23,26 @@ HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 128
 HNSW_SEED = 100
-# Exact search costs ∝ M·D per query, HNSW roughly ∝ D·log M: below this many coreset
-# points exact search is as fast or faster on 784 queries (crossover measured at
-# D=152 and D=1024 on 2 cores, see the study), and exact needs no approximation.
-EXACT_BELOW_POINTS = 6_000
+# Coreset size at which exact and hnsw search cost the same CPU time per image (784
+# queries), measured on bottle at two dims (benchmarks/INDEX_STUDY.md, "Crossover").
+# Exact grows ∝ M·D; hnsw (ef=128, plus ~1 certifying exact query) grows slowly with
+# M; BLAS is more efficient at large D, hence the lower point count there.
+CROSSOVER_POINTS = ((152, 9_000), (1024, 4_500))
 
 
 def choose_search_mode(size: int, dim: int) -> str:
-    """'exact' for small coresets, 'hnsw' from the measured crossover on.
+    """'exact' below the measured crossover, 'hnsw' from it on.
 
-    The crossover hardly depends on ``dim`` (both costs scale linearly with it),
-    so it is a point count; ``dim`` is validated and kept for a future finer rule.
+    The crossover is interpolated log-linearly in ``dim`` between the two
+    measured dims (clamped outside them). Near it both modes cost the same, and
+    exact needs no approximation, so small errors in the rule are harmless.
     """
     if size < 1 or dim < 1:
         raise ValueError(f"need a non-empty coreset, got {size}×{dim}")
-    return "exact" if size < EXACT_BELOW_POINTS else "hnsw"
+    (dim0, points0), (dim1, points1) = CROSSOVER_POINTS
+    t = (math.log(min(max(dim, dim0), dim1)) - math.log(dim0)) / (math.log(dim1) - math.log(dim0))
+    crossover = math.exp((1 - t) * math.log(points0) + t * math.log(points1))
+    return "exact" if size < crossover else "hnsw"
 
 
 def build_index(

@@ -183,7 +183,8 @@ class VerifiedBundle:
 
 
 def verify_bundle(bundle: str | Path) -> VerifiedBundle:
-    """Schema, version, then every listed file's size and sha256; unlisted files are errors too."""
+    """Schema, version, then every listed file's size and sha256; unlisted files are errors too,
+    and so is any file the runtime would open (graph, table, index, engines) that is not listed."""
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     listed = manifest["files"]
@@ -294,42 +295,58 @@ def verify_path(path: str | Path) -> VerifiedBundle:
         return VerifiedBundle(path, verified.manifest)
 
 
-def add_engine(bundle: str | Path, key: str, write_engine, description: dict) -> dict:
-    """Add (or replace) ``engines/<key>/`` atomically; returns the new manifest.
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem or no hard links: copy
+        shutil.copy2(source, target)
 
-    The bundle is rebuilt in a staging sibling with hard links to the unchanged
-    files (cheap: they are never modified in place), the engine is written there,
-    the manifest re-hashed, verified, and the staging dir swapped in by rename.
-    ``write_engine(engine_dir) -> dict`` writes the files and returns extra fields
-    (paths relative to the bundle) for the manifest entry.
+
+def rewrite_bundle(bundle: str | Path, change, keep=lambda name: True) -> dict:
+    """Apply ``change(staging, manifest) -> manifest`` to a bundle atomically; returns the new manifest.
+
+    The bundle is rebuilt in a staging sibling with hard links to the kept files
+    (cheap: files are never modified in place), ``change`` may add files and edit
+    the manifest there, listed files are re-hashed, the result verified, and the
+    staging dir swapped in by one rename. A crash at any point leaves the old
+    bundle or the new one, never a mix — the manifest included.
     """
     from edgecore.runtime.fsutil import atomic_directory, write_json
 
     verified = verify_bundle(bundle)
-    bundle, manifest = verified.path, dict(verified.manifest)
-    prefix = f"engines/{key}/"
+    bundle, manifest = verified.path, json.loads(json.dumps(verified.manifest))
     with atomic_directory(bundle) as staging:
         for name in manifest["files"]:
-            if name.startswith(prefix):
-                continue
-            target = staging / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(bundle / name, target)
-            except OSError:  # another filesystem or no hard links: copy
-                shutil.copy2(bundle / name, target)
-        engine_dir = staging / "engines" / key
-        engine_dir.mkdir(parents=True)
-        extra = write_engine(engine_dir)
-        files = {n: e for n, e in manifest["files"].items() if not n.startswith(prefix)}
-        for path in sorted(engine_dir.rglob("*")):
-            if path.is_file():
-                relative = path.relative_to(staging).as_posix()
-                files[relative] = file_entry(staging, relative)
-        engines = {k: v for k, v in manifest.get("engines", {}).items() if k != key}
-        engines[key] = {**description, **extra}
-        manifest["engines"] = dict(sorted(engines.items()))
-        manifest["files"] = dict(sorted(files.items()))
+            if keep(name):
+                _link_or_copy(bundle / name, staging / name)
+        manifest["files"] = {n: e for n, e in manifest["files"].items() if keep(n)}
+        manifest = change(staging, manifest)
+        for path in sorted(staging.rglob("*")):
+            relative = path.relative_to(staging).as_posix()
+            if path.is_file() and relative != MANIFEST and relative not in manifest["files"]:
+                manifest["files"][relative] = file_entry(staging, relative)
+        manifest["files"] = dict(sorted(manifest["files"].items()))
         write_json(staging / MANIFEST, manifest)
         verify_bundle(staging)
     return manifest
+
+
+def add_engine(bundle: str | Path, key: str, write_engine, description: dict) -> dict:
+    """Add (or replace) ``engines/<key>/`` atomically; returns the new manifest.
+
+    ``write_engine(engine_dir) -> dict`` writes the files and returns extra fields
+    (paths relative to the bundle) for the manifest entry.
+    """
+    prefix = f"engines/{key}/"
+
+    def change(staging: Path, manifest: dict) -> dict:
+        engine_dir = staging / "engines" / key
+        engine_dir.mkdir(parents=True)
+        extra = write_engine(engine_dir)
+        engines = {k: v for k, v in manifest.get("engines", {}).items() if k != key}
+        engines[key] = {**description, **extra}
+        manifest["engines"] = dict(sorted(engines.items()))
+        return manifest
+
+    return rewrite_bundle(bundle, change, keep=lambda name: not name.startswith(prefix))

@@ -18,7 +18,7 @@ class NearestNeighbourSearch(Protocol):
         ...
 
 
-def _exact_l2(queries: np.ndarray, points: np.ndarray, index: np.ndarray) -> np.ndarray:
+def exact_l2(queries: np.ndarray, points: np.ndarray, index: np.ndarray) -> np.ndarray:
     """Recompute the winners' distances by direct difference: the GEMM form
     ‖x‖²+‖y‖²−2xyᵀ loses digits to cancellation when distances are small."""
     diff = points[index] - queries[:, None, :]
@@ -57,7 +57,7 @@ class ExactSearch:
                 top = np.argpartition(partial, k - 1, axis=1)[:, :k]
                 order = np.argsort(np.take_along_axis(partial, top, axis=1), axis=1)
                 indices[start : start + rows] = np.take_along_axis(top, order, axis=1)
-        distances = _exact_l2(queries, self.points, indices)
+        distances = exact_l2(queries, self.points, indices)
         if k > 1:  # re-sort on exact distances (ties/cancellation can swap near-equal neighbours)
             order = np.argsort(distances, axis=1, kind="stable")
             distances = np.take_along_axis(distances, order, axis=1)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgecore.export.index_build import EXACT_BELOW_POINTS, build_index, choose_search_mode
+from edgecore.export.index_build import build_index, choose_search_mode
 from edgecore.runtime.errors import BundleError
 from edgecore.runtime.index import QuantizedIndex
 from edgecore.runtime.search import ExactSearch
@@ -148,8 +148,15 @@ def test_int8_vectors_fit_the_size_budget(tmp_path, size, dim):
 
 
 def test_choose_search_mode():
-    assert choose_search_mode(EXACT_BELOW_POINTS - 1, 1024) == "exact"
-    assert choose_search_mode(EXACT_BELOW_POINTS, 152) == "hnsw"
+    # the measured crossovers: ~9 000 points at D=152, ~4 500 at D=1024
+    assert choose_search_mode(8_000, 152) == "exact"
+    assert choose_search_mode(10_000, 152) == "hnsw"
+    assert choose_search_mode(4_000, 1024) == "exact"
+    assert choose_search_mode(5_000, 1024) == "hnsw"
+    assert choose_search_mode(5_000, 4096) == "hnsw"  # clamped beyond the measured dims
+    assert choose_search_mode(2_000, 64) == "exact"
+    with pytest.raises(ValueError):
+        choose_search_mode(0, 152)
     points = np.random.default_rng(1).normal(size=(300, 8)).astype(np.float32)
     assert build_index(points).mode == "exact"
     assert build_index(points, mode="hnsw").mode == "hnsw"

@@ -103,6 +103,7 @@ class Worker:
         self.ready = self._read()
         self.ms: list[float] = []
         self.scores: dict[str, float] = {}
+        self.parts: list[dict] = []
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -118,6 +119,8 @@ class Worker:
         if record:
             self.ms.append(reply["ms"])
             self.scores[path] = reply["score"]
+            if "parts_ms" in reply:
+                self.parts.append(reply["parts_ms"])
         return reply
 
     def close(self) -> dict:
@@ -298,6 +301,11 @@ def build_report(r: dict) -> str:
     add("|---|---:|---:|---:|---:|")
     for e in lat["workers"]:
         add(f"| {e['label']} | {fmt(e['p50'])} | {fmt(e['p90'])} | {fmt(e['mean'])} | {fmt(e['rss_mib'], 0, ' MiB')} |")
+    for e in lat["workers"]:
+        if e.get("parts_p50"):
+            parts = ", ".join(f"{k} {v:.0f}" for k, v in e["parts_p50"].items() if k != "total")
+            add("")
+            add(f"{e['label']}: median stage times (ms) {parts}.")
     add("")
     add(f"### Peak RSS of a fresh inference-only process (load + score {rss['images']} images)")
     add("")
@@ -353,7 +361,7 @@ def evaluate_goals(r: dict) -> list[dict]:
         radius_ok = se["radius"] <= sa["radius"]
         parts.append(f"radius on the 1/{sub['every']} subsample (both in full) {se['radius']:.4f} vs {sa['radius']:.4f} "
                      f"({100 * (se['radius'] / sa['radius'] - 1):+.1f} %; there {sa['coreset_s']:.0f} s vs {se['s']:.1f} s = "
-                     f"{sa['coreset_s'] / se['s']:.0f}×); anomalib's full-bank radius not measured")
+                     f"{sa['coreset_s'] / se['s']:.2f}×); anomalib's full-bank radius not measured")
     else:
         radius_ok = False
         parts.append("no anomalib radius measured")
@@ -377,6 +385,9 @@ def main() -> None:
     parser.add_argument("--anomalib-coreset-steps", type=int, default=0,
                         help="0 = anomalib's KCenterGreedy runs in full; K = only K greedy steps, time extrapolated "
                              "(each step is one pass over all N rows; for a loaded machine where the full run takes hours)")
+    parser.add_argument("--anomalib-rerun-steps", type=int, default=-1,
+                        help="steps for the same-bank re-run of anomalib's KCenterGreedy (-1 = as --anomalib-coreset-steps, 0 = full)")
+    parser.add_argument("--redo-coreset", action="store_true", help="with --reuse: run the coreset stage again")
     parser.add_argument("--subsample-every", type=int, default=10,
                         help="also run both samplers in full on every S-th bank row (radius comparison); 0 = off")
     parser.add_argument("--extra-projection-dims", default="",
@@ -454,7 +465,7 @@ def main() -> None:
     xml = r["anomalib_export"]["out"]["xml"]
 
     # 5. coreset on one bank
-    if prev.get("coreset"):
+    if prev.get("coreset") and not args.redo_coreset:
         r["coreset"] = prev["coreset"]
     else:
         ao = r["anomalib_fit"]["out"]
@@ -462,7 +473,7 @@ def main() -> None:
                           for d in args.extra_projection_dims.split(",") if d]
         cmd = [py, str(HERE / "coreset_compare.py"), "--bank", ao["bank_file"], "--seed", str(args.seed),
                "--work", str(work), "--projection-dims", ",".join(dims), "--rerun-anomalib", venv_python,
-               "--rerun-steps", str(args.anomalib_coreset_steps), "--subsample-every", str(args.subsample_every)]
+               "--rerun-steps", str(args.anomalib_coreset_steps if args.anomalib_rerun_steps < 0 else args.anomalib_rerun_steps), "--subsample-every", str(args.subsample_every)]
         if not ao["coreset_extrapolated"]:
             cmd += ["--anomalib-idx", str(an_work / "anomalib_coreset_idx.npy")]
         r["coreset"] = run_step("coreset_compare", cmd, work)["out"]
@@ -497,6 +508,7 @@ def main() -> None:
             "key": worker.key, "label": worker.label, "p50": percentile(worker.ms, 0.5), "p90": percentile(worker.ms, 0.9),
             "mean": statistics.fmean(worker.ms), "n": len(worker.ms), "rss_mib": final.get("rss_mib"),
             "ready": worker.ready, "ms": worker.ms,
+            "parts_p50": {k: percentile([p[k] for p in worker.parts], 0.5) for k in worker.parts[0]} if worker.parts else None,
         })
     r["latency"] = {"images": len(latency_images), "warmup": args.warmup, "workers": entries}
     results_file.write_text(json.dumps(r, indent=1))
