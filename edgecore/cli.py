@@ -296,6 +296,9 @@ def compile_(
     num_calib: Optional[int] = typer.Option(None, help="How many calibration images (default 64)."),
     max_drop: Optional[float] = typer.Option(None, help="INT8 accuracy-aware mode: max drop of embedding cosine."),
     refit_threshold: Optional[Path] = typer.Option(None, help="Held-out normal images: re-fit the threshold with this engine."),
+    portable: bool = typer.Option(
+        False, "--portable", help="OpenVINO INT8 for CPUs without VNNI (Atom/older Core): 7-bit weights, never saturates."
+    ),
     workspace: int = typer.Option(1024, help="TensorRT builder workspace (MB)."),
     dla: Optional[int] = typer.Option(None, help="TensorRT: run on DLA core N (Jetson)."),
 ) -> None:
@@ -304,7 +307,8 @@ def compile_(
         from edgecore.export.compile import compile_openvino
 
         manifest = compile_openvino(
-            bundle, precision, calib=calib, num_calib=num_calib, max_drop=max_drop, refit=refit_threshold, log=_echo_err
+            bundle, precision, calib=calib, num_calib=num_calib, max_drop=max_drop, refit=refit_threshold,
+            portable=portable, log=_echo_err,
         )
     elif target == "tensorrt":
         from edgecore.runtime.backends.tensorrt import compile_tensorrt

@@ -27,6 +27,7 @@ def compile_openvino(
     max_drop: float | None = None,
     refit: str | Path | None = None,
     false_alarm_rate: float | None = None,
+    portable: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> dict:
     from edgecore.calibration.int8 import DEFAULT_NUM_CALIB, calibration_crops, quantize
@@ -48,7 +49,7 @@ def compile_openvino(
         start = time.perf_counter()
         crops = calibration_crops(calib, config, count)
         log(f"compile: NNCF INT8 calibration on {len(crops)} normal images from {calib}")
-        vnni = has_vnni()
+        vnni = has_vnni() and not portable  # portable: 7-bit weights, correct on CPUs without VNNI too
         model = quantize(model, crops, max_drop=max_drop, vnni=vnni)
         description["requires_vnni"] = vnni
         description["calibration"] = {

@@ -1,6 +1,7 @@
 """What the CPU can do (Linux /proc/cpuinfo): for reports and for engines tied to an ISA."""
 from __future__ import annotations
 
+import os
 import platform
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +19,16 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     return model, frozenset(flags)
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below which int8 kernels run without VNNI.
+_CAPS_WITHOUT_VNNI = {"SSE41", "AVX", "AVX2", "AVX512_CORE"}
+
+
 def has_vnni() -> bool:
-    """VNNI/AMX multiply int8 without saturating (no 7-bit weight 'overflow fix' needed)."""
+    """VNNI/AMX multiply int8 without saturating (no 7-bit weight 'overflow fix' needed).
+
+    Honours an ONEDNN_MAX_CPU_ISA cap (camera emulation): capped to AVX2, the
+    kernels that run have no VNNI even if the CPU does.
+    """
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _CAPS_WITHOUT_VNNI:
+        return False
     return bool(cpu_info()[1] & {"avx512_vnni", "avx_vnni", "amx_int8"})

@@ -214,3 +214,29 @@ def test_archive_opens_directly(exported_bundle, tmp_path, synthetic_category):
         scratch = detector._scratch
         assert detector.detect(synthetic_category / "test" / "good" / "000.png").score > 0
     assert not scratch.exists()
+
+
+def test_portable_int8_runs_under_an_avx2_cap(bundle_copy, synthetic_category, monkeypatch):
+    """An AVX2-capped run (camera emulation) has no VNNI: a VNNI engine is refused, a --portable one runs."""
+    from edgecore.runtime.cpu import has_vnni
+    from edgecore.runtime.errors import BundleError
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert has_vnni() is False
+    result = runner.invoke(
+        app, ["compile", str(bundle_copy), "--precision", "int8", "--calib", str(synthetic_category), "--num-calib", "4", "--portable"]
+    )
+    assert result.exit_code == 0, result.output
+    entry = verify_bundle(bundle_copy).manifest["engines"]["openvino-int8"]
+    assert entry["requires_vnni"] is False and entry["calibration"]["overflow_fix"] is True
+    with Detector.open(bundle_copy, precision="int8") as detector:
+        assert detector.detect(synthetic_category / "test" / "good" / "000.png").score > 0
+    entry_vnni = dict(entry, requires_vnni=True)
+    import edgecore.runtime.backends.openvino as ov_backend
+
+    class FakeBundle:  # the manifest the backend sees, with a VNNI-only engine
+        path = bundle_copy
+        manifest = {**verify_bundle(bundle_copy).manifest, "engines": {"openvino-int8": entry_vnni}}
+
+    with pytest.raises(BundleError, match="VNNI"):
+        ov_backend.OpenVINOBackend(FakeBundle(), precision="int8")
