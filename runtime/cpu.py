@@ -32,3 +32,13 @@ def has_vnni() -> bool:
     if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _CAPS_WITHOUT_VNNI:
         return False
     return bool(cpu_info()[1] & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+_CAPS_WITH_BF16 = {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX"}
+
+
+def isa_capped_below_bf16() -> bool:
+    """True when ONEDNN_MAX_CPU_ISA hides bf16 kernels. OpenVINO picks its default precision
+    from the CPU's flags, not from the cap, and then finds no bf16 kernel for some layers."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return bool(cap) and cap not in _CAPS_WITH_BF16

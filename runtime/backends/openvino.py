@@ -15,7 +15,7 @@ import numpy as np
 import openvino as ov
 
 from edgecore.runtime.backends.base import EngineInfo
-from edgecore.runtime.cpu import has_vnni
+from edgecore.runtime.cpu import has_vnni, isa_capped_below_bf16
 from edgecore.runtime.errors import BundleError
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -24,13 +24,23 @@ _HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 _AUTO_ORDER = ("int8", "bf16", "fp16", "fp32")
 
 
+def _runnable(entry: dict | None, precision: str) -> bool:
+    if entry is None:
+        return False
+    if precision in ("bf16", "fp16") and isa_capped_below_bf16():
+        return False
+    return not (entry.get("requires_vnni") and not has_vnni())
+
+
 def engine_key(precision: str) -> str:
     return f"openvino-{precision}"
 
 
 def default_cache_dir() -> Path:
+    """Compiled-model cache; kept apart per oneDNN ISA cap, whose blobs are not interchangeable."""
     base = os.environ.get("EDGECORE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "edgecore")
-    return Path(base) / "openvino"
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return Path(base) / ("openvino" if not cap else f"openvino-{cap.lower()}")
 
 
 _COMPUTE_LAYERS = {"Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution"}
@@ -73,8 +83,8 @@ class OpenVINOBackend:
             raise ValueError(f"OpenVINO precision must be one of {PRECISIONS}, got {precision!r}")
         manifest = bundle.manifest
         engines = manifest.get("engines", {})
-        if precision is None:
-            precision = next((p for p in _AUTO_ORDER if engine_key(p) in engines), None)
+        if precision is None:  # the best compiled engine this CPU (and any ISA cap) can run
+            precision = next((p for p in _AUTO_ORDER if _runnable(engines.get(engine_key(p)), p)), None)
         entry = engines.get(engine_key(precision)) if precision else None
         if precision == "int8" and entry is None:
             raise BundleError(
@@ -96,6 +106,10 @@ class OpenVINOBackend:
             model_path = Path(bundle.path) / manifest["graph"]["file"]
             source = f"{manifest['graph']['file']} (compiled from ONNX)"
         config: dict[str, object] = {"PERFORMANCE_HINT": "THROUGHPUT" if streams and streams > 1 else "LATENCY"}
+        if isa_capped_below_bf16():
+            if precision in ("bf16", "fp16"):
+                raise BundleError(f"{precision} kernels are unavailable under ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}")
+            config["INFERENCE_PRECISION_HINT"] = "f32"  # OpenVINO would default to bf16 from the CPU flags
         if precision is not None:
             config["INFERENCE_PRECISION_HINT"] = _HINT[precision]
         if threads:
