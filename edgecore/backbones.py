@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from edgecore.runtime.errors import WeightsError
+from edgecore.runtime.fsutil import sha256_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -198,14 +199,6 @@ def available_backbones() -> list[str]:
     return sorted(REGISTRY)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def state_sha256(module: nn.Module) -> str:
     """Hash of the parameters themselves: identifies random-init weights too."""
     digest = hashlib.sha256()
@@ -272,7 +265,7 @@ def create_backbone(
             raise WeightsError(f"{path}: weights file not found for {name}: {spec.weights_hint}")
         _load_state(net, path, spec)
         source = str(path)
-        sha = file_sha256(path)
+        sha = sha256_file(path)
 
     trunk: nn.Module = _LiteTrunk(net, layers) if name == "efficientnet_lite0" else _ResNetTrunk(net, layers)
     trunk.eval()

@@ -8,7 +8,6 @@ that could write outside its destination.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import lzma
 import math
@@ -22,19 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from edgecore.runtime.errors import BundleError
+from edgecore.runtime.fsutil import sha256_file
 
 FORMAT = "edgecore-bundle"
 FORMAT_VERSION = "1.0"  # major.minor: a newer major is refused, a newer minor is read
 MANIFEST = "manifest.json"
 ARCHIVE_SUFFIX = ".edgecore.tar"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_entry(root: Path, relative: str) -> dict:

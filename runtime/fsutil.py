@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import re
@@ -94,6 +95,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         shutil.rmtree(root, ignore_errors=True)
         _unlock(lock)
     remove_stale_partials(path)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Streaming sha256 of a file (artifacts can be hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path: str | Path, data: dict) -> None:

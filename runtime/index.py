@@ -28,13 +28,13 @@ description with a SHA-256 per file, so a corrupt file is caught at load.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 
 from edgecore.runtime.errors import BundleError
+from edgecore.runtime.fsutil import sha256_file
 from edgecore.runtime.search import ExactSearch, exact_l2
 
 DTYPES = ("int8", "fp16", "fp32")
@@ -172,7 +172,7 @@ class QuantizedIndex:
                 name = f"index_{group}_{key}.npy"
                 path = directory / name
                 np.save(path, np.ascontiguousarray(array), allow_pickle=False)
-                files[f"{group}.{key}"] = {"file": name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+                files[f"{group}.{key}"] = {"file": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
         description = {
             "format": FORMAT,
             "dtype": self.dtype,
@@ -279,7 +279,7 @@ def _read(directory: Path, files: dict, key: str, dtype: str) -> np.ndarray:
         raise BundleError(f"{directory}: index file name {entry['file']!r} must be a plain file name")
     if not path.is_file():
         raise BundleError(f"{path}: index file missing")
-    if _sha256(path) != expected_sha:
+    if sha256_file(path) != expected_sha:
         raise BundleError(f"{path}: index file corrupt (SHA-256 does not match the description)")
     try:
         array = np.load(path, allow_pickle=False)
@@ -290,12 +290,6 @@ def _read(directory: Path, files: dict, key: str, dtype: str) -> np.ndarray:
     return array
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- hnswlib graph -------------------------------------------------------------
