@@ -240,3 +240,22 @@ def test_portable_int8_runs_under_an_avx2_cap(bundle_copy, synthetic_category, m
 
     with pytest.raises(BundleError, match="VNNI"):
         ov_backend.OpenVINOBackend(FakeBundle(), precision="int8")
+
+
+def test_camera_cli_commands_work_without_torch(exported_bundle, synthetic_category):
+    code = f"""
+import sys
+sys.modules['torch'] = None
+from edgecore.cli import app
+for argv in (['verify', {str(exported_bundle)!r}],
+             ['infer', {str(exported_bundle)!r}, {str(synthetic_category / 'test' / 'good' / '000.png')!r}],
+             ['bench', {str(exported_bundle)!r}, '--iterations', '2', '--warmup', '1', '--quiet']):
+    try:
+        app(argv, standalone_mode=False)
+    except SystemExit as exc:
+        assert exc.code in (0, None), (argv, exc.code)
+print('ok')
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")
