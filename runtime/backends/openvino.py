@@ -137,21 +137,21 @@ class OpenVINOBackend:
                 "streams": int(self.compiled.get_property("NUM_STREAMS")),
             },
         )
-        self._idle_requests: queue.Queue = queue.Queue()
+        self._request_pool: queue.Queue = queue.Queue()
         for _ in range(max(1, self.info.details["streams"])):
-            self._idle_requests.put(self.compiled.create_infer_request())
+            self._request_pool.put(self.compiled.create_infer_request())
 
     def infer(self, crops: np.ndarray) -> np.ndarray:
         if crops.dtype != np.uint8 or crops.shape[0] != self.batch:
             raise ValueError(f"expected {self.batch}×H×W×3 uint8 crops, got {crops.dtype} {crops.shape}")
-        request = self._idle_requests.get()  # one request per caller at a time: thread-safe
+        request = self._request_pool.get(block=True)  # one request per caller at a time: thread-safe
         try:
             request.infer({0: np.ascontiguousarray(crops)})
             return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
         finally:
-            self._idle_requests.put(request)
+            self._request_pool.put(request)
 
     def close(self) -> None:
-        while not self._idle_requests.empty():
-            self._idle_requests.get_nowait()
+        while not self._request_pool.empty():
+            self._request_pool.get_nowait()
         self.compiled = None
