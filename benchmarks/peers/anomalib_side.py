@@ -378,7 +378,11 @@ def score_of(prediction) -> float:
 def cmd_serve(args) -> None:
     """Line protocol: one image path in, one JSON line out (ms measured around predict only)."""
     inferencer = open_inferencer(args.xml, args.bare)
-    emit({"ready": True, "rss_mib": vm_hwm_mib()})
+    try:  # what OpenVINO will execute: its CPU default on bf16-capable CPUs is bf16, on both sides
+        hint = str(inferencer.model.get_property("INFERENCE_PRECISION_HINT"))
+    except Exception:  # noqa: BLE001
+        hint = "unknown"
+    emit({"ready": True, "rss_mib": vm_hwm_mib(), "inference_precision_hint": hint})
     for line in sys.stdin:
         path = line.strip()
         if not path:
