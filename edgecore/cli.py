@@ -5,16 +5,16 @@ Heavy imports (torch, OpenVINO) happen inside the commands, so ``edgecore
 """
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
-from edgecore.runtime.errors import EdgecoreError
+from edgecore.runtime.cliutil import echo_err as _echo_err
+from edgecore.runtime.cliutil import friendly as _friendly
 
 app = typer.Typer(
     name="edgecore",
@@ -23,24 +23,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def _friendly(command: Callable) -> Callable:
-    """Turn our own errors (bad files, bad options) into one clear line and exit code 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (EdgecoreError, ValueError, FileExistsError) as exc:
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(code=2) from None
-
-    return wrapper
-
-
-def _echo_err(message: str) -> None:
-    typer.echo(message, err=True)
 
 
 def _expand_images(paths: list[Path]) -> list[Path]:
