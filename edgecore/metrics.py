@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
+# Shared with the camera runtime (`edgecore threshold` computes the same boundary there).
+from edgecore.runtime.thresholds import as_scores as _as_scores
+from edgecore.runtime.thresholds import descending_steps as _descending_steps
+from edgecore.runtime.thresholds import threshold_for_false_alarm_rate
+
 __all__ = [
     "roc_curve",
     "auroc",
@@ -21,20 +26,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _as_scores(scores: object, name: str = "scores") -> np.ndarray:
-    """Return a non-empty, finite, floating array (keeps float32 to save memory)."""
-    arr = np.asarray(scores)
-    if arr.size == 0:
-        raise ValueError(f"{name} is empty")
-    if not np.issubdtype(arr.dtype, np.floating):
-        if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
-            raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
-        arr = arr.astype(np.float64)
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return arr
 
 
 def _as_labels(labels: object, name: str = "labels") -> np.ndarray:
@@ -79,18 +70,6 @@ def _require_both_classes(labels: np.ndarray, what: str) -> None:
 
 
 # --------------------------------------------------------------------------- core helpers
-
-
-def _descending_steps(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Descending sort order, the sorted scores, and the positions ending each run of ties.
-
-    Thresholding at a score value flags every sample up to and including the last
-    sample with that value, so curves are only evaluated at those positions.
-    """
-    order = np.argsort(scores)[::-1]
-    sorted_scores = scores[order]
-    ends = np.append(np.flatnonzero(np.diff(sorted_scores)), sorted_scores.size - 1)
-    return order, sorted_scores, ends
 
 
 def _auc_from_split(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -247,24 +226,3 @@ def confusion_at(scores: object, labels: object, threshold: float) -> dict[str, 
         "f1": f1,
         "accuracy": (tp + tn) / s.size,
     }
-
-
-def threshold_for_false_alarm_rate(normal_scores: object, rate: float) -> float:
-    """Decision threshold from normal validation scores alone, for ``score >= threshold``.
-
-    Returns the smallest *observed* normal score ``t`` whose false-alarm fraction
-    ``mean(normal_scores >= t)`` is ``<= rate``; if no observed score qualifies
-    (always the case for ``rate=0``), returns the next float above the maximum
-    (``np.nextafter`` in the scores' dtype), which flags no normal score. Ties are
-    never split, so the achieved rate can be below ``rate``.
-    """
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"rate must be in [0, 1], got {rate}")
-    s = _as_scores(normal_scores, "normal_scores").ravel()
-    _, sorted_scores, ends = _descending_steps(s)
-    flagged_fraction = (ends + 1) / s.size
-    ok = np.flatnonzero(flagged_fraction <= rate)
-    if ok.size:
-        return float(sorted_scores[ends[ok[-1]]])
-    top = s.max()
-    return float(np.nextafter(top, np.asarray(np.inf, dtype=top.dtype)))

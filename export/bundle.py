@@ -32,6 +32,8 @@ from edgecore.runtime.fsutil import atomic_directory, atomic_write_bytes, write_
 GRAPH_FILE = "model.onnx"
 INDEX_DIR = "index"
 NEIGHBOURS_FILE = "neighbours.npy"
+THRESHOLD_FIELDS = ("value", "mode", "false_alarm_rate", "normalization", "empirical", "gaussian_tail",
+                    "from_held_out_normals", "validation_scores")
 
 
 def export_bundle(
@@ -78,7 +80,8 @@ def export_bundle(
             "backbone": {k: config["backbone"][k] for k in ("name", "layers", "mean", "std", "weights_sha256", "weights_source")},
             "features": {"grid": grid, "embed_dim": embed_dim},
             "scoring": config["scoring"],
-            "threshold": {k: config["threshold"][k] for k in ("value", "mode", "false_alarm_rate", "normalization")},
+            # The held-out normals' scores travel along: `edgecore threshold` re-derives the boundary from them.
+            "threshold": {k: config["threshold"][k] for k in THRESHOLD_FIELDS if k in config["threshold"]},
             "graph": {
                 "file": GRAPH_FILE,
                 "opset": OPSET,
