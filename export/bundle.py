@@ -25,7 +25,9 @@ import edgecore
 from edgecore.export.index_build import build_index
 from edgecore.export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx, torch_reference
 from edgecore.model import PatchCoreModel
-from edgecore.runtime.bundle import ARCHIVE_SUFFIX, FORMAT, FORMAT_VERSION, MANIFEST, file_entry, verify_bundle
+from edgecore.runtime.bundle import (
+    ARCHIVE_SUFFIX, FORMAT, FORMAT_VERSION, MANIFEST, bundle_lock, file_entry, verify_bundle,
+)
 from edgecore.runtime.errors import BundleError
 from edgecore.runtime.fsutil import atomic_directory, atomic_write_bytes, write_json
 
@@ -64,7 +66,7 @@ def export_bundle(
     timings["index_s"] = time.perf_counter() - start
 
     embed_dim = config["features"]["embed_dim"]
-    with atomic_directory(output) as staging:
+    with bundle_lock(output, log=log), atomic_directory(output) as staging:
         onnx.save(graph, str(staging / GRAPH_FILE))
         (staging / INDEX_DIR).mkdir()
         index_description = index.save(staging / INDEX_DIR)

@@ -15,7 +15,7 @@ import numpy as np
 import openvino as ov
 
 from edgecore.runtime.backends.openvino import PRECISIONS, engine_key, executed_precisions
-from edgecore.runtime.bundle import add_engine, verify_bundle
+from edgecore.runtime.bundle import add_engine, bundle_lock, verify_bundle
 from edgecore.runtime.preprocess import PreprocessConfig
 
 
@@ -30,13 +30,20 @@ def compile_openvino(
     portable: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> dict:
-    from edgecore.calibration.int8 import DEFAULT_NUM_CALIB, calibration_crops, quantize
-    from edgecore.runtime.cpu import has_vnni
-
     if precision not in PRECISIONS:
         raise ValueError(f"OpenVINO precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "int8" and calib is None:
         raise ValueError("--precision int8 needs --calib DIR (normal images: the train set or a folder)")
+    # The whole read → compile → add engine → re-fit is one writer: a second compile of this
+    # bundle waits here (and says so) instead of swapping in a manifest without our engine.
+    with bundle_lock(bundle, log=log):
+        return _compile_locked(bundle, precision, calib, num_calib, max_drop, refit, false_alarm_rate, portable, log)
+
+
+def _compile_locked(bundle, precision, calib, num_calib, max_drop, refit, false_alarm_rate, portable, log) -> dict:
+    from edgecore.calibration.int8 import DEFAULT_NUM_CALIB, calibration_crops, quantize
+    from edgecore.runtime.cpu import has_vnni
+
     verified = verify_bundle(bundle)
     manifest = verified.manifest
     config = PreprocessConfig.from_dict(manifest["preprocess"])

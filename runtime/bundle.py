@@ -4,7 +4,9 @@ A bundle is a directory ``NAME.edgecore/`` with ``manifest.json`` listing every
 other file with its size and sha256, plus the model parameters the runtime
 needs (preprocessing, grid, scoring, threshold, index). ``verify_bundle``
 checks schema, version, sizes and hashes; ``unpack_archive`` refuses anything
-that could write outside its destination.
+that could write outside its destination, or more than the archive's own
+manifest declares (and a global cap), before writing a byte. Every writer of a
+bundle (export, compile, threshold re-fit) holds :func:`bundle_lock`.
 """
 from __future__ import annotations
 
@@ -12,21 +14,46 @@ import json
 import lzma
 import math
 import os
+import re
 import shutil
 import stat
 import tarfile
 import tempfile
+import threading
+import time
 import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from edgecore.runtime.errors import BundleError
-from edgecore.runtime.fsutil import sha256_file
+from edgecore.runtime.fsutil import (
+    atomic_directory, locked_staging, release, remove_stale_staging, sha256_file, write_json,
+)
+
+try:  # POSIX; without it writers are not serialised (documented in RELIABILITY.md)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 FORMAT = "edgecore-bundle"
 FORMAT_VERSION = "1.0"  # major.minor: a newer major is refused, a newer minor is read
 MANIFEST = "manifest.json"
 ARCHIVE_SUFFIX = ".edgecore.tar"
+
+#: Most bytes an archive may unpack to (sum of its members' declared sizes), unless the
+#: caller passes another cap or sets EDGECORE_MAX_UNPACK_BYTES. The largest real bundle
+#: (WRN50, three engines) is ~1 GB.
+MAX_UNPACK_BYTES = 8 << 30
+MAX_ARCHIVE_MEMBERS = 10_000
+MAX_MANIFEST_BYTES = 16 << 20
+#: Largest preprocess.resize: the resized frame is resize² × 3 bytes (4096 → 48 MB).
+MAX_RESIZE = 4096
+#: Seconds a second writer waits for a bundle's lock before giving up (EDGECORE_LOCK_TIMEOUT).
+LOCK_TIMEOUT_S = 900.0
+_UNPACK_PREFIX = ".unpack."
+_UNPACK_STAGING = re.compile(re.escape(_UNPACK_PREFIX) + r"[a-z0-9_]{8}\Z")
 
 
 def file_entry(root: Path, relative: str) -> dict:
@@ -87,6 +114,11 @@ def validate_manifest(manifest: object, where: str = MANIFEST) -> dict:
         _positive(_require(pre, key, int, f"{where}.preprocess"), f"{where}.preprocess.{key}")
     if pre["crop"] > pre["resize"]:
         raise BundleError(f"{where}.preprocess: crop {pre['crop']} > resize {pre['resize']}")
+    if pre["crop"] < 32 or pre["resize"] > MAX_RESIZE:
+        raise BundleError(
+            f"{where}.preprocess: need 32 <= crop <= resize <= {MAX_RESIZE}, got crop {pre['crop']}, "
+            f"resize {pre['resize']}"
+        )
     feats = _require(manifest, "features", dict, where)
     grid = _require(feats, "grid", list, f"{where}.features")
     if len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid):
@@ -107,6 +139,7 @@ def validate_manifest(manifest: object, where: str = MANIFEST) -> dict:
         _safe_relative(_require(entry, "file", str, f"{where}.index.files[{key!r}]"), f"{where}.index.files[{key!r}]")
     table = _require(manifest, "neighbour_table", dict, where)
     _safe_relative(_require(table, "file", str, f"{where}.neighbour_table"), f"{where}.neighbour_table.file")
+    _validate_graph_io(manifest, where)
     engines = manifest.get("engines", {})
     if not isinstance(engines, dict):
         raise BundleError(f"{where}.engines: expected an object")
@@ -130,6 +163,37 @@ def validate_manifest(manifest: object, where: str = MANIFEST) -> dict:
     return manifest
 
 
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _validate_graph_io(manifest: dict, where: str) -> None:
+    """The graph's declared input/output shapes must agree with batch, crop, grid and embed_dim.
+
+    (The real graph is checked against the same numbers when an engine opens it.)
+    """
+    graph, crop = manifest["graph"], manifest["preprocess"]["crop"]
+    grid, dim = manifest["features"]["grid"], manifest["features"]["embed_dim"]
+    expected = {
+        "input": [graph["batch"], crop, crop, 3],
+        "output": [graph["batch"], grid[0] * grid[1], dim],
+    }
+    for key, shape in expected.items():
+        if key not in graph:
+            continue  # optional: older bundles
+        entry = graph[key]
+        declared = entry.get("shape") if isinstance(entry, dict) else None
+        if not _int_list(declared) or declared != shape:
+            raise BundleError(
+                f"{where}.graph.{key}.shape: {declared!r} disagrees with batch/crop/grid/embed_dim ({shape})"
+            )
+    table = manifest["neighbour_table"]
+    if "shape" in table:
+        shape = table["shape"]
+        if not _int_list(shape) or len(shape) != 2 or min(shape) < 1:
+            raise BundleError(f"{where}.neighbour_table.shape: expected [rows, columns] >= 1, got {shape!r}")
+
+
 def _validate_threshold(threshold: dict, where: str) -> None:
     _finite(_require(threshold, "value", (int, float), where), f"{where}.value")
     norm = _require(threshold, "normalization", dict, where)
@@ -145,6 +209,59 @@ def _safe_relative(name: str, where: str) -> PurePosixPath:
     ):
         raise BundleError(f"{where}: unsafe path {name!r}")
     return path
+
+
+# --- fields against the arrays and the graph (checked when a Detector opens) -------
+def check_engine_io(
+    manifest: dict, input_shape: tuple[int, ...] | None, output_shape: tuple[int, ...] | None, source: str
+) -> None:
+    """The compiled graph's real input/output shapes must be what batch, crop, grid and embed_dim say.
+
+    A crop, batch or grid that disagrees with the graph would fail (or silently
+    mis-map patches) on every frame; refuse it once, at open. None = not known
+    (a dynamic shape or a backend that does not say): not checked.
+    """
+    crop, batch = manifest["preprocess"]["crop"], manifest["graph"]["batch"]
+    grid, dim = manifest["features"]["grid"], manifest["features"]["embed_dim"]
+    expected = {
+        "input": (input_shape, (batch, crop, crop, 3), "graph.batch, preprocess.crop"),
+        "output": (output_shape, (batch, grid[0] * grid[1], dim), "graph.batch, features.grid, features.embed_dim"),
+    }
+    for what, (real, wanted, fields) in expected.items():
+        if real is not None and tuple(real) != wanted:
+            raise BundleError(
+                f"{MANIFEST}: {fields} say the graph's {what} is {list(wanted)}, but {source} has {list(real)}"
+            )
+
+
+def check_neighbour_table(table: object, manifest: dict, index_size: int, index_dim: int, path: Path) -> None:
+    """Eq. 7's support sets: integer ids inside the coreset, each row starting with its own id.
+
+    An id out of range would raise (or, negative, silently wrap to another point) on
+    the frames that hit it; refuse the table at open instead.
+    """
+    import numpy as np
+
+    dim = manifest["features"]["embed_dim"]
+    if index_dim != dim:
+        raise BundleError(f"{MANIFEST}: features.embed_dim {dim} but the index holds {index_dim}-d vectors")
+    if not isinstance(table, np.ndarray) or table.dtype.kind not in "iu" or table.ndim != 2:
+        kind = f"{table.dtype} {table.shape}" if isinstance(table, np.ndarray) else type(table).__name__
+        raise BundleError(f"{path}: expected a 2-D integer array of coreset ids, got {kind}")
+    columns = min(manifest["scoring"]["num_neighbors"], index_size)
+    if table.shape != (index_size, columns):
+        raise BundleError(
+            f"{path}: shape {table.shape}, expected {(index_size, columns)} (index size x scoring.num_neighbors)"
+        )
+    declared = manifest["neighbour_table"].get("shape")
+    if declared is not None and tuple(declared) != table.shape:
+        raise BundleError(f"{MANIFEST}: neighbour_table.shape {declared} but {path} is {list(table.shape)}")
+    if table.size and (int(table.min()) < 0 or int(table.max()) >= index_size):
+        raise BundleError(
+            f"{path}: ids must lie in [0, {index_size}), found [{int(table.min())}, {int(table.max())}]"
+        )
+    if table.size and not np.array_equal(table[:, 0], np.arange(index_size)):
+        raise BundleError(f"{path}: row i must start with coreset point i (Eq. 7's own match); it does not")
 
 
 # --- reading & verifying ----------------------------------------------------
@@ -216,13 +333,19 @@ def verify_bundle(bundle: str | Path) -> VerifiedBundle:
 
 
 # --- archives -------------------------------------------------------------
-def unpack_archive(archive: str | Path, destination: str | Path) -> Path:
+def unpack_archive(archive: str | Path, destination: str | Path, max_bytes: int | None = None) -> Path:
     """Extract a packed bundle safely: regular files and folders only, nothing outside ``destination``.
 
-    Returns the bundle directory inside ``destination``. Extraction goes into a
-    temporary sibling first, so a refused archive leaves nothing behind.
+    Returns the bundle directory inside ``destination``. Before a byte is written
+    the member headers are read and refused if they hold more than
+    ``max_bytes`` (default :data:`MAX_UNPACK_BYTES` or EDGECORE_MAX_UNPACK_BYTES),
+    more than the free space, or anything the archive's own manifest does not
+    declare with exactly that size: a tar bomb costs CPU, never disk. Extraction
+    goes into a locked ``.unpack.*`` staging sibling, so a refused archive leaves
+    nothing behind and a killed one leaves a folder the next unpack removes.
     """
     archive, destination = Path(archive), Path(destination)
+    limit = _unpack_limit(max_bytes)
     try:
         tar = tarfile.open(archive, "r:*")
     except FileNotFoundError:
@@ -231,26 +354,20 @@ def unpack_archive(archive: str | Path, destination: str | Path) -> Path:
         raise BundleError(f"{archive}: not a readable bundle archive: {exc}") from None
     try:
         destination.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".unpack.", dir=destination))
+        remove_stale_staging(destination, _UNPACK_STAGING)  # left by a killed unpack
     except OSError as exc:
         tar.close()
         raise BundleError(f"{destination}: cannot unpack into it: {exc.strerror or exc}") from None
+    staging = lock = None
     try:
         with tar:
-            # A bare "." folder entry (tar -C DIR -cf x.tar .) carries nothing: skip it.
-            members = [m for m in tar.getmembers() if not (m.isdir() and not PurePosixPath(m.name).parts)]
-            roots = set()
-            for member in members:
-                path = _safe_relative(member.name, f"{archive}: member")
-                if not (member.isfile() or member.isdir()):
-                    raise BundleError(f"{archive}: member {member.name!r} is a link or device; refused")
-                if member.issparse():  # may expand to any size on disk
-                    raise BundleError(f"{archive}: member {member.name!r} is a sparse file; refused")
-                if len(path.parts) == 1 and not member.isdir():
-                    raise BundleError(f"{archive}: top-level member {member.name!r} is a file; expected one bundle folder")
-                roots.add(path.parts[0])
-            if len(roots) != 1:
-                raise BundleError(f"{archive}: expected one top-level bundle folder, found {sorted(roots)}")
+            members, root = _checked_members(tar, archive, limit)
+            _check_against_manifest(tar, members, root, archive)
+            try:
+                _check_free_space(destination, sum(m.size for m in members), archive)
+                staging, lock = locked_staging(destination, _UNPACK_PREFIX, note=f"Incomplete unpack of {archive.name}")
+            except OSError as exc:
+                raise BundleError(f"{destination}: cannot unpack into it: {exc.strerror or exc}") from None
             for member in members:
                 target = staging / member.name
                 if member.isdir():
@@ -261,19 +378,114 @@ def unpack_archive(archive: str | Path, destination: str | Path) -> Path:
                 if source is None:
                     raise BundleError(f"{archive}: cannot read member {member.name!r}")
                 with source, open(target, "xb") as out:
-                    shutil.copyfileobj(source, out)
+                    _copy_exactly(source, out, member.size)
                 os.chmod(target, stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
-        (root,) = roots
         final = destination / root
         if final.exists():
             raise BundleError(f"{final}: already exists; remove it or unpack elsewhere")
         os.replace(staging / root, final)
         return final
-    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError) as exc:
+    except OSError as exc:
+        if exc.errno is not None and exc.filename is not None:  # disk full, permissions: name the place
+            raise BundleError(f"{exc.filename}: cannot write it: {exc.strerror}") from None
+        raise BundleError(f"{archive}: damaged archive: {exc}") from None
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, ValueError) as exc:
         # EOFError / zlib.error / LZMAError: a truncated or damaged compressed archive.
         raise BundleError(f"{archive}: damaged archive: {exc}") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        release(lock)
+
+
+def _unpack_limit(max_bytes: int | None) -> int:
+    if max_bytes is not None:
+        return int(max_bytes)
+    text = os.environ.get("EDGECORE_MAX_UNPACK_BYTES")
+    if not text:
+        return MAX_UNPACK_BYTES
+    try:
+        return int(text)
+    except ValueError:
+        raise BundleError(f"EDGECORE_MAX_UNPACK_BYTES={text!r}: not a number of bytes") from None
+
+
+def _checked_members(tar: tarfile.TarFile, archive: Path, limit: int) -> tuple[list[tarfile.TarInfo], str]:
+    """Read the member headers (no data is written), stopping as soon as a cap is passed."""
+    members: list[tarfile.TarInfo] = []
+    roots: set[str] = set()
+    total = 0
+    for member in tar:
+        if not (member.isdir() and not PurePosixPath(member.name).parts):  # a bare "." folder carries nothing
+            members.append(member)
+        if len(members) > MAX_ARCHIVE_MEMBERS:
+            raise BundleError(f"{archive}: more than {MAX_ARCHIVE_MEMBERS} members; not a bundle archive")
+        total += max(member.size, 0)
+        if total > limit:
+            raise BundleError(
+                f"{archive}: unpacks to more than {limit:,} bytes (the cap; set EDGECORE_MAX_UNPACK_BYTES "
+                "to raise it); refused before writing anything"
+            )
+    for member in members:
+        path = _safe_relative(member.name, f"{archive}: member")
+        if not (member.isfile() or member.isdir()):
+            raise BundleError(f"{archive}: member {member.name!r} is a link or device; refused")
+        if member.issparse():  # may expand to any size on disk
+            raise BundleError(f"{archive}: member {member.name!r} is a sparse file; refused")
+        if len(path.parts) == 1 and not member.isdir():
+            raise BundleError(f"{archive}: top-level member {member.name!r} is a file; expected one bundle folder")
+        roots.add(path.parts[0])
+    if len(roots) != 1:
+        raise BundleError(f"{archive}: expected one top-level bundle folder, found {sorted(roots)}")
+    return members, next(iter(roots))
+
+
+def _check_against_manifest(tar: tarfile.TarFile, members: list[tarfile.TarInfo], root: str, archive: Path) -> None:
+    """Every file member must be the manifest or a file it lists, with exactly the declared size."""
+    by_name = {PurePosixPath(m.name).as_posix(): m for m in members if m.isfile()}
+    entry = by_name.get(f"{root}/{MANIFEST}")
+    if entry is None:
+        raise BundleError(f"{archive}: no {root}/{MANIFEST}; not a bundle archive")
+    if entry.size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{archive}: {MANIFEST} is {entry.size:,} bytes (at most {MAX_MANIFEST_BYTES:,}); refused")
+    source = tar.extractfile(entry)
+    if source is None:
+        raise BundleError(f"{archive}: cannot read {MANIFEST}")
+    try:
+        manifest = json.loads(source.read(entry.size).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{archive}: {MANIFEST} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BundleError(f"{archive}: {MANIFEST} is not valid JSON: nested too deeply") from None
+    listed = validate_manifest(manifest, f"{archive}: {MANIFEST}")["files"]
+    for name, member in sorted(by_name.items()):
+        relative = name[len(root) + 1 :]
+        if relative == MANIFEST:
+            continue
+        if relative not in listed:
+            raise BundleError(f"{archive}: member {name!r} is not listed in its manifest; refused before unpacking")
+        if member.size != listed[relative]["size"]:
+            raise BundleError(
+                f"{archive}: member {name!r} is {member.size:,} bytes, its manifest says {listed[relative]['size']:,}; "
+                "refused before unpacking"
+            )
+
+
+def _check_free_space(destination: Path, needed: int, archive: Path) -> None:
+    free = shutil.disk_usage(destination).free
+    if needed > free:
+        raise BundleError(f"{destination}: {archive.name} needs {needed:,} bytes, only {free:,} are free")
+
+
+def _copy_exactly(source, out, size: int) -> None:
+    """Copy at most ``size`` bytes (the header's size, already checked against the caps)."""
+    left = size
+    while left > 0:
+        block = source.read(min(left, 1 << 20))
+        if not block:
+            raise EOFError("member data ends early")
+        out.write(block)
+        left -= len(block)
 
 
 def verify_path(path: str | Path) -> VerifiedBundle:
@@ -295,6 +507,125 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+_held_locks: dict[tuple[str, int], int] = {}  # (lock path, thread) -> depth: re-entrant per thread
+_held_guard = threading.Lock()
+
+
+def lock_path(bundle: str | Path) -> Path:
+    """``.NAME.lock`` next to the bundle: outside it (a bundle holds only listed files) and
+    kept across the directory swaps of a rewrite. It exists while a writer works (a killed
+    writer's file is harmless: its lock died with it)."""
+    bundle = Path(bundle)
+    return bundle.parent / f".{bundle.name}.lock"
+
+
+@contextmanager
+def bundle_lock(
+    bundle: str | Path, timeout: float | None = None, log: Callable[[str], None] | None = None
+) -> Iterator[None]:
+    """Hold the exclusive writer lock of ``bundle`` (an ``fcntl.flock`` on its lock file).
+
+    A second writer (another process or thread) says once that it waits, then
+    waits up to ``timeout`` seconds (default EDGECORE_LOCK_TIMEOUT or
+    :data:`LOCK_TIMEOUT_S`) and gives up with a BundleError naming the holder's
+    pid. Re-entrant within one thread (compile → add engine → re-fit).
+    """
+    path = lock_path(bundle)
+    key = (str(path.absolute()), threading.get_ident())
+    with _held_guard:
+        depth = _held_locks.get(key, 0)
+        if depth:
+            _held_locks[key] = depth + 1
+    if depth:
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held_locks[key] -= 1
+        return
+    if fcntl is None:  # pragma: no cover - Windows: no serialisation
+        yield
+        return
+    fd = _acquire(path, bundle, _lock_timeout(timeout), log or _stderr)
+    with _held_guard:
+        _held_locks[key] = 1
+    try:
+        yield
+    finally:
+        with _held_guard:
+            _held_locks.pop(key, None)
+        try:
+            os.unlink(path)  # while still locked: a waiter re-checks the inode and retries
+        except OSError:
+            pass
+        os.close(fd)  # drops the flock
+
+
+def _acquire(path: Path, bundle: str | Path, wait: float, log: Callable[[str], None]) -> int:
+    deadline = time.monotonic() + wait
+    said = False
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise BundleError(f"{path}: cannot create the bundle's lock file: {exc.strerror or exc}") from None
+        if _try_flock(fd):
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:  # still the file at this name (not one a finisher removed)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return fd
+            os.close(fd)
+            continue
+        holder = _lock_holder(fd)
+        os.close(fd)
+        if not said:
+            log(f"waiting for another writer of {bundle} ({holder}) to finish (up to {wait:g} s)")
+            said = True
+        if time.monotonic() >= deadline:
+            raise BundleError(
+                f"{bundle}: another process ({holder}) is writing this bundle; gave up after {wait:g} s "
+                f"(lock {path}); retry when it has finished"
+            )
+        time.sleep(0.2)
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return f"pid {text}" if text.isdigit() else "pid unknown"
+
+
+def _lock_timeout(timeout: float | None) -> float:
+    if timeout is not None:
+        return float(timeout)
+    text = os.environ.get("EDGECORE_LOCK_TIMEOUT")
+    try:
+        return float(text) if text else LOCK_TIMEOUT_S
+    except ValueError:
+        raise BundleError(f"EDGECORE_LOCK_TIMEOUT={text!r}: not a number of seconds") from None
+
+
+def _stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+
+
 def rewrite_bundle(bundle: str | Path, change, keep=lambda name: True) -> dict:
     """Apply ``change(staging, manifest) -> manifest`` to a bundle atomically; returns the new manifest.
 
@@ -304,8 +635,11 @@ def rewrite_bundle(bundle: str | Path, change, keep=lambda name: True) -> dict:
     staging dir swapped in by one rename. A crash at any point leaves the old
     bundle or the new one, never a mix — the manifest included.
     """
-    from edgecore.runtime.fsutil import atomic_directory, write_json
+    with bundle_lock(bundle):  # verify-then-swap is one step: a concurrent writer's change is never lost
+        return _rewrite_locked(Path(bundle), change, keep)
 
+
+def _rewrite_locked(bundle: Path, change, keep) -> dict:
     verified = verify_bundle(bundle)
     bundle, manifest = verified.path, json.loads(json.dumps(verified.manifest))
     with atomic_directory(bundle) as staging:

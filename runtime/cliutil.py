@@ -14,7 +14,8 @@ from edgecore.runtime.errors import EdgecoreError
 
 
 def friendly(command: Callable) -> Callable:
-    """Turn our own errors (bad files, bad options) into one clear line and exit code 2."""
+    """Turn our own errors (bad files, bad options) and the system's (disk full, permission
+    denied, out of memory) into one clear line and exit code 2."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -23,8 +24,31 @@ def friendly(command: Callable) -> Callable:
         except (EdgecoreError, ValueError, FileExistsError) as exc:
             echo_error(str(exc))
             raise typer.Exit(code=2) from None
+        except OSError as exc:
+            echo_error(describe_os_error(exc))
+            raise typer.Exit(code=2) from None
+        except MemoryError:
+            echo_error("out of memory; nothing was written (try a smaller --batch-size or fewer/smaller images)")
+            raise typer.Exit(code=2) from None
 
     return wrapper
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``PATH: No space left on device`` — the file the system refused, and why.
+
+    Libraries that write for us (onnx, OpenVINO, numpy) often raise an OSError
+    without a file name, or a RuntimeError that a caller re-raised as OSError;
+    then the message is what they said.
+    """
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = exc.filename if exc.filename is not None else None
+    if where is None:
+        return reason if exc.errno is None else f"{reason} (errno {exc.errno})"
+    text = f"{where}: {reason}"
+    if exc.filename2 is not None:
+        text += f" (while moving it to {exc.filename2})"
+    return text
 
 
 def echo_error(message: str) -> None:

@@ -28,3 +28,8 @@ class BundleError(EdgecoreError):
 
 class WeightsError(EdgecoreError):
     """Pretrained weights that are missing or unusable (we never fall back to random init)."""
+
+
+class NonFiniteError(EdgecoreError):
+    """A frame whose engine output or score is NaN/infinite: an error, never a verdict
+    (a NaN score compares False with the threshold and would read as "normal")."""

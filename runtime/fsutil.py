@@ -120,11 +120,21 @@ def remove_stale_partials(destination: str | Path) -> list[Path]:
     """
     destination = Path(destination)
     pattern = re.compile(re.escape(f".{destination.name}.") + r"[a-z0-9_]{8}" + re.escape(PARTIAL_SUFFIX) + r"\Z")
+    return remove_stale_staging(destination.parent, pattern)
+
+
+def remove_stale_staging(parent: str | Path, pattern: re.Pattern[str]) -> list[Path]:
+    """Remove entries of ``parent`` named by ``pattern`` whose writer died; return what was removed.
+
+    An entry counts as dead when its flock can be taken (the kernel drops a killed
+    process's locks) and it is not an empty one younger than a minute (a writer
+    that has created it and not yet locked it). Links are never followed.
+    """
     removed: list[Path] = []
     if fcntl is None:
         return removed
     try:
-        entries = list(os.scandir(destination.parent))
+        entries = list(os.scandir(parent))
     except OSError:
         return removed
     for entry in entries:
@@ -152,6 +162,31 @@ def remove_stale_partials(destination: str | Path) -> list[Path]:
     return removed
 
 
+def locked_staging(parent: str | Path, prefix: str, suffix: str = "", note: str = "") -> tuple[Path, int | None]:
+    """Create a fresh folder ``PREFIX + 8 chars + SUFFIX`` in ``parent`` and hold its flock.
+
+    Returns (folder, lock descriptor for :func:`release`). A note is written right
+    after locking, so a leftover is never empty (see :func:`remove_stale_staging`).
+    """
+    root = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    lock = _lock(root)
+    try:
+        (root / _NOTE).write_text(
+            (note or "Incomplete write") + f" by process {os.getpid()}. Never a finished artifact;\n"
+            "safe to delete once that process is gone (the next successful run does it).\n"
+        )
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        _unlock(lock)
+        raise
+    return root, lock
+
+
+def release(lock: int | None) -> None:
+    """Drop a lock taken by :func:`locked_staging`."""
+    _unlock(lock)
+
+
 # --- helpers -------------------------------------------------------------------
 def _partial_root(destination: Path) -> tuple[Path, int | None]:
     """Create and lock ``.NAME.XXXXXXXX.partial`` next to ``destination``.
@@ -160,18 +195,9 @@ def _partial_root(destination: Path) -> tuple[Path, int | None]:
     at every later moment (even right after its commit), so cleanup can tell it
     from a writer that has only just created its folder.
     """
-    root = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=PARTIAL_SUFFIX, dir=destination.parent))
-    lock = _lock(root)
-    try:
-        (root / _NOTE).write_text(
-            f"Incomplete write of {destination.name} by process {os.getpid()}. Never a finished artifact;\n"
-            "safe to delete once that process is gone (the next successful write does it).\n"
-        )
-    except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
-        _unlock(lock)
-        raise
-    return root, lock
+    return locked_staging(
+        destination.parent, f".{destination.name}.", PARTIAL_SUFFIX, note=f"Incomplete write of {destination.name}"
+    )
 
 
 def _flock(fd: int, blocking: bool = True) -> bool:

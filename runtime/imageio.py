@@ -23,12 +23,26 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edgecore.runtime.errors import DatasetError, ImageError
 
-__all__ = ["MAX_PIXELS", "ImageSource", "image_size", "load_image", "load_mask"]
+__all__ = [
+    "ALLOWED_FORMATS", "MAX_ASPECT_RATIO", "MAX_PIXELS", "ImageSource", "check_geometry", "image_size", "load_image",
+    "load_mask", "open_image",
+]
 
 #: Largest image (width * height) decoded by default. A 80 MP frame is ~240 MB
 #: as RGB; anything larger is far more likely a corrupt or hostile header than
 #: a real inspection image, and decoding it could exhaust a camera's memory.
 MAX_PIXELS = 80_000_000
+
+#: Largest long-side / short-side ratio. The anomaly map is resized back to the
+#: frame's own size, so an 80000000x1 strip (80 MP, 233 KB as PNG) would cost
+#: gigabytes there; no inspection frame is that thin (a 1024x2 strip is fine).
+MAX_ASPECT_RATIO = 1024
+
+#: The only Pillow decoders a frame may reach, in the runtime and on the host
+#: alike (PPM covers PGM/PBM). Pillow would otherwise pick a plugin from the
+#: file's bytes whatever its name: a PostScript file named ``frame.png`` makes the
+#: EPS plugin run Ghostscript. Everything here decodes inside Pillow itself.
+ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "TIFF", "PPM", "WEBP", "GIF")
 
 #: Float arrays may overshoot [0, 1] by this much (resampling round-off).
 _FLOAT_TOLERANCE = 1e-6
@@ -49,6 +63,8 @@ def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> np.ndarr
     decoding); an array is already in memory, so there is nothing to guard.
     """
     if isinstance(source, np.ndarray):
+        if source.ndim in (2, 3) and source.size:
+            check_geometry("<array>", source.shape[1], source.shape[0], max_pixels=None)
         return _array_to_rgb(source)
     name, opener = _opener(source)
     return _decode(name, opener, max_pixels, _pil_to_rgb)
@@ -95,7 +111,7 @@ def _opener(source: object) -> tuple[str, Callable[[], Image.Image]]:
         data = bytes(source)
         if not data:
             raise ImageError("<bytes>: empty input (0 bytes), not an image")
-        return "<bytes>", lambda: Image.open(io.BytesIO(data))
+        return "<bytes>", lambda: open_image(io.BytesIO(data))
     if not isinstance(source, (str, os.PathLike)):
         raise ImageError(
             f"cannot load an image from {type(source).__name__}; "
@@ -103,7 +119,39 @@ def _opener(source: object) -> tuple[str, Callable[[], Image.Image]]:
         )
     path = os.fsdecode(os.fspath(source))
     _check_file(path)
-    return path, lambda: Image.open(path)
+    return path, lambda: open_image(path)
+
+
+def open_image(source: str | os.PathLike[str] | io.BytesIO) -> Image.Image:
+    """``Image.open`` restricted to :data:`ALLOWED_FORMATS` (the one opener of every frame).
+
+    Raises Pillow's UnidentifiedImageError for anything else, so no other plugin
+    (EPS/Ghostscript, PDF, ICNS, ...) ever sees the bytes.
+    """
+    return Image.open(source, formats=ALLOWED_FORMATS)
+
+
+def check_geometry(name: str, width: int, height: int, *, max_pixels: int | None = MAX_PIXELS) -> None:
+    """Refuse a frame whose size would exhaust memory, from its header alone (before decoding).
+
+    Args:
+        name: the file (or ``<bytes>`` / ``<array>``) named in the error.
+        width, height: the stored size in pixels.
+        max_pixels: the pixel budget; None checks the aspect ratio only.
+    """
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{name}: image has no pixels ({width}x{height} WxH)")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(
+            f"{name}: image too large: {width}x{height} (WxH) = {width * height:,} pixels "
+            f"exceeds the limit of {max_pixels:,} pixels"
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageError(
+            f"{name}: image too large: {width}x{height} (WxH) is a {ratio:,.0f}:1 strip, beyond the "
+            f"{MAX_ASPECT_RATIO}:1 aspect limit (its anomaly map would not fit in memory)"
+        )
 
 
 def _check_file(path: str) -> None:
@@ -140,7 +188,9 @@ def _pillow_errors(name: str) -> Iterator[None]:
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{name}: image too large: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageError(f"{name}: not an image, or an unknown image format") from exc
+        raise ImageError(
+            f"{name}: not an image, or not in an accepted format ({', '.join(ALLOWED_FORMATS)})"
+        ) from exc
     except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         raise ImageError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
     except OSError as exc:
@@ -164,11 +214,7 @@ def _decode(
     """
     with _pillow_errors(name), opener() as img:
         width, height = img.size
-        if width * height > max_pixels:
-            raise ImageError(
-                f"{name}: image too large: {width}x{height} (WxH) = {width * height:,} pixels "
-                f"exceeds the limit of {max_pixels:,} pixels"
-            )
+        check_geometry(name, width, height, max_pixels=max_pixels)
         img.load()  # decode everything now, so a truncated file fails here
         ImageOps.exif_transpose(img, in_place=True)
         return to_array(img, name)
