@@ -28,6 +28,11 @@ HNSW_SEED = 100
 # Exact grows ∝ M·D; hnsw (ef=128, plus ~1 certifying exact query) grows slowly with
 # M; BLAS is more efficient at large D, hence the lower point count there.
 CROSSOVER_POINTS = ((152, 9_000), (1024, 4_500))
+# Coarse mode (runtime/search_coarse.py): graph over a PCA projection, exact re-rank on the int8 codes.
+# Chosen on bottle (benchmarks/INDEX_STUDY.md, "Search at the hardware limit").
+COARSE_PROJ_DIM = 32
+COARSE_CANDIDATES = 8
+COARSE_EF_SEARCH = 32
 
 
 def choose_search_mode(size: int, dim: int) -> str:
@@ -69,14 +74,33 @@ def build_index(
     coreset = np.ascontiguousarray(coreset, dtype=np.float32)
     size, dim = coreset.shape
     mode = mode or choose_search_mode(size, dim)
+    if mode == "coarse" and dtype != "int8":
+        raise ValueError("mode='coarse' searches the int8 codes; use dtype='int8'")
     arrays = quantize(coreset, dtype)
     if mode == "exact":
         return QuantizedIndex(dtype, arrays, mode)
     points = decode(dtype, arrays)  # the graph is built on what the camera will search
-    graph, params = build_hnsw_graph(points, HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_SEED)
-    params["ef_search"] = HNSW_EF_SEARCH
+    if mode == "coarse":
+        basis, center = principal_projection(points, min(COARSE_PROJ_DIM, dim))
+        graph, params = build_hnsw_graph((points - center) @ basis.T, HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_SEED)
+        graph.update(proj_basis=basis, proj_center=center)
+        params.update(ef_search=COARSE_EF_SEARCH, candidates=COARSE_CANDIDATES)
+    else:
+        graph, params = build_hnsw_graph(points, HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_SEED)
+        params["ef_search"] = HNSW_EF_SEARCH
     params["certify_block"] = int(patches_per_image)
     return QuantizedIndex(dtype, arrays, mode, graph, params)
+
+
+def principal_projection(points: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``dims`` principal directions (dims×D float32, orthonormal, sign-fixed) and the mean (D)."""
+    x = points.astype(np.float64)
+    mean = x.mean(axis=0)
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(x - mean, rowvar=False))
+    basis = eigenvectors[:, np.argsort(eigenvalues)[::-1][:dims]].T
+    # eigh's sign is arbitrary: fix it so the stored basis is reproducible
+    signs = np.sign(basis[np.arange(dims), np.argmax(np.abs(basis), axis=1)])
+    return (basis * signs[:, None]).astype(np.float32), mean.astype(np.float32)
 
 
 def quantize(coreset: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
@@ -108,14 +132,7 @@ def _quantize_int8(x: np.ndarray) -> dict[str, np.ndarray]:
     size, dim = x.shape
     k = pca_components(size, dim)
     mean = x.mean(axis=0)
-    if k:
-        eigenvalues, eigenvectors = np.linalg.eigh(np.cov(x - mean, rowvar=False))
-        basis = eigenvectors[:, np.argsort(eigenvalues)[::-1][:k]].T
-        # eigh's sign is arbitrary: fix it so the stored basis is reproducible
-        signs = np.sign(basis[np.arange(k), np.argmax(np.abs(basis), axis=1)])
-        basis = (basis * signs[:, None]).astype(np.float32)
-    else:
-        basis = np.zeros((0, dim), np.float32)
+    basis = principal_projection(x, k)[0] if k else np.zeros((0, dim), np.float32)
     basis64 = basis.astype(np.float64)
     coords = (x - mean) @ basis64.T
     coord_offset, coord_scale, coord_codes = _affine_codes(coords, 65535)

@@ -16,6 +16,10 @@ Camera side, torch-free (numpy + hnswlib). Design, measured in
   save float32 vectors (4× the int8 codes), so we rebuild its state from the
   links plus the decoded vectors at load. ``mode="exact"`` is ``ExactSearch`` over
   the decoded vectors (the faster choice for small coresets).
+* ``mode="coarse"`` (int8 only) holds no fp32 copy at all: a small hnswlib graph over
+  a PCA projection of the coreset proposes candidates, which are re-ranked exactly
+  on the int8 codes (``runtime.search_coarse``). Its graph arrays add the projection
+  (``proj_basis``, ``proj_center``) to the hnsw links.
 * HNSW is least reliable far from the data, which is exactly where the image
   score comes from (the farthest patch). So hnsw mode certifies, per block of
   ``certify_block`` consecutive queries (one image's patches), that the largest
@@ -28,17 +32,19 @@ description with a SHA-256 per file, so a corrupt file is caught at load.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 
-from edgecore.runtime.errors import BundleError
+from edgecore.runtime.errors import BundleError, NonFiniteError
 from edgecore.runtime.fsutil import sha256_file
 from edgecore.runtime.search import ExactSearch, exact_l2
+from edgecore.runtime.search_coarse import CodeRows, CoarseSearch
 
 DTYPES = ("int8", "fp16", "fp32")
-MODES = ("hnsw", "exact")
+MODES = ("hnsw", "exact", "coarse")
 FORMAT = "edgecore-index/1"
 _HNSWLIB_STATE_VERSION = 1  # hnswlib's pickle-state layout we rebuild (hnswlib 0.8)
 
@@ -61,6 +67,19 @@ _GRAPH_ARRAYS = {
     "upper": "uint32",  # links of levels ≥ 1, concatenated in id order (hnswlib layout)
     "levels": "uint8",  # M: top level of each element
 }
+_COARSE_ARRAYS = {
+    **_GRAPH_ARRAYS,  # links over the projected points
+    "proj_basis": "float32",  # p×D orthonormal projection the graph was built in
+    "proj_center": "float32",  # D, subtracted before projecting
+}
+# Ranges a stored parameter must lie in (anything else is refused at load, never handed to hnswlib).
+_PARAM_RANGES = {"m": (2, 1024), "ef_construction": (1, 1 << 20), "ef_search": (1, 1 << 16),
+                 "certify_block": (1, 1 << 24), "max_level": (0, 255), "seed": (0, 1 << 62),
+                 "candidates": (1, 4096), "proj_dim": (1, 4096)}
+
+
+def _graph_arrays(mode: str) -> dict[str, str]:
+    return _COARSE_ARRAYS if mode == "coarse" else _GRAPH_ARRAYS
 
 
 class QuantizedIndex:
@@ -68,9 +87,11 @@ class QuantizedIndex:
 
     Build it on the host with ``edgecore.export.index_build.build_index``; the camera
     gets it back with :meth:`load`. Memory after load (:meth:`memory_bytes`): the
-    stored arrays, plus ``ExactSearch``'s two fp32 copies (points and centred
-    points, 8·M·D bytes: exact mode, hnsw mode's certification, Eq. 7 rows), plus
-    in hnsw mode hnswlib's own fp32 copy and links (4·D + 8·m + 12 bytes per point).
+    stored arrays, plus in exact and hnsw mode ``ExactSearch``'s two fp32 copies
+    (points and centred points, 8·M·D bytes), plus in hnsw mode hnswlib's own fp32
+    copy and links (4·D + 8·m + 12 bytes per point). Coarse mode holds the stored
+    arrays, hnswlib's copy of the projected points and links, and the projections
+    (4·p bytes per point for the lower bounds): no fp32 copy of the coreset.
     """
 
     def __init__(
@@ -85,13 +106,26 @@ class QuantizedIndex:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode == "hnsw" and (graph is None or hnsw is None):
-            raise ValueError("mode='hnsw' needs the graph arrays and the hnsw parameters")
+        if mode != "exact" and (graph is None or hnsw is None):
+            raise ValueError(f"mode={mode!r} needs the graph arrays and the hnsw parameters")
+        if mode == "coarse" and dtype != "int8":
+            raise ValueError("mode='coarse' searches the int8 codes; use dtype='int8'")
         self.dtype = dtype
         self.mode = mode
         self.arrays = arrays
-        self.graph = graph if mode == "hnsw" else None
-        self.hnsw = dict(hnsw) if mode == "hnsw" and hnsw is not None else None
+        self.graph = graph if mode != "exact" else None
+        self.hnsw = dict(hnsw) if mode != "exact" and hnsw is not None else None
+        self._exact = self._hnsw = self._coarse = None
+        if mode == "coarse":
+            rows = CodeRows(arrays)
+            self.size, self.dim = rows.shape
+            self._coarse = CoarseSearch(
+                rows, graph["proj_basis"], graph["proj_center"], lambda projected: _hnswlib_index(graph, projected, self.hnsw),
+                candidates=self.hnsw["candidates"], ef_search=self.hnsw["ef_search"],
+                certify_block=self.hnsw["certify_block"],
+            )
+            self._hnsw = self._coarse.graph
+            return
         points = decode(dtype, arrays)
         self.size, self.dim = points.shape
         # Both modes keep the exact searcher: it is exact mode, and hnsw mode's re-check.
@@ -100,15 +134,29 @@ class QuantizedIndex:
 
     # --- search -------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Q×D float32 queries → (Q×k float32 L2 distances, Q×k int64 indices), nearest first."""
+        """Q×D float32 queries → (Q×k float32 L2 distances, Q×k int64 indices), nearest first.
+
+        Raises ``NonFiniteError`` when a query or a result is not finite: a frame
+        whose distances cannot be computed must never be scored (fail closed).
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be Q×{self.dim}, got {queries.shape}")
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
+        if not np.isfinite(queries).all():
+            raise NonFiniteError("index search: the query features contain NaN or infinite values")
+        distances, indices = self._search(queries, int(k))
+        if not np.isfinite(distances).all():
+            raise NonFiniteError("index search: a nearest-neighbour distance is not finite")
+        return distances, indices
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._coarse is not None:
+            return self._coarse.search(queries, k)
         if self._hnsw is None:
             return self._exact.search(queries, k)
-        k = min(int(k), self.size)
+        k = min(k, self.size)
         self._hnsw.set_ef(max(int(self.hnsw["ef_search"]), k))
         labels, _ = self._hnsw.knn_query(queries, k=k)
         indices = labels.astype(np.int64)
@@ -149,12 +197,13 @@ class QuantizedIndex:
         Eq. 7 needs the b neighbours of the matched point; these are the very
         vectors the search measured distances to.
         """
-        return self._exact.points[np.asarray(rows, dtype=np.int64)]
+        return self.points[np.asarray(rows, dtype=np.int64)]
 
     @property
-    def points(self) -> np.ndarray:
-        """All decoded vectors, M×D float32 (the memory bank as the camera sees it)."""
-        return self._exact.points
+    def points(self):
+        """The memory bank as the camera sees it, indexable by row: M×D float32 (exact/hnsw), or
+        the int8 codes decoded on access (coarse: :class:`CodeRows`, no fp32 copy exists)."""
+        return self._coarse.rows if self._coarse is not None else self._exact.points
 
     # --- persistence --------------------------------------------------------
     def save(self, directory: str | Path) -> dict:
@@ -188,7 +237,11 @@ class QuantizedIndex:
 
     @classmethod
     def load(cls, directory: str | Path, description: dict) -> "QuantizedIndex":
-        """Rebuild the index from the files ``save`` wrote; BundleError if anything is off."""
+        """Rebuild the index from the files ``save`` wrote; BundleError if anything is off.
+
+        Every field and array is checked before hnswlib sees it: hnswlib trusts its
+        links, levels and entry point, and a wrong one crashes the process natively.
+        """
         directory = Path(directory)
         try:
             if description.get("format") != FORMAT:
@@ -198,18 +251,23 @@ class QuantizedIndex:
                 raise BundleError(f"index dtype {dtype!r} is not one of {DTYPES}")
             if mode not in MODES:
                 raise BundleError(f"index mode {mode!r} is not one of {MODES}")
-            size, dim = int(description["size"]), int(description["dim"])
+            if mode == "coarse" and dtype != "int8":
+                raise BundleError("index mode 'coarse' needs dtype 'int8'")
+            size, dim = _int_field(description, "size", 1, 1 << 31), _int_field(description, "dim", 1, 1 << 16)
             files = description["files"]
-            hnsw = description.get("hnsw") if mode == "hnsw" else None
-            if mode == "hnsw" and not isinstance(hnsw, dict):
-                raise BundleError("index mode 'hnsw' but the description has no 'hnsw' parameters")
+            hnsw = description.get("hnsw") if mode != "exact" else None
+            if mode != "exact" and not isinstance(hnsw, dict):
+                raise BundleError(f"index mode {mode!r} but the description has no 'hnsw' parameters")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"{directory}: malformed index description: {exc!r}") from exc
         arrays = {key: _read(directory, files, f"vectors.{key}", dt) for key, dt in _VECTOR_ARRAYS[dtype].items()}
         graph = None
-        if mode == "hnsw":
-            graph = {key: _read(directory, files, f"graph.{key}", dt) for key, dt in _GRAPH_ARRAYS.items()}
+        if mode != "exact":
+            graph = {key: _read(directory, files, f"graph.{key}", dt) for key, dt in _graph_arrays(mode).items()}
         _check_shapes(directory, dtype, arrays, graph, size, dim)
+        _check_finite(directory, {**arrays, **(graph or {})})
+        if graph is not None:
+            _check_graph(directory, graph, hnsw, mode, size, dim)
         try:
             return cls(dtype, arrays, mode, graph, hnsw)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -230,11 +288,29 @@ class QuantizedIndex:
         return parts
 
     def memory_bytes(self) -> int:
-        """Resident bytes of the loaded index: stored arrays + decoded fp32 + hnswlib's copy."""
-        total = sum(a.nbytes for a in self.arrays.values()) + self._exact.points.nbytes + self._exact.centered.nbytes
+        """Resident bytes of everything the search holds (stored arrays, decoded copies, hnswlib's index).
+
+        hnswlib's part is its serialised size (vectors, links, labels) plus its label
+        hash map (~40 B per point, which ``index_file_size`` does not count)."""
+        total = sum(a.nbytes for a in self.arrays.values())
+        if self._coarse is not None:
+            total += self._coarse.nbytes() + self._coarse.rows.table_bytes()
+        else:
+            total += self._exact.points.nbytes + self._exact.centered.nbytes + self._exact.norms.nbytes
         if self._hnsw is not None:
-            total += self._hnsw.index_file_size()
+            total += self._hnsw.index_file_size() + _HNSWLIB_LABEL_MAP_BYTES * self.size
         return total
+
+
+_HNSWLIB_LABEL_MAP_BYTES = 40  # std::unordered_map<labeltype, tableint> node + bucket, per element
+
+
+def _int_field(mapping: dict, key: str, low: int, high: int) -> int:
+    """An integer field in [low, high]; bools and floats are refused (JSON 1.5 is not a count)."""
+    value = mapping[key]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= int(value) <= high:
+        raise BundleError(f"index field {key!r} must be an integer in [{low}, {high}], got {value!r}")
+    return int(value)
 
 
 # --- vectors -----------------------------------------------------------------
@@ -244,13 +320,8 @@ def decode(dtype: str, arrays: dict[str, np.ndarray]) -> np.ndarray:
         return np.ascontiguousarray(arrays["codes"], dtype=np.float32)
     if dtype == "fp16":
         return arrays["codes"].astype(np.float32)
-    residual = arrays["offset"].astype(np.float64) + arrays["scale"].astype(np.float64) * (
-        arrays["codes"].astype(np.float64) + 128.0
-    )
-    coords = arrays["coord_offset"].astype(np.float64) + arrays["coord_scale"].astype(np.float64) * arrays[
-        "coord_codes"
-    ].astype(np.float64)
-    return (residual + coords @ arrays["basis"].astype(np.float64)).astype(np.float32)
+    rows = CodeRows(arrays)
+    return rows[: len(rows)]
 
 
 def _check_shapes(directory: Path, dtype: str, arrays: dict, graph: dict | None, size: int, dim: int) -> None:
@@ -263,9 +334,68 @@ def _check_shapes(directory: Path, dtype: str, arrays: dict, graph: dict | None,
     if graph is not None:
         if graph["levels"].shape != (size,) or graph["level0"].ndim != 2 or graph["level0"].shape[0] != size:
             raise BundleError(f"{directory}: index graph does not match {size} points")
+        if graph["upper"].ndim != 1:
+            raise BundleError(f"{directory}: index graph 'upper' must be one-dimensional")
+        if "proj_basis" in graph:
+            basis = graph["proj_basis"]
+            if basis.ndim != 2 or basis.shape[1] != dim or not 1 <= basis.shape[0] <= dim:
+                raise BundleError(f"{directory}: projection basis has shape {basis.shape}, expected p×{dim}")
+            if graph["proj_center"].shape != (dim,):
+                raise BundleError(f"{directory}: projection centre has shape {graph['proj_center'].shape}, expected ({dim},)")
     for key, shape in expected.items():
         if arrays[key].shape != shape:
             raise BundleError(f"{directory}: index array {key!r} has shape {arrays[key].shape}, expected {shape}")
+
+
+def _check_finite(directory: Path, arrays: dict[str, np.ndarray]) -> None:
+    """One NaN in the vectors or their tables would make every distance NaN (and NaN ≥ threshold is False)."""
+    for key, array in arrays.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise BundleError(f"{directory}: index array {key!r} contains NaN or infinite values")
+    scales = [arrays[key] for key in ("scale", "coord_scale") if key in arrays]
+    if any(np.any(scale <= 0) for scale in scales):
+        raise BundleError(f"{directory}: index quantization scales must be positive")
+
+
+def _check_graph(directory: Path, graph: dict[str, np.ndarray], params: dict, mode: str, size: int, dim: int) -> None:
+    """Everything hnswlib would trust: parameter ranges, levels, entry point, link counts and ids."""
+    try:
+        values = {key: _int_field(params, key, *_PARAM_RANGES[key])
+                  for key in ("m", "ef_construction", "ef_search", "certify_block", "max_level", "seed")}
+        if mode == "coarse":
+            values["candidates"] = _int_field(params, "candidates", *_PARAM_RANGES["candidates"])
+        entry_point = _int_field(params, "entry_point", 0, size - 1)
+        mult = params["mult"]
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not (math.isfinite(mult) and mult > 0):
+            raise BundleError(f"index field 'mult' must be a positive finite number, got {mult!r}")
+    except (KeyError, TypeError) as exc:
+        raise BundleError(f"{directory}: malformed hnsw parameters: {exc!r}") from exc
+    except BundleError as exc:
+        raise BundleError(f"{directory}: {exc}") from None
+    m, levels = values["m"], graph["levels"]
+    if graph["level0"].shape != (size, 1 + 2 * m):
+        raise BundleError(f"{directory}: level-0 links have shape {graph['level0'].shape}, expected {(size, 1 + 2 * m)}")
+    top = int(levels.max())
+    if values["max_level"] != top:
+        raise BundleError(f"{directory}: hnsw max_level {values['max_level']} but the levels array tops out at {top}")
+    if int(levels[entry_point]) != top:
+        raise BundleError(f"{directory}: hnsw entry point {entry_point} is on level {int(levels[entry_point])}, "
+                          f"not on the top level {top}")
+    if graph["upper"].size != (1 + m) * int(levels.astype(np.int64).sum()):
+        raise BundleError(f"{directory}: upper-level links do not match the element levels")
+    for name, links, width in (("level-0", graph["level0"], 2 * m), ("upper", graph["upper"].reshape(-1, 1 + m), m)):
+        if links.size == 0:
+            continue
+        counts = links[:, 0].astype(np.int64)  # hnswlib's count word: the low 16 bits, the rest must be 0
+        if counts.max() > width:
+            raise BundleError(f"{directory}: {name} graph link count {int(counts.max())} exceeds {width}")
+        used = np.arange(links.shape[1] - 1)[None, :] < counts[:, None]
+        if used.any() and int(links[:, 1:][used].max()) >= size:
+            raise BundleError(f"{directory}: {name} graph links out of range (point ids must be < {size})")
+    if mode == "coarse":
+        basis = graph["proj_basis"].astype(np.float64)
+        if not np.allclose(basis @ basis.T, np.eye(basis.shape[0]), atol=1e-4):
+            raise BundleError(f"{directory}: projection basis is not orthonormal (its lower bounds would be wrong)")
 
 
 def _read(directory: Path, files: dict, key: str, dtype: str) -> np.ndarray:
@@ -338,14 +468,6 @@ def _hnswlib_index(graph: dict[str, np.ndarray], points: np.ndarray, params: dic
     if graph["level0"].shape != (size, 1 + 2 * m):
         raise ValueError(f"level-0 links have shape {graph['level0'].shape}, expected {(size, 1 + 2 * m)}")
     size_links = (1 + m) * 4
-    if graph["upper"].size * 4 != size_links * int(graph["levels"].astype(np.int64).sum()):
-        raise ValueError("upper-level links do not match the element levels")
-    # hnswlib trusts its links; a bad id or count would crash the camera, not raise.
-    for links, width in ((graph["level0"], 2 * m), (graph["upper"].reshape(-1, 1 + m), m)):
-        if links.size and (links[:, 0].max() > width or links[:, 1:].max() >= size):
-            raise ValueError("graph links out of range")
-    if not 0 <= int(params["entry_point"]) < size:
-        raise ValueError("graph entry point out of range")
     labels = np.arange(size, dtype=np.uint64)
     data = np.empty((size, link0 + 4 * dim + 8), dtype=np.uint8)
     data[:, :link0] = graph["level0"].view(np.uint8)

@@ -1,0 +1,175 @@
+"""Two-stage search that holds only the quantized coreset: coarse graph + exact re-rank + certified max.
+
+Camera side, torch-free (numpy + hnswlib). Measured in ``benchmarks/INDEX_STUDY.md`` (§ "Search at the
+hardware limit"):
+
+* **Coarse.** An hnswlib graph over a ``proj_dim``-dimensional PCA projection of the decoded coreset
+  proposes ``candidates`` points per query. hnswlib keeps its own float32 copy of what it indexes, so at
+  32 dims that copy is 1/32 of the fp32 coreset instead of all of it, and every graph hop costs 32
+  multiply-adds instead of 1024 (hnswlib's SSE build: no AVX-512 needed, see ``.ci/install``).
+* **Re-rank.** The candidates' true L2 distances are computed on the int8 codes themselves
+  (:class:`CodeRows`): no fp32 copy of the coreset exists in memory, rows are decoded on demand.
+* **Certified maximum.** The image score is the largest nearest-neighbour distance, which is where an
+  approximate search is least reliable. As in hnsw mode, the block's worst queries are re-searched
+  exactly until the maximum is proven; here the exact search is pruned by the projection: an orthogonal
+  projection never lengthens a vector, so ``‖P(x − y)‖ ≤ ‖x − y‖`` bounds every point from below and
+  only points whose bound beats the current best are decoded.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+# Orthogonal-projection lower bounds are shrunk by this relative margin before pruning: the stored
+# basis is orthonormal only to float32 rounding, and the projections are float32.
+_BOUND_SLACK = 1e-4
+
+
+class CodeRows:
+    """The pca+int8 coreset, decoded row by row (indexable like an M×D float32 array).
+
+    value = offset + scale · (code + 128) + (coord_offset + coord_scale · coord_code) · basis,
+    computed in float32 — the one decoding path (``runtime.index.decode`` uses it too).
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        self._codes = arrays["codes"]
+        self._scale = arrays["scale"].astype(np.float32)
+        self._offset = (arrays["offset"].astype(np.float64) + 128.0 * arrays["scale"].astype(np.float64)).astype(np.float32)
+        self._basis = arrays["basis"].astype(np.float32)
+        self._coord_codes = arrays["coord_codes"]
+        self._coord_offset = arrays["coord_offset"].astype(np.float32)
+        self._coord_scale = arrays["coord_scale"].astype(np.float32)
+        self.shape = self._codes.shape
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        """Decoded rows: an int array of any shape → shape + (D,); a slice → a block of rows."""
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(self.shape[0]))
+        ids = np.asarray(rows, dtype=np.int64)
+        flat = ids.reshape(-1)
+        out = self._codes[flat].astype(np.float32)
+        out *= self._scale
+        out += self._offset
+        if self._basis.shape[0]:
+            coords = self._coord_codes[flat].astype(np.float32)
+            coords *= self._coord_scale
+            coords += self._coord_offset
+            out += coords @ self._basis
+        return out.reshape(ids.shape + (self.shape[1],))
+
+    def blocks(self, rows: int = 2048):
+        """(start, decoded block) over the whole coreset, ``rows`` at a time (bounded memory)."""
+        for start in range(0, self.shape[0], rows):
+            yield start, self[start : start + rows]
+
+    def table_bytes(self) -> int:
+        """Bytes of the float32 tables made at load (the codes themselves are the stored arrays)."""
+        return sum(a.nbytes for a in (self._scale, self._offset, self._basis, self._coord_offset, self._coord_scale))
+
+
+def direct_l2(queries: np.ndarray, rows: CodeRows, index: np.ndarray) -> np.ndarray:
+    """Q×K true L2 distances from ``queries`` to coreset rows ``index`` (Q×K), by direct difference
+    with float64 accumulation (the same rounding as ``runtime.search.exact_l2``)."""
+    diff = rows[index] - queries[:, None, :]
+    return np.sqrt(np.einsum("qkd,qkd->qk", diff, diff, dtype=np.float64)).astype(np.float32)
+
+
+class CoarseSearch:
+    """``NearestNeighbourSearch`` over :class:`CodeRows` with a projected hnswlib graph.
+
+    Args:
+        rows: the quantized coreset.
+        basis: p×D orthonormal projection; ``center``: D vector subtracted first.
+        make_graph: projected M×p float32 points → a ready hnswlib index over them (labels = rows).
+        candidates: points re-ranked exactly per query; ``ef_search``: hnswlib's beam.
+        certify_block: queries per image (the block whose maximum is made exact).
+    """
+
+    def __init__(self, rows: CodeRows, basis: np.ndarray, center: np.ndarray,
+                 make_graph: Callable[[np.ndarray], object], candidates: int, ef_search: int,
+                 certify_block: int) -> None:
+        self.rows = rows
+        self.size, self.dim = rows.shape
+        self._basis_t = np.ascontiguousarray(basis.T, dtype=np.float32)  # D×p
+        self._center = center.astype(np.float32)
+        self.candidates = min(int(candidates), self.size)
+        self.ef_search = int(ef_search)
+        self.certify_block = int(certify_block)
+        self._projected = self.project_rows()  # M×p float32: the lower bounds' side of the coreset
+        self.graph = make_graph(self._projected)
+
+    def project(self, vectors: np.ndarray) -> np.ndarray:
+        return (vectors - self._center) @ self._basis_t
+
+    def project_rows(self) -> np.ndarray:
+        out = np.empty((self.size, self._basis_t.shape[1]), np.float32)
+        for start, block in self.rows.blocks():
+            out[start : start + len(block)] = self.project(block)
+        return out
+
+    def nbytes(self) -> int:
+        return self._projected.nbytes + self._basis_t.nbytes + self._center.nbytes
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        k = min(int(k), self.size)
+        wanted = max(self.candidates, k)
+        self.graph.set_ef(max(self.ef_search, wanted))
+        projected = self.project(queries)
+        labels, _ = self.graph.knn_query(projected, k=wanted)
+        candidates = labels.astype(np.int64)
+        distances = direct_l2(queries, self.rows, candidates)
+        order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+        distances = np.take_along_axis(distances, order, axis=1)
+        indices = np.take_along_axis(candidates, order, axis=1)
+        for start in range(0, queries.shape[0], self.certify_block):
+            stop = min(start + self.certify_block, queries.shape[0])
+            self._certify_max(queries, projected, distances, indices, start, stop)
+        return distances, indices
+
+    def _certify_max(self, queries, projected, distances, indices, start: int, stop: int) -> None:
+        """Make the block's largest nearest-neighbour distance exact, in place (see the module doc):
+        queries in decreasing re-ranked distance are searched exactly until the next one's distance,
+        an upper bound of its true one, is below the largest exact distance found."""
+        order = start + np.argsort(-distances[start:stop, 0], kind="stable")
+        best = -np.inf
+        for row in order:
+            if distances[row, 0] <= best:
+                return
+            d, i = self.exact(queries[row], projected[row], distances[row, 0], int(indices[row, 0]), indices.shape[1])
+            distances[row], indices[row] = d, i
+            best = max(best, float(d[0]))
+
+    def exact(self, query: np.ndarray, projected: np.ndarray, bound: float, holder: int, k: int = 1,
+              batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Exact k nearest of one query, pruned by projection lower bounds.
+
+        ``bound``: a distance already reached (to point ``holder``); points whose lower bound is above
+        the current k-th best are never decoded. Returns (k distances, k indices), nearest first.
+        """
+        diff = self._projected - projected
+        lower = np.sqrt(np.einsum("md,md->m", diff, diff)) * (1.0 - _BOUND_SLACK)
+        order = np.argsort(lower, kind="stable")
+        best_d = np.empty(0, np.float32)
+        best_i = np.empty(0, np.int64)
+        kth = np.inf if k > 1 else float(bound)
+        if k == 1:
+            best_d, best_i = np.array([bound], np.float32), np.array([holder], np.int64)
+        for start in range(0, self.size, batch):
+            ids = order[start : start + batch]
+            if lower[ids[0]] > kth:
+                break
+            d = direct_l2(query[None], self.rows, ids[None])[0]
+            best_d = np.concatenate([best_d, d])
+            best_i = np.concatenate([best_i, ids])
+            keep = np.lexsort((best_i, best_d))[:k]
+            best_d, best_i = best_d[keep], best_i[keep]
+            if len(best_d) == k:
+                kth = float(best_d[-1])
+        return best_d, best_i
+
