@@ -7,30 +7,12 @@ mean cosine similarity of the INT8 patch embeddings to the fp32 ones.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from edgecore.runtime.errors import DatasetError
-from edgecore.runtime.imageio import load_image
-from edgecore.runtime.preprocess import PreprocessConfig, preprocess
+# One implementation of "which normal images calibrate", shared with TensorRT's on-camera build.
+from edgecore.runtime.frames import DEFAULT_NUM_CALIB, calibration_crops
 
-DEFAULT_NUM_CALIB = 64
-
-
-def calibration_crops(folder: str | Path, config: PreprocessConfig, count: int = DEFAULT_NUM_CALIB, seed: int = 0) -> np.ndarray:
-    """A seeded random subset of ``count`` normal images → N×crop×crop×3 uint8."""
-    from edgecore.data.datasets import list_images, train_samples
-
-    folder = Path(folder)
-    try:
-        paths = [s.path for s in train_samples(folder)]
-    except DatasetError:
-        paths = list_images(folder)
-    if count < 1:
-        raise ValueError(f"--num-calib must be >= 1, got {count}")
-    order = np.random.default_rng(seed).permutation(len(paths))[:count]
-    return np.stack([preprocess(load_image(paths[i]), config) for i in sorted(order)])
+__all__ = ["DEFAULT_NUM_CALIB", "calibration_crops", "mean_cosine", "quantize"]
 
 
 def mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:

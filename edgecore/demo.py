@@ -2,10 +2,11 @@
 
 synthetic data → fit (Lite0, real offline weights) → evaluate → export (ONNX +
 int8 index) → verify → compile (OpenVINO) → infer on the test images through the
-torch-free runtime → bench against the 200 ms budget.
+torch-free runtime, with heat-map overlays → bench against the 200 ms budget.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +25,9 @@ def run_demo(output: Path, quick: bool = False, log: Callable[[str], None] = pri
     from edgecore.export.compile import compile_openvino
     from edgecore.runtime.bench import BenchConfig, print_table, render_markdown, run_bench
     from edgecore.runtime.bundle import verify_bundle
+    from edgecore.runtime.cli import engine_line
     from edgecore.runtime.detector import Detector
+    from edgecore.runtime.results import score_images
 
     output = Path(output)
     started = time.perf_counter()
@@ -40,8 +43,10 @@ def run_demo(output: Path, quick: bool = False, log: Callable[[str], None] = pri
     model_dir = model.save(output / "model")
 
     log("[3/7] evaluate on the synthetic test split (host, torch)")
-    result, records = evaluate(model, load_test_set(category, model.preprocess_config))
-    write_evaluation(output / "report", result, records, title="edgecore demo (synthetic data, Lite0)")
+    test_set = load_test_set(category, model.preprocess_config)
+    result, records = evaluate(model, test_set)
+    write_evaluation(output / "report", result, records, title="edgecore demo (synthetic data, Lite0)",
+                     test_set=test_set, scorer=model)
 
     log("[4/7] export: one ONNX graph + int8 coreset index → bundle")
     bundle = export_bundle(model_dir, output / "part.edgecore", log=log)
@@ -57,13 +62,17 @@ def run_demo(output: Path, quick: bool = False, log: Callable[[str], None] = pri
         shutil.copy(source, held_out / Path(source).name)
     compile_openvino(bundle, "bf16", refit=held_out, log=log)
 
-    log("[6/7] infer with the torch-free runtime on the test images")
+    log(f"[6/7] infer with the torch-free runtime on the test images → overlays in {output / 'infer' / 'overlays'}")
+    samples = test_samples(category)
+    rows: list[dict] = []
     with Detector.open(bundle) as detector:
-        detections = [(s, detector.detect(rgb)) for s, rgb in ImageStream(test_samples(category))]
-    labels = np.array([s.label for s, _ in detections])
-    flagged = np.array([d.is_anomalous for _, d in detections])
-    camera_scores = np.array([d.score for _, d in detections])
-    host_scores = model.score_crops(load_test_set(category, model.preprocess_config).crops).image
+        log(engine_line(detector))
+        score_images(detector, [s.path for s in samples], output / "infer", overlays="all",
+                     emit=lambda line: rows.append(json.loads(line)), warn=log)
+    labels = np.array([s.label for s in samples])
+    flagged = np.array([row["is_anomalous"] for row in rows])
+    camera_scores = np.array([row["score"] for row in rows])
+    host_scores = model.score_crops(test_set.crops).image
 
     log("[7/7] bench against the 200 ms budget")
     report = run_bench(bundle, [BenchConfig()], iterations=10 if quick else 30, warmup=3)
@@ -73,6 +82,7 @@ def run_demo(output: Path, quick: bool = False, log: Callable[[str], None] = pri
         "model": str(model_dir),
         "bundle": str(bundle),
         "report": str(output / "report" / "report.md"),
+        "overlays": str(output / "infer" / "overlays"),
         "image_auroc": result.get("image_auroc"),
         "pixel_auroc": result.get("pixel_auroc"),
         "aupro": result.get("aupro"),

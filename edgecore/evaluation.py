@@ -1,32 +1,27 @@
-"""Evaluate any scorer (host model now, camera runtime later) with the same metric code.
+"""Evaluate any scorer (host model or camera Detector) with the same metric code.
 
-A scorer only needs the preprocessing config, the decision rule and
-``score_crops(crops) -> Scores``; so host and camera numbers come from one
-function and can be compared line by line.
+Both are :class:`~edgecore.runtime.scorer.ImageScorer`: the preprocessing config,
+``score_crops(crops) -> Scores`` and the ONE :class:`~edgecore.runtime.scorer.Decision`;
+so host and camera numbers come from one function and can be compared line by line.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
 from edgecore import metrics
 from edgecore.data.datasets import ImageStream, Sample, test_samples
+from edgecore.progress import step
 from edgecore.report import save_roc_png, write_report
+from edgecore.runtime.overlay import render_overlay, save_overlay
 from edgecore.runtime.preprocess import PreprocessConfig, preprocess, preprocess_mask
-from edgecore.runtime.scoring import Normalization
+from edgecore.runtime.scorer import ImageScorer
+from edgecore.runtime.scoring import Scores
 
-
-class Scorer(Protocol):
-    preprocess_config: PreprocessConfig
-    threshold: float
-    normalization: Normalization
-
-    def score_crops(self, crops: np.ndarray, batch_size: int = 16):  # -> Scores(image, patches, maps)
-        ...
+PLOT_POINTS = 4000  # a ROC over millions of pixels is drawn from this many of its points
 
 
 @dataclass
@@ -41,6 +36,7 @@ class EvaluationData:
 
 
 def load_test_set(root: str | Path, config: PreprocessConfig, skip_bad: bool = False) -> EvaluationData:
+    """Decode an MVTec-layout test split to crops and masks (one image in memory at a time)."""
     samples = test_samples(root)
     stream = ImageStream(samples, skip_bad=skip_bad)
     kept, crops, masks, has_mask = [], [], [], []
@@ -53,10 +49,31 @@ def load_test_set(root: str | Path, config: PreprocessConfig, skip_bad: bool = F
     return EvaluationData(kept, np.stack(crops), np.stack(masks), np.array(has_mask), list(stream.skipped))
 
 
-def evaluate(scorer: Scorer, data: EvaluationData, batch_size: int = 16) -> tuple[dict, dict]:
-    """Returns (metrics, per-image records)."""
-    scores = scorer.score_crops(data.crops, batch_size)
+def _score_with_progress(scorer: ImageScorer, crops: np.ndarray, batch_size: int, progress: bool) -> Scores:
+    parts = []
+    with step("evaluate: scoring", len(crops), progress) as advance:
+        for start in range(0, len(crops), batch_size):
+            parts.append(scorer.score_crops(crops[start : start + batch_size], batch_size))
+            advance(len(parts[-1].image))
+    return Scores.concatenate(parts)
+
+
+def evaluate(scorer: ImageScorer, data: EvaluationData, batch_size: int = 16, progress: bool = False) -> tuple[dict, dict]:
+    """Score a labelled test set and compute every metric.
+
+    Args:
+        scorer: a host :class:`~edgecore.model.PatchCoreModel` or a camera Detector.
+        data: from :func:`load_test_set`.
+        batch_size: crops per engine call.
+        progress: report progress (rich bar on a terminal, plain lines otherwise).
+
+    Returns:
+        (metrics, records): metrics for ``metrics.json``; records hold the Scores,
+        labels and one row per image for ``scores.jsonl``.
+    """
+    scores = _score_with_progress(scorer, data.crops, batch_size, progress)
     labels = np.array([s.label for s in data.samples])
+    flagged = np.asarray(scorer.decision.is_anomalous(scores.image), dtype=bool)
     result: dict = {
         "images": int(len(labels)),
         "anomalous_images": int(labels.sum()),
@@ -68,41 +85,111 @@ def evaluate(scorer: Scorer, data: EvaluationData, batch_size: int = 16) -> tupl
         f1_threshold, f1 = metrics.f1_optimal_threshold(scores.image, labels)
         result["f1_optimal"] = {"threshold": f1_threshold, "f1": f1}
     result["at_threshold"] = metrics.confusion_at(scores.image, labels, scorer.threshold)
+    result["per_defect_type"] = _per_defect(data.samples, scores.image, flagged)
     usable = data.has_mask
     if data.masks[usable].any():
         maps, masks = scores.maps[usable], data.masks[usable]
         result["pixel_auroc"] = metrics.pixel_auroc(maps, masks)
         result["aupro"] = metrics.aupro(maps, masks, fpr_limit=0.3)
     normalise = scorer.normalization
-    records = {
-        "scores": scores,
-        "labels": labels,
-        "rows": [
-            {
-                "image": str(sample.path),
-                "label": int(sample.label),
-                "defect_type": sample.defect_type,
-                "score": float(score),
-                "normalized_score": float(normalise(score)),
-                "is_anomalous": bool(score >= scorer.threshold),
-            }
-            for sample, score in zip(data.samples, scores.image)
-        ],
-    }
-    return result, records
+    rows = [
+        {
+            "image": str(sample.path),
+            "label": int(sample.label),
+            "defect_type": sample.defect_type,
+            "score": float(score),
+            "normalized_score": float(normalise(score)),
+            "is_anomalous": bool(flag),
+        }
+        for sample, score, flag in zip(data.samples, scores.image, flagged)
+    ]
+    result["false_alarms"] = [row["image"] for row in rows if row["is_anomalous"] and not row["label"]]
+    result["misses"] = [row["image"] for row in rows if row["label"] and not row["is_anomalous"]]
+    return result, {"scores": scores, "labels": labels, "rows": rows}
 
 
-def write_evaluation(out_dir: str | Path, result: dict, records: dict, title: str) -> list[Path]:
+def _per_defect(samples: list[Sample], image_scores: np.ndarray, flagged: np.ndarray) -> dict:
+    """Per defect type: count, flagged share (recall; false-alarm rate for ``good``) and AUROC vs good."""
+    types = sorted({s.defect_type for s in samples})
+    kinds = np.array([s.defect_type for s in samples])
+    good = kinds == "good"
+    table = {}
+    for kind in types:
+        chosen = kinds == kind
+        entry = {"images": int(chosen.sum()), "flagged": int(flagged[chosen].sum())}
+        entry["flagged_rate"] = entry["flagged"] / entry["images"]
+        if kind != "good" and good.any():
+            both = chosen | good
+            entry["auroc_vs_good"] = metrics.auroc(image_scores[both], (kinds[both] != "good").astype(int))
+        table[kind] = entry
+    return table
+
+
+def _curve_for_plot(fpr: np.ndarray, tpr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(fpr) <= PLOT_POINTS:
+        return fpr, tpr
+    keep = np.unique(np.linspace(0, len(fpr) - 1, PLOT_POINTS).astype(int))
+    return fpr[keep], tpr[keep]
+
+
+def write_evaluation(
+    out_dir: str | Path,
+    result: dict,
+    records: dict,
+    title: str,
+    test_set: EvaluationData | None = None,
+    scorer: ImageScorer | None = None,
+) -> list[Path]:
+    """Write metrics.json, report.md, scores.jsonl, roc.png and overlays of every false alarm and miss.
+
+    Args:
+        out_dir: report folder.
+        result, records: from :func:`evaluate`.
+        title: report heading.
+        test_set, scorer: when given, overlays of the errors go to ``out_dir/errors/``
+            and the report links them.
+
+    Returns:
+        the files written.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = list(write_report(out_dir, result, title))
+    written: list[Path] = []
+    if test_set is not None and scorer is not None:
+        result["error_overlays"] = _error_overlays(out_dir, result, records, test_set, scorer)
+        written += [out_dir / p for p in result["error_overlays"].values()]
+    written += list(write_report(out_dir, result, title))
     rows_path = out_dir / "scores.jsonl"
     rows_path.write_text("".join(json.dumps(row) + "\n" for row in records["rows"]))
     written.append(rows_path)
     labels = records["labels"]
     if 0 < labels.sum() < len(labels):
-        fpr, tpr, _ = metrics.roc_curve(records["scores"].image, labels)
+        curves = {"image": _curve_for_plot(*metrics.roc_curve(records["scores"].image, labels)[:2])}
+        if test_set is not None and test_set.masks[test_set.has_mask].any():
+            usable = test_set.has_mask
+            fpr, tpr, _ = metrics.roc_curve(records["scores"].maps[usable].ravel(), test_set.masks[usable].ravel())
+            curves["pixel"] = _curve_for_plot(fpr, tpr)
         roc_path = out_dir / "roc.png"
-        save_roc_png(roc_path, {f"image (AUROC {result['image_auroc']:.3f})": (fpr, tpr)}, title)
+        save_roc_png(roc_path, curves, title)
         written.append(roc_path)
     return written
+
+
+def _error_overlays(out_dir: Path, result: dict, records: dict, data: EvaluationData, scorer: ImageScorer) -> dict[str, str]:
+    """Overlays (on the inspected crop) of every false alarm and miss: what a person reviews first."""
+    wrong = set(result["false_alarms"]) | set(result["misses"])
+    crop = data.crops.shape[1]
+    whole = PreprocessConfig(resize=crop, crop=crop)  # the crop is the whole picture here
+    paths: dict[str, str] = {}
+    for i, (sample, row) in enumerate(zip(data.samples, records["rows"])):
+        if row["image"] not in wrong:
+            continue
+        kind = "false_alarm" if row["is_anomalous"] else "miss"
+        target = out_dir / "errors" / f"{kind}-{sample.defect_type}-{sample.path.stem}-{i:04d}.png"
+        image = render_overlay(
+            data.crops[i], scorer.normalization(records["scores"].maps[i]), whole, row["score"],
+            row["normalized_score"], row["is_anomalous"], scorer.threshold, max_side=max(crop, 320),
+        )
+        save_overlay(target, image)
+        paths[row["image"]] = target.relative_to(out_dir).as_posix()
+    return paths

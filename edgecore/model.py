@@ -16,21 +16,22 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
 import edgecore
 from edgecore.backbones import create_backbone
-from edgecore.coreset import KCenterGreedySampler
-from edgecore.features import PatchCoreFeatures, grid_shape
 from edgecore.calibration.threshold import threshold_config
+from edgecore.features import PatchCoreFeatures, grid_shape
+from edgecore.progress import step
 from edgecore.runtime.errors import ModelError
 from edgecore.runtime.fsutil import atomic_directory, write_json
 from edgecore.runtime.preprocess import PreprocessConfig, preprocess
-from edgecore.runtime.scoring import Normalization, Scores, score_features
+from edgecore.runtime.scorer import Decision, ImageScorer, PatchScorer
 from edgecore.runtime.search import ExactSearch, neighbour_table
+from edgecore.samplers import create_sampler
 
 MODEL_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -45,6 +46,7 @@ class FitConfig:
     random_init: bool = False
     embed_dim: int = 1024
     coreset_ratio: float = 0.1
+    sampler: str = "k-center-greedy"
     projection_dim: int = 128
     num_neighbors: int = 9
     blur_sigma: float = 4.0
@@ -76,8 +78,12 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class PatchCoreModel:
-    """A fitted PatchCore: the feature module, the coreset and the decision rule."""
+class PatchCoreModel(ImageScorer):
+    """A fitted PatchCore: the torch feature module plus the shared :class:`PatchScorer` and :class:`Decision`.
+
+    ``detect``/``score_crops`` are the camera Detector's very code (:class:`ImageScorer`);
+    only ``embed`` differs (torch here, the compiled engine there).
+    """
 
     def __init__(
         self,
@@ -92,43 +98,23 @@ class PatchCoreModel:
         self.device = device
         self.memory_bank = np.ascontiguousarray(memory_bank, dtype=np.float32)
         self.neighbour_table = neighbours
-        self.search = ExactSearch(self.memory_bank)
         self.preprocess_config = PreprocessConfig.from_dict(config["preprocess"])
         self.grid = tuple(config["features"]["grid"])
+        self.scorer = PatchScorer(
+            ExactSearch(self.memory_bank), self.memory_bank, neighbours, self.grid, self.preprocess_config.crop,
+            config["scoring"]["blur_sigma"],
+        )
 
     # --- inference ---------------------------------------------------------
     @property
-    def normalization(self) -> Normalization:
-        return Normalization.from_dict(self.config["threshold"]["normalization"])
-
-    @property
-    def threshold(self) -> float:
-        return float(self.config["threshold"]["value"])
-
-    def crops(self, images: Iterable[np.ndarray]) -> np.ndarray:
-        return np.stack([preprocess(image, self.preprocess_config) for image in images])
+    def decision(self) -> Decision:
+        return Decision.from_config(self.config["threshold"])
 
     @torch.no_grad()
     def embed(self, crops: np.ndarray) -> np.ndarray:
         """N×crop×crop×3 uint8 → N×P×D float32 patch embeddings."""
         tensor = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device)
         return self.features(tensor).float().cpu().numpy()
-
-    def score_features(self, features: np.ndarray) -> Scores:
-        return score_features(
-            features,
-            self.search,
-            self.memory_bank,
-            self.neighbour_table,
-            self.grid,
-            self.preprocess_config.crop,
-            self.config["scoring"]["blur_sigma"],
-        )
-
-    def score_crops(self, crops: np.ndarray, batch_size: int = 16) -> Scores:
-        return Scores.concatenate(
-            [self.score_features(self.embed(crops[i : i + batch_size])) for i in range(0, len(crops), batch_size)]
-        )
 
     # --- persistence -------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -145,6 +131,17 @@ class PatchCoreModel:
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "auto", weights: str | None = None) -> "PatchCoreModel":
+        """Load a model directory written by :meth:`save`.
+
+        Args:
+            directory: the model directory.
+            device: ``auto``, ``cpu`` or ``cuda``.
+            weights: backbone weights file; default: the file the model was fitted with
+                (still at its recorded path), else the backbone's offline source.
+
+        Returns:
+            the model; its backbone weights are checked against the recorded sha256.
+        """
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
@@ -187,6 +184,8 @@ def build_feature_module(config: dict, weights: str | None = None) -> PatchCoreF
     """Rebuild the feature module a config describes, and check it is the same backbone."""
     info = config["backbone"]
     random_init = info["weights_source"].startswith("random-init")
+    if weights is None and not random_init and Path(info["weights_source"]).is_file():
+        weights = info["weights_source"]  # fitted with --weights PATH: reload that very file
     import warnings
 
     with warnings.catch_warnings():
@@ -222,11 +221,19 @@ def split_validation(count: int, val_ratio: float, seed: int) -> tuple[np.ndarra
 
 
 def fit(
-    images: Iterable[np.ndarray], config: FitConfig, progress: bool = False, sources: list[str] | None = None
+    images: Iterable[np.ndarray], config: FitConfig, progress: bool = False, sources: Sequence[str] | None = None
 ) -> PatchCoreModel:
-    """Fit PatchCore on decoded normal images (uint8 RGB). Returns the model with thresholds set.
+    """Fit PatchCore on normal images.
 
-    Images are cropped as they arrive, so only the small crops stay in memory.
+    Args:
+        images: decoded normal images (uint8 H×W×3 RGB), any iterable; each is cropped
+            as it arrives, so only the small crops stay in memory.
+        config: backbone, layers, coreset, threshold and preprocessing choices.
+        progress: report each step (a rich bar on a terminal, plain lines otherwise).
+        sources: the images' file names, recorded for the held-out split.
+
+    Returns:
+        the fitted model with its threshold set; ``model.save(DIR)`` writes it.
     """
     all_crops = [preprocess(image, config.preprocess) for image in images]
     if not all_crops:
@@ -269,19 +276,19 @@ def fit(
 
     start = time.perf_counter()
     crops = all_crops[bank_idx]
-    train_features = np.concatenate(
-        [model.embed(crops[i : i + config.batch_size]) for i in range(0, len(crops), config.batch_size)]
-    )
+    parts = []
+    with step("fit: features", len(crops), progress) as advance:
+        for i in range(0, len(crops), config.batch_size):
+            parts.append(model.embed(crops[i : i + config.batch_size]))
+            advance(len(parts[-1]))
+    train_features = np.concatenate(parts)
     timings["features_s"] = time.perf_counter() - start
     bank_all = train_features.reshape(-1, train_features.shape[-1])
 
     start = time.perf_counter()
-    sampler = KCenterGreedySampler(
-        ratio=config.coreset_ratio,
-        projection_dim=config.projection_dim,
-        seed=config.seed,
-        device=device.type,
-        progress=progress,
+    sampler = create_sampler(
+        config.sampler, ratio=config.coreset_ratio, projection_dim=config.projection_dim, seed=config.seed,
+        device=device.type, progress=progress,
     )
     selected = sampler.select(bank_all)
     memory_bank = np.ascontiguousarray(bank_all[selected])
@@ -292,7 +299,7 @@ def fit(
     timings["neighbour_table_s"] = time.perf_counter() - start
 
     model_config["coreset"] = {
-        "sampler": "k-center-greedy",
+        "sampler": config.sampler,
         "ratio": config.coreset_ratio,
         "projection_dim": config.projection_dim,
         "seed": config.seed,
@@ -303,10 +310,12 @@ def fit(
     model = PatchCoreModel(model_config, features, memory_bank, table, device)
 
     start = time.perf_counter()
-    if len(val_idx):
-        val_scores = model.score_crops(all_crops[val_idx], config.batch_size).image
-    else:  # no held-out images: fall back to the training images' own scores (optimistic)
-        val_scores = model.score_features(train_features[: min(len(train_features), 64)]).image
+    with step("fit: threshold", max(len(val_idx), 1), progress) as advance:
+        if len(val_idx):
+            val_scores = model.score_crops(all_crops[val_idx], config.batch_size).image
+        else:  # no held-out images: fall back to the training images' own scores (optimistic)
+            val_scores = model.score_features(train_features[: min(len(train_features), 64)]).image
+        advance(max(len(val_idx), 1))
     timings["threshold_s"] = time.perf_counter() - start
     model.config["threshold"] = threshold_config(val_scores, config.false_alarm_rate, held_out=len(val_idx) > 0)
     model.config["fit"] = {

@@ -9,12 +9,13 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from edgecore.runtime.fsutil import atomic_write_bytes
 
 __all__ = ["save_roc_png", "write_report"]
 
@@ -29,19 +30,7 @@ _MARGIN_LEFT, _MARGIN_RIGHT, _MARGIN_TOP, _MARGIN_BOTTOM = 64, 16, 44, 52
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+_atomic_write = atomic_write_bytes  # temp file in the same folder + os.replace (one implementation)
 
 
 # --------------------------------------------------------------------------- ROC plot
@@ -216,9 +205,51 @@ def _confusion_blocks(metrics: Mapping[str, object], prefix: str = "") -> list[s
     return blocks
 
 
+def _rate(fp: object, tn: object) -> float | None:
+    return fp / (fp + tn) if isinstance(fp, int) and isinstance(tn, int) and fp + tn else None
+
+
+def _summary(metrics: Mapping[str, object]) -> list[str]:
+    """Headline numbers, the threshold's operating point, per-defect results and the errors to review."""
+    lines: list[str] = []
+    head = [(k, metrics[k]) for k in ("image_auroc", "pixel_auroc", "aupro") if k in metrics]
+    if head:
+        lines += ["| " + " | ".join(k for k, _ in head) + " |", "|" + "---:|" * len(head),
+                  "| " + " | ".join(_fmt(v) for _, v in head) + " |", ""]
+    point = metrics.get("at_threshold")
+    if isinstance(point, Mapping) and "threshold" in metrics:
+        lines += [
+            "## Operating point (the stored threshold)", "",
+            f"Threshold {_fmt(metrics['threshold'])} (set on held-out normal images). "
+            f"Recall {_fmt(point.get('recall'))}, precision {_fmt(point.get('precision'))}, "
+            f"false-alarm rate {_fmt(_rate(point.get('fp'), point.get('tn')))}, F1 {_fmt(point.get('f1'))}.", "",
+        ]
+        if "runtime" in metrics:
+            lines += [f"Executed: {_fmt(metrics['runtime'])}; search {_fmt(metrics.get('search'))}.", ""]
+    per_defect = metrics.get("per_defect_type")
+    if isinstance(per_defect, Mapping) and per_defect:
+        lines += ["## Per defect type", "", "| type | images | flagged | flagged rate | AUROC vs good |",
+                  "|---|---:|---:|---:|---:|"]
+        for kind, entry in per_defect.items():
+            lines.append(f"| {_fmt(kind)} | {entry['images']} | {entry['flagged']} | {_fmt(entry['flagged_rate'])} | "
+                         f"{_fmt(entry.get('auroc_vs_good'))} |")
+        lines += ["", "(`flagged rate` is recall for a defect type and the false-alarm rate for `good`.)", ""]
+    overlays = metrics.get("error_overlays") or {}
+    for key, heading in (("false_alarms", "False alarms (normal images flagged)"), ("misses", "Misses (defects called normal)")):
+        found = metrics.get(key)
+        if found is None:
+            continue
+        lines += [f"## {heading}: {len(found)}", ""]
+        for image in found:
+            link = f" — overlay [{overlays[image]}]({overlays[image]})" if image in overlays else ""
+            lines.append(f"- `{image}`{link}")
+        lines.append("")
+    return lines
+
+
 def _markdown(metrics: Mapping[str, object], title: str) -> str:
-    lines = [f"# {title}", "", "| Metric | Value |", "|---|---:|"]
-    lines += [f"| {_fmt(k)} | {_fmt(v)} |" for k, v in _scalar_rows(metrics)]
+    lines = [f"# {title}", "", *_summary(metrics), "## All values", "", "| Metric | Value |", "|---|---:|"]
+    lines += [f"| {_fmt(k)} | {_fmt(v)} |" for k, v in _scalar_rows(metrics) if not k.startswith("per_defect_type.")]
     return "\n".join(lines) + "\n" + "".join("\n" + block for block in _confusion_blocks(metrics))
 
 

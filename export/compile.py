@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import openvino as ov
 
-from edgecore.runtime.backends.openvino import PRECISIONS, engine_key, executed_precisions
+from edgecore.runtime.backends.openvino import PRECISION_HINTS, PRECISIONS, engine_key, executed_precisions
 from edgecore.runtime.bundle import add_engine, bundle_lock, verify_bundle
 from edgecore.runtime.preprocess import PreprocessConfig
 
@@ -26,10 +26,24 @@ def compile_openvino(
     num_calib: int | None = None,
     max_drop: float | None = None,
     refit: str | Path | None = None,
-    false_alarm_rate: float | None = None,
     portable: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> dict:
+    """Add an OpenVINO engine to a bundle (the host side of the ``openvino`` backend entry).
+
+    Args:
+        bundle: bundle directory.
+        precision: fp32, fp16, bf16 or int8.
+        calib: normal images for INT8 calibration.
+        num_calib: how many of them (default 64).
+        max_drop: INT8 accuracy-aware mode: largest allowed drop of the embedding cosine.
+        refit: held-out normal images; re-fit the threshold with this engine.
+        portable: INT8 that every x86 CPU runs (7-bit weights; also without VNNI).
+        log: progress lines.
+
+    Returns:
+        the rewritten manifest.
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"OpenVINO precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "int8" and calib is None:
@@ -37,10 +51,10 @@ def compile_openvino(
     # The whole read → compile → add engine → re-fit is one writer: a second compile of this
     # bundle waits here (and says so) instead of swapping in a manifest without our engine.
     with bundle_lock(bundle, log=log):
-        return _compile_locked(bundle, precision, calib, num_calib, max_drop, refit, false_alarm_rate, portable, log)
+        return _compile_locked(bundle, precision, calib, num_calib, max_drop, refit, portable, log)
 
 
-def _compile_locked(bundle, precision, calib, num_calib, max_drop, refit, false_alarm_rate, portable, log) -> dict:
+def _compile_locked(bundle, precision, calib, num_calib, max_drop, refit, portable, log) -> dict:
     from edgecore.calibration.int8 import DEFAULT_NUM_CALIB, calibration_crops, quantize
     from edgecore.runtime.cpu import has_vnni
 
@@ -71,17 +85,16 @@ def _compile_locked(bundle, precision, calib, num_calib, max_drop, refit, false_
         prefix = engine_dir.relative_to(engine_dir.parents[1]).as_posix()
         return {"xml": f"{prefix}/model.xml", "bin": f"{prefix}/model.bin"}
 
-    hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}[precision]
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]})
     description["executed_on_this_cpu"] = executed_precisions(compiled)
     manifest = add_engine(verified.path, engine_key(precision), write_engine, description)
     if refit is not None:
-        manifest = refit_threshold(verified.path, precision, refit, false_alarm_rate, log)
+        manifest = refit_threshold(verified.path, precision, refit, log)
     return manifest
 
 
 def refit_threshold(
-    bundle: Path, precision: str, normals: str | Path, false_alarm_rate: float | None, log: Callable[[str], None]
+    bundle: Path, precision: str, normals: str | Path, log: Callable[[str], None]
 ) -> dict:
     """Score held-out normal images with the compiled engine and store that engine's own threshold.
 
@@ -100,7 +113,7 @@ def refit_threshold(
     log(f"compile: re-fitted the threshold on {len(scores)} normal images with the {precision} engine")
 
     def change(staging: Path, manifest: dict) -> dict:
-        rate = false_alarm_rate if false_alarm_rate is not None else float(manifest["threshold"]["false_alarm_rate"])
+        rate = float(manifest["threshold"]["false_alarm_rate"])  # the rate chosen at fit time
         entry = manifest["engines"][engine_key(precision)]
         entry["threshold"] = {**threshold_config(scores, rate, held_out=True), "source": str(normals)}
         return manifest

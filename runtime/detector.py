@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +21,11 @@ import numpy as np
 from edgecore.runtime.backends import Backend, open_backend
 from edgecore.runtime.bundle import VerifiedBundle, read_manifest, unpack_archive, verify_bundle
 from edgecore.runtime.errors import BundleError
-from edgecore.runtime.imageio import ImageSource, load_image
 from edgecore.runtime.index import QuantizedIndex
-from edgecore.runtime.preprocess import PreprocessConfig, crop_map_to_original, preprocess
-from edgecore.runtime.scoring import Normalization, Scores, score_features, score_patches, search_patches
+from edgecore.runtime.preprocess import PreprocessConfig
+from edgecore.runtime.scorer import Decision, Detection, ImageScorer, PatchScorer
+
+__all__ = ["Detection", "Detector", "describe_index", "open_index"]
 
 
 def limit_blas_threads(count: int) -> None:
@@ -55,25 +54,13 @@ def describe_index(index: QuantizedIndex) -> str:
     return f"{index.dtype} {index.mode} over {index.size}×{index.dim}"
 
 
-@dataclass
-class Detection:
-    score: float
-    normalized_score: float
-    is_anomalous: bool
-    map: np.ndarray  # crop×crop raw patch-distance map
-    map_original: np.ndarray  # H×W map on the original image (for overlays)
-    timings_ms: dict[str, float] = field(default_factory=dict)
+class Detector(ImageScorer):
+    """A bundle opened for scoring: the compiled engine plus the shared :class:`PatchScorer`.
 
-    def to_json(self) -> dict:
-        return {
-            "score": self.score,
-            "normalized_score": self.normalized_score,
-            "is_anomalous": self.is_anomalous,
-            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
-        }
+    Build one with :meth:`Detector.open`; score with :meth:`detect` (one frame) or
+    :meth:`score_crops` (a batch of preprocessed crops, as ``evaluate`` does).
+    """
 
-
-class Detector:
     def __init__(self, bundle: VerifiedBundle, engine: Backend, search_mode: str | None = None) -> None:
         manifest = bundle.manifest
         self.bundle = bundle
@@ -84,8 +71,7 @@ class Detector:
         self.blur_sigma = float(manifest["scoring"]["blur_sigma"])
         # An engine compiled with `--refit-threshold` carries its own decision boundary.
         decision = manifest["engines"].get(engine.info.engine_key or "", {}).get("threshold", manifest["threshold"])
-        self.threshold = float(decision["value"])
-        self.normalization = Normalization.from_dict(decision["normalization"])
+        self.decision = Decision.from_config(decision)
         self.index = open_index(bundle.path / manifest["index"]["dir"], manifest["index"], search_mode)
         table_path = bundle.path / manifest["neighbour_table"]["file"]
         try:
@@ -94,6 +80,9 @@ class Detector:
             raise BundleError(f"{table_path}: unreadable neighbour table: {exc}") from exc
         if self.neighbour_table.ndim != 2 or self.neighbour_table.shape[0] != self.index.size:
             raise BundleError(f"{table_path}: shape {self.neighbour_table.shape} does not match the index ({self.index.size})")
+        self.scorer = PatchScorer(
+            self.index, self.index.points, self.neighbour_table, self.grid, self.preprocess_config.crop, self.blur_sigma
+        )
 
     @classmethod
     def open(
@@ -108,6 +97,17 @@ class Detector:
         **engine_options,
     ) -> "Detector":
         """Open a bundle directory or a packed archive (unpacked into a private temp dir).
+
+        Args:
+            bundle: bundle directory or ``.edgecore.tar`` archive.
+            backend: a name from :data:`edgecore.runtime.backends.BACKENDS` (``openvino``, ``tensorrt``).
+            device: backend device (default: the backend's, e.g. ``CPU``).
+            precision: engine precision (default: the best compiled engine this CPU can run, else ONNX).
+            search: ``hnsw`` or ``exact`` (default: the bundle's choice).
+            verify: check every file's size and sha256 first.
+
+        Returns:
+            an open Detector; use it as a context manager or call :meth:`close`.
 
         ``blas_threads`` caps numpy's BLAS pool for the whole process (None leaves it): the
         engine owns the cores, and idle BLAS threads spin on them — measured on 2 cores,
@@ -158,48 +158,3 @@ class Detector:
             else:
                 parts.append(self.engine.infer(chunk))
         return np.concatenate(parts)
-
-    def score_features(self, features: np.ndarray) -> Scores:
-        return score_features(
-            features, self.index, self.index.points, self.neighbour_table, self.grid,
-            self.preprocess_config.crop, self.blur_sigma,
-        )
-
-    def score_crops(self, crops: np.ndarray, batch_size: int = 16) -> Scores:
-        """The Scorer interface shared with the host model (used by `evaluate`)."""
-        return Scores.concatenate(
-            [self.score_features(self.embed(crops[i : i + batch_size])) for i in range(0, len(crops), batch_size)]
-        )
-
-    def detect(self, image: ImageSource) -> Detection:
-        t0 = time.perf_counter()
-        rgb = load_image(image)
-        t1 = time.perf_counter()
-        crop = preprocess(rgb, self.preprocess_config)
-        t2 = time.perf_counter()
-        features = self.embed(crop[None])
-        t3 = time.perf_counter()
-        patch_scores, nn_index = search_patches(features, self.index)
-        t4 = time.perf_counter()
-        scores = score_patches(
-            patch_scores, nn_index, features, self.index.points, self.neighbour_table, self.grid,
-            self.preprocess_config.crop, self.blur_sigma,
-        )
-        score, crop_map = float(scores.image[0]), scores.maps[0]
-        full_map = crop_map_to_original(crop_map, rgb.shape[:2], self.preprocess_config)
-        t5 = time.perf_counter()
-        return Detection(
-            score=score,
-            normalized_score=float(self.normalization(score)),
-            is_anomalous=score >= self.threshold,
-            map=crop_map,
-            map_original=full_map,
-            timings_ms={
-                "decode": (t1 - t0) * 1e3,
-                "preprocess": (t2 - t1) * 1e3,
-                "engine": (t3 - t2) * 1e3,
-                "search": (t4 - t3) * 1e3,
-                "scoring_map": (t5 - t4) * 1e3,
-                "total": (t5 - t0) * 1e3,
-            },
-        )

@@ -50,11 +50,6 @@ def preprocess(rgb: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(crop)
 
 
-def preprocess_batch(images: list[np.ndarray], config: PreprocessConfig) -> np.ndarray:
-    """Stack preprocessed crops into an N×crop×crop×3 uint8 batch (the graph's input)."""
-    return np.stack([preprocess(image, config) for image in images])
-
-
 def crop_map_to_original(crop_map: np.ndarray, original_hw: tuple[int, int], config: PreprocessConfig) -> np.ndarray:
     """Put a crop-sized map back on the original image (for overlays).
 

@@ -38,6 +38,9 @@ from pathlib import Path
 import numpy as np
 
 from edgecore.runtime.errors import DatasetError, ImageError
+from edgecore.runtime.frames import IMAGE_EXTENSIONS, list_images
+from edgecore.runtime.frames import accepted_extensions as _accepted
+from edgecore.runtime.frames import is_image_file as _is_image_file
 from edgecore.runtime.imageio import load_image, load_mask
 
 __all__ = [
@@ -50,9 +53,6 @@ __all__ = [
     "test_samples",
     "train_samples",
 ]
-
-#: File extensions treated as images (compared case-insensitively).
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 GOOD = "good"
 
@@ -73,23 +73,6 @@ class SkippedImageWarning(UserWarning):
 
 
 # --------------------------------------------------------------------------- discovery
-
-
-def list_images(folder: str | os.PathLike[str]) -> list[Path]:
-    """Image files directly inside ``folder``, sorted (deterministic across machines).
-
-    Hidden files (``.*``, e.g. macOS ``._x.png`` droppings) are ignored. An
-    empty result is an error: training on nothing is never what the user meant.
-    """
-    folder = Path(folder)
-    if not folder.exists():
-        raise DatasetError(f"{folder}: folder not found")
-    if not folder.is_dir():
-        raise DatasetError(f"{folder}: not a folder")
-    images = sorted(p for p in folder.iterdir() if _is_image_file(p))
-    if not images:
-        raise DatasetError(f"{folder}: no images found (accepted: {_accepted()}){_subfolder_hint(folder)}")
-    return images
 
 
 def is_mvtec_category(root: str | os.PathLike[str]) -> bool:
@@ -132,23 +115,6 @@ def test_samples(root: str | os.PathLike[str]) -> list[Sample]:
 
 # Not a pytest test, although its name says so (tests import it by this name).
 test_samples.__test__ = False  # type: ignore[attr-defined]
-
-
-def _is_image_file(path: Path) -> bool:
-    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-
-
-def _accepted() -> str:
-    return " ".join(IMAGE_EXTENSIONS)
-
-
-def _subfolder_hint(folder: Path) -> str:
-    """Point at subfolders: the usual mistake is passing the dataset root, not a category."""
-    subs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not subs:
-        return ""
-    shown = ", ".join(subs[:5]) + (", ..." if len(subs) > 5 else "")
-    return f"; it has subfolders ({shown}) - did you mean one of them?"
 
 
 # --------------------------------------------------------------------------- decoding

@@ -20,16 +20,23 @@ from edgecore.runtime.errors import BundleError
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 # The hint applies to the layers that are not INT8-quantized; f32 keeps INT8 faithful.
-_HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 _AUTO_ORDER = ("int8", "bf16", "fp16", "fp32")
 
 
-def _runnable(entry: dict | None, precision: str) -> bool:
-    if entry is None:
-        return False
+def _not_runnable_why(entry: dict, precision: str) -> str | None:
+    """Why this CPU cannot run a compiled engine (None: it can)."""
     if precision in ("bf16", "fp16") and isa_capped_below_bf16():
-        return False
-    return not (entry.get("requires_vnni") and not has_vnni())
+        return f"{precision} kernels unavailable under ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')}"
+    if entry.get("requires_vnni") and not has_vnni():
+        return "compiled with full 8-bit weights for VNNI/AMX CPUs; this CPU has no VNNI"
+    return None
+
+
+def _portable_hint(precision: str) -> str:
+    """The fix, on the machine that can do it (NNCF runs on the workstation, not the camera)."""
+    return (f"on the workstation, compile an engine every x86 CPU runs — `edgecore compile BUNDLE --precision {precision} "
+            "--portable --calib DIR` — and copy the bundle to the camera again")
 
 
 def engine_key(precision: str) -> str:
@@ -83,19 +90,27 @@ class OpenVINOBackend:
             raise ValueError(f"OpenVINO precision must be one of {PRECISIONS}, got {precision!r}")
         manifest = bundle.manifest
         engines = manifest.get("engines", {})
-        if precision is None:  # the best compiled engine this CPU (and any ISA cap) can run
-            precision = next((p for p in _AUTO_ORDER if _runnable(engines.get(engine_key(p)), p)), None)
+        skipped: dict[str, str] = {}
+        if precision is None:  # the best compiled engine this CPU (and any ISA cap) can run; say what was passed over
+            for candidate in _AUTO_ORDER:
+                found = engines.get(engine_key(candidate))
+                if found is None:
+                    continue
+                why = _not_runnable_why(found, candidate)
+                if why is None:
+                    precision = candidate
+                    break
+                skipped[engine_key(candidate)] = why
         entry = engines.get(engine_key(precision)) if precision else None
         if precision == "int8" and entry is None:
             raise BundleError(
-                f"{bundle.path}: no OpenVINO INT8 engine in this bundle; "
-                "run `edgecore compile BUNDLE --target openvino --precision int8 --calib DIR` first"
+                f"{bundle.path}: no OpenVINO INT8 engine in this bundle; on the workstation run "
+                "`edgecore compile BUNDLE --precision int8 --portable --calib DIR` first"
             )
         if entry is not None and entry.get("requires_vnni") and not has_vnni():
             raise BundleError(
                 f"{bundle.path}: the {precision} engine was compiled for CPUs with VNNI/AMX (full 8-bit weights) and "
-                "would saturate on this CPU; recompile it here: "
-                f"`edgecore compile BUNDLE --target openvino --precision {precision} --calib DIR`"
+                f"would saturate on this CPU; {_portable_hint(precision)}"
             )
         core = ov.Core()
         core.set_property({"CACHE_DIR": str(Path(cache_dir) if cache_dir else default_cache_dir())})
@@ -111,7 +126,7 @@ class OpenVINOBackend:
                 raise BundleError(f"{precision} kernels are unavailable under ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}")
             config["INFERENCE_PRECISION_HINT"] = "f32"  # OpenVINO would default to bf16 from the CPU flags
         if precision is not None:
-            config["INFERENCE_PRECISION_HINT"] = _HINT[precision]
+            config["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[precision]
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         if streams:
@@ -135,6 +150,7 @@ class OpenVINOBackend:
                 "inference_precision_hint": str(self.compiled.get_property("INFERENCE_PRECISION_HINT")),
                 "threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS")),
                 "streams": int(self.compiled.get_property("NUM_STREAMS")),
+                "skipped_engines": skipped,
             },
         )
         self._request_pool: queue.Queue = queue.Queue()

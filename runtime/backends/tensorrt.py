@@ -317,7 +317,7 @@ def compile_tensorrt(
         with gpu.active():
             try:
                 if precision == "int8":
-                    from edgecore.calibration.int8 import DEFAULT_NUM_CALIB, calibration_crops
+                    from edgecore.runtime.frames import DEFAULT_NUM_CALIB, calibration_crops
                     from edgecore.runtime.preprocess import PreprocessConfig
 
                     config = PreprocessConfig.from_dict(manifest["preprocess"])

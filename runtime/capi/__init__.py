@@ -30,6 +30,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgecore.runtime.imageio import MAX_PIXELS as IMAGE_MAX_PIXELS
+
 HEADER = Path(__file__).with_name("edgecore.h")
 
 # Mirrors of the header's enums (the C build checks them against edgecore.h:
@@ -40,7 +42,7 @@ EC_PIXEL_RGB8, EC_PIXEL_BGR8, EC_PIXEL_GRAY8 = 0, 1, 2
 _CHANNELS = {EC_PIXEL_RGB8: 3, EC_PIXEL_BGR8: 3, EC_PIXEL_GRAY8: 1}
 _FORMAT_NAMES = "EC_PIXEL_RGB8=0, EC_PIXEL_BGR8=1, EC_PIXEL_GRAY8=2"
 _MESSAGE_BYTES = 1000  # the C buffer is 1024 bytes; keep room for the NUL
-MAX_PIXELS = 80_000_000  # EC_MAX_PIXELS
+MAX_PIXELS = IMAGE_MAX_PIXELS  # EC_MAX_PIXELS: the same cap as every decoded frame
 MAX_FRAME_BYTES = 1 << 30  # EC_MAX_FRAME_BYTES
 
 

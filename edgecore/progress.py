@@ -1,0 +1,43 @@
+"""Progress for the long host steps (fit, evaluate): a rich bar on a terminal, plain lines otherwise.
+
+Logs, CI and pipes get one line when a step starts and one when it ends (with its
+duration), never carriage-return noise.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+
+@contextmanager
+def step(description: str, total: int, enabled: bool = True, stream=None) -> Iterator[Callable[[int], None]]:
+    """Yield ``advance(n)`` for a step of ``total`` units.
+
+    Args:
+        description: what the step does ("features", "coreset", …).
+        total: units of work (images, points).
+        enabled: False silences the step (library use).
+        stream: where to report (default stderr; stdout stays machine-readable).
+
+    Returns:
+        (yields) a callable that advances the step by ``n`` units.
+    """
+    stream = stream or sys.stderr
+    if not enabled:
+        yield lambda n=1: None
+        return
+    start = time.perf_counter()
+    if stream.isatty():
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=Console(file=stream), transient=False) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda n=1: bar.update(task, advance=n)
+        return
+    print(f"{description}: {total} …", file=stream, flush=True)
+    yield lambda n=1: None
+    print(f"{description}: done in {time.perf_counter() - start:.1f} s", file=stream, flush=True)

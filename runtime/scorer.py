@@ -1,0 +1,161 @@
+"""The ONE scorer both sides use: search → Eq. 7 score + map → the ONE decision rule.
+
+:class:`PatchCoreModel` (host, torch features) and :class:`Detector` (camera,
+compiled engine) differ only in how they embed a crop; everything after that —
+the nearest-neighbour search, the image score, the map, the threshold and the
+verdict — is this module, so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgecore.runtime.imageio import ImageSource, load_image
+from edgecore.runtime.preprocess import PreprocessConfig, crop_map_to_original, preprocess
+from edgecore.runtime.scoring import Normalization, Scores, score_patches, search_patches
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The stored threshold and the one rule that turns a score into a verdict.
+
+    The threshold is stored once (``value``); the normalisation reuses it, so 0.5
+    after normalising is exactly the decision boundary.
+    """
+
+    threshold: float
+    normalization: Normalization
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Decision":
+        """Args: config: a ``threshold`` section (model config or bundle manifest). Returns: the Decision."""
+        value = float(config["value"])
+        norm = config["normalization"]
+        return cls(value, Normalization(threshold=value, min=float(norm["min"]), max=float(norm["max"])))
+
+    def is_anomalous(self, score):
+        """``score >= threshold``, written fail-closed: a NaN score is never "normal"."""
+        return np.logical_not(np.asarray(score, dtype=np.float64) < self.threshold)
+
+    def normalize(self, raw):
+        return self.normalization(raw)
+
+
+@dataclass
+class Detection:
+    """One scored frame."""
+
+    score: float
+    normalized_score: float
+    is_anomalous: bool
+    map: np.ndarray  # crop×crop raw patch-distance map
+    map_original: np.ndarray  # H×W map on the original image
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "score": self.score,
+            "normalized_score": self.normalized_score,
+            "is_anomalous": self.is_anomalous,
+            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+        }
+
+
+class PatchScorer:
+    """Nearest-neighbour search plus Eq. 7 scoring against one coreset.
+
+    ``search`` is any object with ``search(queries, k) -> (distances, ids)`` (the
+    host's exact search, the camera's quantized index); ``support_vectors[ids]``
+    gives the coreset rows Eq. 7 compares against.
+    """
+
+    def __init__(self, search, support_vectors, neighbour_table: np.ndarray, grid, crop: int, blur_sigma: float) -> None:
+        self.search = search
+        self.support_vectors = support_vectors
+        self.neighbour_table = neighbour_table
+        self.grid = tuple(grid)
+        self.crop = int(crop)
+        self.blur_sigma = float(blur_sigma)
+
+    def search_patches(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return search_patches(features, self.search)
+
+    def score_search(self, patch_scores: np.ndarray, nn_index: np.ndarray, features: np.ndarray) -> Scores:
+        return score_patches(
+            patch_scores, nn_index, features, self.support_vectors, self.neighbour_table, self.grid, self.crop,
+            self.blur_sigma,
+        )
+
+    def score_features(self, features: np.ndarray) -> Scores:
+        """N×P×D patch embeddings → Scores (image scores, patch distances, crop-size maps)."""
+        return self.score_search(*self.search_patches(features), features)
+
+
+class ImageScorer:
+    """What host model and camera detector share; a subclass provides ``embed`` and sets
+    ``preprocess_config``, ``scorer`` (:class:`PatchScorer`) and ``decision`` (:class:`Decision`)."""
+
+    preprocess_config: PreprocessConfig
+    scorer: PatchScorer
+    decision: Decision
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def threshold(self) -> float:
+        return self.decision.threshold
+
+    @property
+    def normalization(self) -> Normalization:
+        return self.decision.normalization
+
+    def score_features(self, features: np.ndarray) -> Scores:
+        return self.scorer.score_features(features)
+
+    def score_crops(self, crops: np.ndarray, batch_size: int = 16) -> Scores:
+        """Args: crops: N×crop×crop×3 uint8 (from :func:`preprocess`). Returns: their Scores."""
+        return Scores.concatenate(
+            [self.score_features(self.embed(crops[i : i + batch_size])) for i in range(0, len(crops), batch_size)]
+        )
+
+    def detect(self, image: ImageSource) -> Detection:
+        """Score one frame.
+
+        Args:
+            image: a path, the bytes of an encoded file, or an H×W×3 uint8 RGB array.
+
+        Returns:
+            a :class:`Detection`: score, normalised score, verdict, crop and full-size
+            maps, and per-stage timings in ms.
+        """
+        t0 = time.perf_counter()
+        rgb = load_image(image)
+        t1 = time.perf_counter()
+        crop = preprocess(rgb, self.preprocess_config)
+        t2 = time.perf_counter()
+        features = self.embed(crop[None])
+        t3 = time.perf_counter()
+        patch_scores, nn_index = self.scorer.search_patches(features)
+        t4 = time.perf_counter()
+        scores = self.scorer.score_search(patch_scores, nn_index, features)
+        score, crop_map = float(scores.image[0]), scores.maps[0]
+        full_map = crop_map_to_original(crop_map, rgb.shape[:2], self.preprocess_config)
+        t5 = time.perf_counter()
+        return Detection(
+            score=score,
+            normalized_score=float(self.decision.normalize(score)),
+            is_anomalous=bool(self.decision.is_anomalous(score)),
+            map=crop_map,
+            map_original=full_map,
+            timings_ms={
+                "decode": (t1 - t0) * 1e3,
+                "preprocess": (t2 - t1) * 1e3,
+                "engine": (t3 - t2) * 1e3,
+                "search": (t4 - t3) * 1e3,
+                "scoring_map": (t5 - t4) * 1e3,
+                "total": (t5 - t0) * 1e3,
+            },
+        )
