@@ -123,6 +123,8 @@ def validate_manifest(manifest: object, where: str = MANIFEST) -> dict:
     grid = _require(feats, "grid", list, f"{where}.features")
     if len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid):
         raise BundleError(f"{where}.features.grid: expected two positive integers, got {grid!r}")
+    if grid[0] != grid[1]:  # the crop is square, and so is every CNN feature map of it
+        raise BundleError(f"{where}.features.grid: {grid!r} is not square, but the {pre['crop']}-px crop is")
     _positive(_require(feats, "embed_dim", int, f"{where}.features"), f"{where}.features.embed_dim")
     scoring = _require(manifest, "scoring", dict, where)
     _positive(_require(scoring, "num_neighbors", int, f"{where}.scoring"), f"{where}.scoring.num_neighbors")
@@ -163,6 +165,18 @@ def validate_manifest(manifest: object, where: str = MANIFEST) -> dict:
     return manifest
 
 
+# Fields that describe what the runtime does; it does exactly one thing, so any other value is a
+# bundle this runtime would mis-score (optional: absent in hand-written manifests).
+CONTRACT_FIELDS = (
+    ("preprocess", "interpolation", "bilinear-antialias"),
+    ("preprocess", "layout", "HWC-RGB-uint8"),
+    ("scoring", "distance", "l2"),
+    ("graph.input", "dtype", "uint8"),
+    ("graph.input", "layout", "NHWC-RGB"),
+    ("graph.output", "dtype", "float32"),
+)
+
+
 def _int_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
@@ -186,6 +200,14 @@ def _validate_graph_io(manifest: dict, where: str) -> None:
         if not _int_list(declared) or declared != shape:
             raise BundleError(
                 f"{where}.graph.{key}.shape: {declared!r} disagrees with batch/crop/grid/embed_dim ({shape})"
+            )
+    for section, key, value in CONTRACT_FIELDS:
+        entry = manifest.get(section, {}) if section != "graph.input" else graph.get("input", {})
+        if section == "graph.output":
+            entry = graph.get("output", {})
+        if isinstance(entry, dict) and key in entry and entry[key] != value:
+            raise BundleError(
+                f"{where}.{section}.{key}: {entry[key]!r}, but this runtime implements only {value!r}; refused"
             )
     table = manifest["neighbour_table"]
     if "shape" in table:
@@ -243,6 +265,9 @@ def check_neighbour_table(table: object, manifest: dict, index_size: int, index_
     import numpy as np
 
     dim = manifest["features"]["embed_dim"]
+    coreset = manifest.get("coreset")
+    if isinstance(coreset, dict) and "size" in coreset and coreset["size"] != index_size:
+        raise BundleError(f"{MANIFEST}: coreset.size {coreset['size']!r} but the index holds {index_size} points")
     if index_dim != dim:
         raise BundleError(f"{MANIFEST}: features.embed_dim {dim} but the index holds {index_dim}-d vectors")
     if not isinstance(table, np.ndarray) or table.dtype.kind not in "iu" or table.ndim != 2:

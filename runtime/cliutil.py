@@ -25,7 +25,7 @@ def friendly(command: Callable) -> Callable:
             echo_error(str(exc))
             raise typer.Exit(code=2) from None
         except OSError as exc:
-            echo_error(describe_os_error(exc))
+            echo_error(describe_os_error(exc, kwargs.get("output")))
             raise typer.Exit(code=2) from None
         except MemoryError:
             echo_error("out of memory; nothing was written (try a smaller --batch-size or fewer/smaller images)")
@@ -34,15 +34,14 @@ def friendly(command: Callable) -> Callable:
     return wrapper
 
 
-def describe_os_error(exc: OSError) -> str:
+def describe_os_error(exc: OSError, output: object = None) -> str:
     """``PATH: No space left on device`` — the file the system refused, and why.
 
-    Libraries that write for us (onnx, OpenVINO, numpy) often raise an OSError
-    without a file name, or a RuntimeError that a caller re-raised as OSError;
-    then the message is what they said.
+    A write or fsync that fails on a full disk raises an OSError without a file
+    name; then the command's ``-o/--output`` (what it was writing) is named.
     """
     reason = exc.strerror or str(exc) or type(exc).__name__
-    where = exc.filename if exc.filename is not None else None
+    where = exc.filename if exc.filename is not None else output
     if where is None:
         return reason if exc.errno is None else f"{reason} (errno {exc.errno})"
     text = f"{where}: {reason}"

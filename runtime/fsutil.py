@@ -59,8 +59,9 @@ def atomic_directory(destination: str | Path, overwrite: bool = True) -> Iterato
     try:
         staging = root / _CONTENT
         staging.mkdir()
-        yield staging
-        _fsync_tree(staging)
+        with _named(destination):
+            yield staging
+            _fsync_tree(staging)
         if os.path.lexists(destination):
             if not _exchange(staging, destination):
                 os.replace(destination, root / "old")  # fallback: DEST is absent until the next rename
@@ -85,7 +86,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     root, lock = _partial_root(path)
     try:
         tmp = root / path.name
-        with open(tmp, "xb") as handle:
+        with _named(path), open(tmp, "xb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -188,6 +189,35 @@ def release(lock: int | None) -> None:
 
 
 # --- helpers -------------------------------------------------------------------
+@contextmanager
+def _named(destination: Path) -> Iterator[None]:
+    """Give a nameless OSError (``write``/``fsync`` on a full disk: errno 28 and no file)
+    the artifact it was writing, so the user reads ``DEST: No space left on device``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(destination)) from exc
+        raise
+    except Exception as exc:
+        # Writers in other languages lose errno on the way (safetensors: "I/O error: No space
+        # left on device (os error 28)", OpenVINO: "basic_ios::clear: iostream error"): if the
+        # file system is full right now, that is what went wrong.
+        if _disk_full(destination.parent):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(destination)) from exc
+        raise
+
+
+_FULL_BYTES = 1 << 20  # less free space than this, after a failed write, means "disk full"
+
+
+def _disk_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < _FULL_BYTES
+    except OSError:
+        return False
+
+
 def _partial_root(destination: Path) -> tuple[Path, int | None]:
     """Create and lock ``.NAME.XXXXXXXX.partial`` next to ``destination``.
 
