@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from edgecore.runtime.backends import Backend, open_backend
-from edgecore.runtime.bundle import VerifiedBundle, read_manifest, unpack_archive, verify_bundle
-from edgecore.runtime.errors import BundleError
+from edgecore.runtime.bundle import (
+    VerifiedBundle, check_engine_io, check_neighbour_table, read_manifest, unpack_archive, verify_bundle,
+)
+from edgecore.runtime.errors import BundleError, NonFiniteError
 from edgecore.runtime.index import QuantizedIndex
 from edgecore.runtime.preprocess import PreprocessConfig
 from edgecore.runtime.scorer import Decision, Detection, ImageScorer, PatchScorer
@@ -78,8 +80,9 @@ class Detector(ImageScorer):
             self.neighbour_table = np.load(table_path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise BundleError(f"{table_path}: unreadable neighbour table: {exc}") from exc
-        if self.neighbour_table.ndim != 2 or self.neighbour_table.shape[0] != self.index.size:
-            raise BundleError(f"{table_path}: shape {self.neighbour_table.shape} does not match the index ({self.index.size})")
+        check_neighbour_table(self.neighbour_table, manifest, self.index.size, self.index.dim, table_path)
+        check_engine_io(manifest, getattr(engine, "input_shape", None), getattr(engine, "output_shape", None),
+                        engine.info.source)
         self.scorer = PatchScorer(
             self.index, self.index.points, self.neighbour_table, self.grid, self.preprocess_config.crop, self.blur_sigma
         )
@@ -157,4 +160,9 @@ class Detector(ImageScorer):
                 parts.append(self.engine.infer(np.concatenate([chunk, pad]))[: len(chunk)])
             else:
                 parts.append(self.engine.infer(chunk))
-        return np.concatenate(parts)
+        features = np.concatenate(parts)
+        if not np.isfinite(features).all():  # a NaN distance would read as "normal": never score it
+            raise NonFiniteError(
+                f"the engine ({self.engine.info.source}) returned NaN or infinite features; refusing to score"
+            )
+        return features

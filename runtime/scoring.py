@@ -168,6 +168,10 @@ def score_patches(
     scoring path both sides run.
     """
     scores = image_scores(patch_scores, nn_index, features, support_vectors, neighbour_table)
+    if not (np.isfinite(scores).all() and np.isfinite(patch_scores).all()):
+        from edgecore.runtime.errors import NonFiniteError
+
+        raise NonFiniteError("the anomaly score is NaN or infinite (engine, index or memory bank); no verdict given")
     return Scores(image=scores, patches=patch_scores, maps=anomaly_maps(patch_scores, grid, crop, blur_sigma))
 
 

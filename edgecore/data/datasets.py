@@ -145,6 +145,14 @@ class ImageStream:
                 continue
             yield sample, rgb
 
+    def images(self, sources: list[str] | None = None) -> Iterator[np.ndarray]:
+        """Yield the decoded frames one by one (for ``fit``: memory holds one frame at a time,
+        however large the dataset), appending each one's path to ``sources`` as it goes."""
+        for sample, rgb in self:
+            if sources is not None:
+                sources.append(str(sample.path))
+            yield rgb
+
     def with_masks(self) -> Iterator[tuple[Sample, np.ndarray, np.ndarray | None]]:
         """Yield ``(sample, rgb, mask)``; a mask that is unreadable or sized unlike
         its image makes the sample bad (raised, or skipped with ``skip_bad``)."""

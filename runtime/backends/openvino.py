@@ -76,6 +76,13 @@ def _summarise(counts: dict[str, int]) -> str:
     return max(known, key=known.get) if known else "unknown"
 
 
+def _static_shape(port) -> tuple[int, ...] | None:
+    shape = port.get_partial_shape()
+    if shape.rank.is_dynamic or not shape.is_static:
+        return None
+    return tuple(int(d) for d in shape.to_shape())
+
+
 class OpenVINOBackend:
     def __init__(
         self,
@@ -137,6 +144,10 @@ class OpenVINOBackend:
             raise BundleError(f"{model_path}: OpenVINO cannot compile it on {device}: {str(exc).splitlines()[0]}") from exc
         counts = executed_precisions(self.compiled)
         self.batch = int(manifest["graph"]["batch"])
+        # What the graph really takes and gives (None where dynamic): the Detector checks the
+        # manifest's batch, crop, grid and embed_dim against these before scoring anything.
+        self.input_shape = _static_shape(self.compiled.inputs[0])
+        self.output_shape = _static_shape(self.compiled.outputs[0])
         self.info = EngineInfo(
             backend="openvino",
             device=device,
