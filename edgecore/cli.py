@@ -69,13 +69,10 @@ def fit(
     )
     samples = train_samples(data)
     stream = ImageStream(samples, skip_bad=skip_bad)
-    images, sources = [], []
-    for sample, rgb in stream:
-        images.append(rgb)
-        sources.append(str(sample.path))
+    sources: list[str] = []  # filled as the frames stream in (one decoded frame in memory at a time)
+    model = fit_model(stream.images(sources), config, progress=True, sources=sources)
     if stream.skipped:
         _echo_err(f"skipped {len(stream.skipped)} unreadable file(s)")
-    model = fit_model(images, config, progress=True, sources=sources)
     model.save(output)
     summary = {
         "model": str(output),
