@@ -5,6 +5,7 @@ is one line saying what to install.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import threading
@@ -89,13 +90,11 @@ def serve(
         "device": device, "precision": precision, "search": search,
     }
     settings = build_config(read_toml(config) if config else {}, flags)
-    try:
-        from edgecore.runtime.serve.service import Service
+    _require_modules(settings)
+    from edgecore.runtime.serve.service import Service
 
+    try:
         service = Service(settings, log=echo_err)
-    except ImportError as exc:
-        echo_error(f"`edgecore serve` needs {exc.name or 'its extras'}: {SERVE_EXTRA}")
-        raise typer.Exit(code=2) from None
     except OSError as exc:  # e.g. the HTTP port is taken
         echo_error(f"--http {settings.http}: {exc.strerror or exc}")
         raise typer.Exit(code=2) from None
@@ -111,6 +110,18 @@ def serve(
             break
     service.stop()
     typer.echo(json.dumps(service.status()))
+
+
+def _require_modules(settings) -> None:
+    """One line naming what to install, before anything starts (sources import theirs in threads)."""
+    needed = {"prometheus_client": True, "watchdog": settings.watch is not None, "cv2": bool(settings.video),
+              "paho": settings.mqtt is not None, "asyncua": settings.opcua is not None,
+              "harvesters": settings.genicam is not None}
+    absent = [name for name, used in needed.items() if used and importlib.util.find_spec(name) is None]
+    if absent:
+        extra = 'pip install "edgecore[genicam]"' if absent == ["harvesters"] else SERVE_EXTRA
+        echo_error(f"`edgecore serve` needs {', '.join(absent)}, not installed here: {extra}")
+        raise typer.Exit(code=2)
 
 
 @friendly

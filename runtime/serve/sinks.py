@@ -178,7 +178,7 @@ class MqttSink(Sink):
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgecore-{os.getpid()}-{id(self):x}")
         self.client.max_queued_messages_set(buffer)
         self.client.max_inflight_messages_set(100)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=4)
+        self.client.reconnect_delay_set(min_delay=0.5, max_delay=2)
         self.client.will_set(f"{self.topic}/status", json.dumps({"state": "offline"}), qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_publish = self._on_publish

@@ -184,8 +184,8 @@ class FolderSource(Source):
                 self._wake.wait(self.SETTLE_S / 2)
                 self._wake.clear()
                 for path in self._take_ready():
-                    if not self._offer(path):
-                        return
+                    if self.stop_event.is_set() or not self._offer(path):
+                        return  # what is not offered stays unjournaled: the next start scores it
         finally:
             observer.stop()
             observer.join(5)
