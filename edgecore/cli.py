@@ -13,19 +13,25 @@ from typing import Optional
 
 import typer
 
-from edgecore.runtime.cli import app, bundle_summary, engine_line, missing_extra
+from edgecore.runtime.cli import _importable, bundle_summary, engine_line, missing_extra, new_app
+from edgecore.runtime.cli import app as camera_app
 from edgecore.runtime.cliutil import echo_err as _echo_err
 from edgecore.runtime.cliutil import friendly as _friendly
 
 HOST_MODULES = ("torch", "torchvision", "scipy", "safetensors")  # what every host command imports
 EXPORT_MODULES = ("torch", "onnx", "safetensors")
 
+app = new_app()
+app.registered_commands.extend(camera_app.registered_commands)  # the camera commands, then the host ones
+# In a camera install the host commands stay callable (to say which extra they need) but out of --help.
+_HIDDEN = not all(_importable(name) for name in HOST_MODULES)
+
 
 def _needs_host(command: str, modules: tuple[str, ...] = HOST_MODULES) -> None:
     missing_extra("host", modules, f"`edgecore {command}`")
 
 
-@app.command()
+@app.command(hidden=_HIDDEN)
 @_friendly
 def fit(
     data: Path = typer.Argument(..., help="MVTec category (uses train/good) or a folder of normal images."),
@@ -87,7 +93,7 @@ def fit(
     typer.echo(json.dumps(summary, indent=2))
 
 
-@app.command()
+@app.command(hidden=_HIDDEN)
 @_friendly
 def predict(
     model_dir: Path = typer.Argument(..., help="Model directory written by `edgecore fit`."),
@@ -113,7 +119,7 @@ def predict(
         _echo_err(f"skipped {summary.skipped} unreadable file(s)")
 
 
-@app.command()
+@app.command(hidden=_HIDDEN)
 @_friendly
 def evaluate(
     model: Path = typer.Argument(..., help="Model directory (host, torch) or bundle/archive (camera runtime)."),
@@ -158,7 +164,7 @@ def evaluate(
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "skipped_files"}, indent=2))
 
 
-@app.command()
+@app.command(hidden=_HIDDEN)
 @_friendly
 def demo(
     output: Path = typer.Option(Path("edgecore-demo"), "-o", "--output", help="Work folder for data, model and reports."),
@@ -172,7 +178,7 @@ def demo(
     typer.echo(json.dumps(summary, indent=2))
 
 
-@app.command()
+@app.command(hidden=_HIDDEN)
 @_friendly
 def export(
     model_dir: Path = typer.Argument(..., help="Model directory written by `edgecore fit`."),
@@ -191,7 +197,7 @@ def export(
     typer.echo(json.dumps(bundle_summary(bundle, manifest), indent=2))
 
 
-@app.command()
+@app.command(hidden=_HIDDEN)
 @_friendly
 def pack(
     bundle: Path = typer.Argument(..., help="Bundle directory."),

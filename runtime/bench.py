@@ -372,14 +372,15 @@ def print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=True, width=max(132, shutil.get_terminal_size().columns))
+    console = Console(stderr=True, width=max(180, shutil.get_terminal_size().columns))
     title = "edgecore bench" + (" (camera-class ESTIMATE)" if report.get("estimate") else "")
-    table = Table(title=title)
-    for column in ("config", "executed", *[f"{s} p50" for s in STAGES], "p99", "img/s", "ratio", "result"):
-        left = column in ("config", "executed")
-        # The config is what tells rows apart (hnsw vs exact): wrap it, never cut it to "openvino…".
-        table.add_column(column, justify="left" if left else "right", overflow="fold" if left else "ellipsis",
-                         no_wrap=not left)
+    table = Table(title=title, caption="stage columns: p50 ms; p99: total")
+    widest = {key: max(len(str(run.get(key, ""))) for run in report["runs"]) for key in ("config", "executed")}
+    for column in ("config", "executed", *STAGES, "p99", "img/s", "ratio", "result"):
+        if column in widest:  # what tells rows apart (hnsw vs exact): never cut to "openvino…"
+            table.add_column(column, justify="left", min_width=widest[column], overflow="fold")
+        else:
+            table.add_column(column, justify="right", no_wrap=True)
     for run in report["runs"]:
         st = run["stages_ms"]
         table.add_row(

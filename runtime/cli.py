@@ -19,13 +19,18 @@ import typer
 
 from edgecore.runtime.cliutil import echo_err, echo_error, friendly
 
-app = typer.Typer(
-    name="edgecore",
-    help="PatchCore anomaly detection from the workstation to the smart camera.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+def new_app() -> typer.Typer:
+    """An empty ``edgecore`` app with the house settings (the host CLI builds its own from it)."""
+    return typer.Typer(
+        name="edgecore",
+        help="PatchCore anomaly detection from the workstation to the smart camera.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+
+
+app = new_app()
 
 
 def missing_extra(extra: str, modules: tuple[str, ...], what: str) -> None:
@@ -36,11 +41,21 @@ def missing_extra(extra: str, modules: tuple[str, ...], what: str) -> None:
         modules: top-level modules the step imports.
         what: the step, for the message ("`edgecore fit`").
     """
-    absent = [name for name in modules if importlib.util.find_spec(name) is None]
+    absent = [name for name in modules if not _importable(name)]
     if absent:
         echo_error(f"{what} runs on the workstation; this install lacks {', '.join(absent)}: "
                  f"pip install \"edgecore[{extra}]\"")
         raise typer.Exit(code=2)
+
+
+def _importable(name: str) -> bool:
+    """True when ``name`` can be imported here (without importing it)."""
+    if name in sys.modules:
+        return sys.modules[name] is not None  # None: import blocked on purpose
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def bundle_summary(bundle: Path, manifest: dict) -> dict:
