@@ -230,16 +230,18 @@ def test_host_image_may_install_torch():
 
 
 # --- the boot unit ------------------------------------------------------------
-def test_systemd_unit_runs_infer_as_a_user_and_restarts():
-    text = (DOCKER / "edgecore-infer.service").read_text()
+def test_systemd_unit_runs_serve_as_a_user_and_restarts():
+    text = (DOCKER / "edgecore-serve.service").read_text()
     unit = configparser.ConfigParser(strict=False, interpolation=None, comment_prefixes=("#",))
     unit.optionxform = str  # systemd keys are case-sensitive
     unit.read_string(text)
     service = unit["Service"]
     exec_start = shlex.split(service["ExecStart"].replace("\\\n", " ").replace("\\", " "))
-    assert exec_start[0].endswith("/edgecore") and exec_start[1] == "infer"
-    assert "--backend" in exec_start and service["User"] not in ("root", "0")
+    assert exec_start[0].endswith("/edgecore") and exec_start[1] == "serve"
+    assert "--backend" in exec_start and "--watch" in exec_start and service["User"] not in ("root", "0")
+    assert exec_start[exec_start.index("--http") + 1].startswith("127.0.0.1:")  # the API stays on the camera
+    assert service["ExecReload"].endswith("-HUP $MAINPID") and service["KillSignal"] == "SIGTERM"
     assert service["Restart"] in ("always", "on-failure") and "verify" in service["ExecStartPre"]
     assert unit["Install"]["WantedBy"] == "multi-user.target"
     deploy = (ROOT / "docs" / "DEPLOY.md").read_text()
-    assert text.strip() in deploy, "docs/DEPLOY.md must show the same unit as docker/edgecore-infer.service"
+    assert text.strip() in deploy, "docs/DEPLOY.md must show the same unit as docker/edgecore-serve.service"
