@@ -58,3 +58,44 @@ def bundle_copy(exported_bundle, tmp_path) -> Path:
     import shutil
 
     return Path(shutil.copytree(exported_bundle, tmp_path / exported_bundle.name))
+
+
+def recompute_hashes(bundle: Path) -> None:
+    """Re-list every file's size and sha256 (manifest and index entries): a crafted bundle that
+    `verify` passes, so only the runtime's own checks stand between it and a verdict."""
+    import json
+
+    from edgecore.runtime.bundle import MANIFEST, file_entry
+    from edgecore.runtime.fsutil import sha256_file
+
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["files"] = {name: file_entry(bundle, name) for name in manifest["files"]}
+    index = manifest["index"]
+    for entry in index.get("files", {}).values():
+        path = bundle / index["dir"] / entry["file"]
+        if "sha256" in entry:
+            entry["sha256"] = sha256_file(path)
+        if "bytes" in entry:
+            entry["bytes"] = path.stat().st_size
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="session")
+def nan_graph_bundle(exported_bundle, tmp_path_factory) -> Path:
+    """The synthetic bundle with its ONNX output multiplied by NaN (what a broken engine gives),
+    hashes recomputed so it verifies. Treat as read-only."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    bundle = Path(shutil.copytree(exported_bundle, tmp_path_factory.mktemp("nan_graph") / exported_bundle.name))
+    model = onnx.load(str(bundle / "model.onnx"))
+    output = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [f"{o}_raw" if o == output else o for o in node.output]
+    model.graph.initializer.append(helper.make_tensor("nan_scale", TensorProto.FLOAT, [], [float("nan")]))
+    model.graph.node.append(helper.make_node("Mul", [f"{output}_raw", "nan_scale"], [output]))
+    onnx.save(model, str(bundle / "model.onnx"))
+    recompute_hashes(bundle)
+    return bundle

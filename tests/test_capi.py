@@ -175,6 +175,19 @@ def test_every_misuse_returns_its_code_and_a_message(capi_programs, capi_bundle)
 
 
 @pytest.mark.slow
+def test_nan_engine_output_is_ec_err_nonfinite_never_a_verdict(capi_programs, capi_bundle, nan_graph_bundle):
+    done = subprocess.run(
+        [str(capi_programs["errors_test"]), str(capi_bundle), str(nan_graph_bundle)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith(("ok ", "FAIL "))}
+    assert lines["detect_nonfinite_score"].startswith("ok detect_nonfinite_score EC_ERR_NONFINITE"), done.stdout
+    assert "NaN" in lines["detect_nonfinite_score"]
+    assert lines["nonfinite_leaves_result_untouched"].startswith("ok")
+
+
+@pytest.mark.slow
 def test_embedded_version_is_the_runtime_version(capi_programs, capi_bundle):
     import edgecore
 

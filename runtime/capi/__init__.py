@@ -37,7 +37,7 @@ HEADER = Path(__file__).with_name("edgecore.h")
 # Mirrors of the header's enums (the C build checks them against edgecore.h:
 # build.py feeds the header's declarations to cffi, which verifies the values).
 EC_OK, EC_ERR_NULL_ARGUMENT, EC_ERR_INVALID_ARGUMENT, EC_ERR_BUFFER_TOO_SMALL = 0, 1, 2, 3
-EC_ERR_BUNDLE, EC_ERR_IMAGE, EC_ERR_RUNTIME, EC_ERR_INVALID_HANDLE = 4, 5, 6, 7
+EC_ERR_BUNDLE, EC_ERR_IMAGE, EC_ERR_RUNTIME, EC_ERR_INVALID_HANDLE, EC_ERR_NONFINITE = 4, 5, 6, 7, 8
 EC_PIXEL_RGB8, EC_PIXEL_BGR8, EC_PIXEL_GRAY8 = 0, 1, 2
 _CHANNELS = {EC_PIXEL_RGB8: 3, EC_PIXEL_BGR8: 3, EC_PIXEL_GRAY8: 1}
 _FORMAT_NAMES = "EC_PIXEL_RGB8=0, EC_PIXEL_BGR8=1, EC_PIXEL_GRAY8=2"
@@ -85,10 +85,12 @@ _registry = _Registry()
 
 def status_for(exc: BaseException, during_open: bool = False) -> int:
     """The C status for an exception (the message is produced by :func:`describe`)."""
-    from edgecore.runtime.errors import BundleError, ImageError
+    from edgecore.runtime.errors import BundleError, ImageError, NonFiniteError
 
     if isinstance(exc, ApiError):
         return exc.status
+    if isinstance(exc, NonFiniteError):
+        return EC_ERR_NONFINITE
     if isinstance(exc, BundleError):
         return EC_ERR_BUNDLE
     if isinstance(exc, ImageError):

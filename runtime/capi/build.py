@@ -147,6 +147,7 @@ EC_API const char *ec_status_string(ec_status_t status) {
     case EC_ERR_IMAGE: return "EC_ERR_IMAGE";
     case EC_ERR_RUNTIME: return "EC_ERR_RUNTIME";
     case EC_ERR_INVALID_HANDLE: return "EC_ERR_INVALID_HANDLE";
+    case EC_ERR_NONFINITE: return "EC_ERR_NONFINITE";
     }
     return "EC_ERR_UNKNOWN";
 }

@@ -35,7 +35,7 @@
 
 /** Version of this C interface (not of the runtime; see ec_version()). */
 #define EC_API_VERSION_MAJOR 1
-#define EC_API_VERSION_MINOR 0
+#define EC_API_VERSION_MINOR 1
 #define EC_API_VERSION_PATCH 0
 
 #if defined(__GNUC__)
@@ -68,7 +68,9 @@ typedef enum {
     EC_ERR_BUNDLE = 4,           /**< the bundle cannot be opened, verified or compiled */
     EC_ERR_IMAGE = 5,            /**< the frame cannot be used as an image */
     EC_ERR_RUNTIME = 6,          /**< anything else (including an embedded Python that fails to start) */
-    EC_ERR_INVALID_HANDLE = 7    /**< the handle is not open (never opened, or already closed) */
+    EC_ERR_INVALID_HANDLE = 7,   /**< the handle is not open (never opened, or already closed) */
+    EC_ERR_NONFINITE = 8         /**< the engine output or the score is NaN/infinite: no verdict, treat the
+                                      frame as NOT inspected (never as good); the bundle or engine is broken */
 } ec_status_t;
 
 /** Layout of the frame passed to ec_detect(): 8 bits per channel, interleaved. */
@@ -139,8 +141,9 @@ EC_API ec_status_t ec_map_size(const ec_detector_t *detector, int *width, int *h
  *                     Pass NULL with map_capacity 0 to skip it.
  * @param map_capacity Number of floats @p map can hold.
  * @return EC_OK, EC_ERR_NULL_ARGUMENT, EC_ERR_INVALID_ARGUMENT, EC_ERR_BUFFER_TOO_SMALL,
- *         EC_ERR_INVALID_HANDLE, EC_ERR_IMAGE or EC_ERR_RUNTIME. @p out and @p map are
- *         written only on EC_OK; on error they are left untouched.
+ *         EC_ERR_INVALID_HANDLE, EC_ERR_IMAGE, EC_ERR_NONFINITE or EC_ERR_RUNTIME. @p out and
+ *         @p map are written only on EC_OK; on error they are left untouched. A frame that
+ *         returns anything but EC_OK has no verdict: a pipeline must treat it as rejected.
  */
 EC_API ec_status_t ec_detect(ec_detector_t *detector, const uint8_t *pixels, int width, int height,
                              int stride_bytes, ec_pixel_format_t format, ec_result_t *out,

@@ -1,7 +1,9 @@
 /* errors_test.c — every misuse of the C API returns its status code and a message, never a crash.
  *
- *   errors_test BUNDLE
+ *   errors_test BUNDLE [NONFINITE_BUNDLE]
  *
+ * NONFINITE_BUNDLE (optional): a bundle whose engine outputs NaN; ec_detect must return
+ * EC_ERR_NONFINITE and leave the result untouched (no verdict).
  * Prints one line per check, "ok|FAIL <name> <status> <message>", and exits 1 if any check failed.
  * Build: gcc errors_test.c $(pkg-config --cflags --libs edgecore) -pthread -o errors_test
  */
@@ -29,8 +31,8 @@ static void *other_thread(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 2) {
-        fprintf(stderr, "usage: %s BUNDLE\n", argv[0]);
+    if (argc != 2 && argc != 3) {
+        fprintf(stderr, "usage: %s BUNDLE [NONFINITE_BUNDLE]\n", argv[0]);
         return 2;
     }
     const char *bundle = argv[1];
@@ -116,6 +118,22 @@ int main(int argc, char **argv) {
     ec_close(NULL);
     printf("ok close_null\n");
     free(map);
+
+    if (argc == 3) {
+        ec_detector_t *broken = NULL;
+        ec_result_t untouched = {-1.0, -1.0, 7};
+        check("open_nonfinite_bundle", ec_open(argv[2], NULL, NULL, NULL, &broken), EC_OK);
+        if (broken != NULL) {
+            check("detect_nonfinite_score",
+                  ec_detect(broken, pixels, w, h, stride, EC_PIXEL_RGB8, &untouched, NULL, 0), EC_ERR_NONFINITE);
+            int kept = untouched.score == -1.0 && untouched.is_anomalous == 7;
+            printf("%s nonfinite_leaves_result_untouched\n", kept ? "ok" : "FAIL");
+            failures += !kept;
+            ec_close(broken);
+        }
+        printf("%s status_string_nonfinite\n", strcmp(ec_status_string(EC_ERR_NONFINITE), "EC_ERR_NONFINITE") ? "FAIL" : "ok");
+        failures += strcmp(ec_status_string(EC_ERR_NONFINITE), "EC_ERR_NONFINITE") != 0;
+    }
 
     printf("%s %d failure(s)\n", failures ? "FAIL" : "ok", failures);
     return failures ? 1 : 0;
