@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import edgecore
-from edgecore.backbones import create_backbone
+from edgecore.backbones import Backbone, create_backbone
 from edgecore.calibration.threshold import threshold_config
 from edgecore.features import PatchCoreFeatures, grid_shape
 from edgecore.progress import step
@@ -220,6 +220,28 @@ def split_validation(count: int, val_ratio: float, seed: int) -> tuple[np.ndarra
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def base_model_config(config: FitConfig, backbone: Backbone, features: PatchCoreFeatures, grid: tuple[int, int]) -> dict:
+    """The config.json fields known before any patch is seen (shared by ``fit`` and the distributed fit)."""
+    return {
+        "format_version": MODEL_FORMAT_VERSION,
+        "edgecore_version": edgecore.__version__,
+        "preprocess": config.preprocess.to_dict(),
+        "backbone": {
+            "name": backbone.spec.name,
+            "layers": list(backbone.layers),
+            "channels": backbone.channels,
+            "strides": backbone.strides,
+            "mean": list(backbone.spec.mean),
+            "std": list(backbone.spec.std),
+            "weights_sha256": backbone.weights_sha256,
+            "weights_source": backbone.weights_source,
+            "seed": config.seed,
+        },
+        "features": {"grid": list(grid), "embed_dim": features.embed_dim, "patch_size": 3},
+        "scoring": {"num_neighbors": config.num_neighbors, "blur_sigma": config.blur_sigma, "distance": "l2"},
+    }
+
+
 def fit(
     images: Iterable[np.ndarray], config: FitConfig, progress: bool = False, sources: Sequence[str] | None = None
 ) -> PatchCoreModel:
@@ -253,24 +275,7 @@ def fit(
     grid = grid_shape(features, config.preprocess.crop)
     bank_idx, val_idx = split_validation(len(all_crops), config.val_ratio, config.seed)
 
-    model_config = {
-        "format_version": MODEL_FORMAT_VERSION,
-        "edgecore_version": edgecore.__version__,
-        "preprocess": config.preprocess.to_dict(),
-        "backbone": {
-            "name": backbone.spec.name,
-            "layers": list(backbone.layers),
-            "channels": backbone.channels,
-            "strides": backbone.strides,
-            "mean": list(backbone.spec.mean),
-            "std": list(backbone.spec.std),
-            "weights_sha256": backbone.weights_sha256,
-            "weights_source": backbone.weights_source,
-            "seed": config.seed,
-        },
-        "features": {"grid": list(grid), "embed_dim": features.embed_dim, "patch_size": 3},
-        "scoring": {"num_neighbors": config.num_neighbors, "blur_sigma": config.blur_sigma, "distance": "l2"},
-    }
+    model_config = base_model_config(config, backbone, features, grid)
     placeholder_bank = np.zeros((1, features.embed_dim), dtype=np.float32)
     model = PatchCoreModel(model_config, features, placeholder_bank, np.zeros((1, 1), np.int32), device)
 
