@@ -20,7 +20,6 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -187,7 +186,7 @@ def frames(synthetic_category) -> dict[str, list[Path]]:
 def write_video(path: Path, images: list[Path], count: int) -> Path:
     import cv2
 
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (128, 128))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), 10, (128, 128))
     assert writer.isOpened()
     for i in range(count):
         writer.write(cv2.imread(str(images[i % len(images)])))
@@ -196,13 +195,10 @@ def write_video(path: Path, images: list[Path], count: int) -> Path:
 
 
 def start_service(**options):
-    from edgecore.runtime.serve.config import build_config
-    from edgecore.runtime.serve.service import Service
+    from edgecore.runtime.serve.service import start_service as start
 
     options.setdefault("http", "127.0.0.1:0")
-    service = Service(build_config({}, options), log=lambda message: None)
-    service.start()
-    return service
+    return start(log=lambda message: None, **options)
 
 
 # --- options ------------------------------------------------------------------------

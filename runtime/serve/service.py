@@ -20,7 +20,7 @@ import numpy as np
 from edgecore.runtime.bundle import MANIFEST
 from edgecore.runtime.errors import EdgecoreError
 from edgecore.runtime.imageio import load_image
-from edgecore.runtime.serve.config import ServeConfig
+from edgecore.runtime.serve.config import ServeConfig, build_config
 from edgecore.runtime.serve.frames import Frame, Result
 from edgecore.runtime.serve.metrics import Metrics
 from edgecore.runtime.serve.model import ModelSlot
@@ -246,3 +246,11 @@ class Service:
             sink.close(timeout)
         self.http.stop()
         self.slot.close()
+
+
+def start_service(log: Callable[[str], None] = _stderr, **options) -> Service:
+    """Embed the service in a Python program: options as in serve.toml / the flags (``bundle=…,
+    watch=…, mqtt=…``), checked the same way; returns it started. Call ``stop()`` to drain."""
+    service = Service(build_config({}, options), log=log)
+    service.start()
+    return service
