@@ -46,11 +46,14 @@ class BenchConfig:
     precision: str | None = None
     search: str | None = None
     threads: int | None = None
+    bundle: str | None = None  # another export of the same model (e.g. one per search mode); None: the bench's
 
     def label(self) -> str:
         parts = [self.backend, self.precision or "default", self.search or "auto"]
         if self.threads:
             parts.append(f"{self.threads}t")
+        if self.bundle:
+            parts.append(Path(self.bundle).name)
         return "/".join(parts)
 
 
@@ -228,7 +231,7 @@ def run_bench(
         for config in configs:
             detectors.append(
                 Detector.open(
-                    bundle, backend=config.backend, device=config.device, precision=config.precision,
+                    config.bundle or bundle, backend=config.backend, device=config.device, precision=config.precision,
                     search=config.search, **_engine_options(config, streams),
                 )
             )
@@ -258,6 +261,7 @@ def run_bench(
                     "streams": engine.details.get("streams"), "kernel_isa": kernel_isas(detector),
                 },
                 "search": describe_index(detector.index),
+                "index_memory_bytes": detector.index.memory_bytes(),
                 "sizes": bundle_sizes(detector),
             }
             if streams > 1:

@@ -1,0 +1,114 @@
+"""Coarse search (projected hnswlib graph + exact re-rank on the int8 codes): fidelity, certified max, memory.
+
+Real hnswlib on synthetic features shaped like CNN patch embeddings (clusters in a low-dimensional
+subspace plus small isotropic noise, 256-d); the bottle numbers are in benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgecore.export.index_build import build_index
+from edgecore.runtime.index import QuantizedIndex
+from edgecore.runtime.search_coarse import CodeRows
+
+DIM, BLOCK = 256, 100
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(11)
+    subspace = np.linalg.qr(rng.normal(size=(DIM, 24)))[0].T  # 24×DIM orthonormal
+    centers = rng.normal(0.0, 4.0, (60, 24)) * np.linspace(3.0, 0.5, 24)
+
+    def sample(n: int) -> np.ndarray:
+        latent = centers[rng.integers(0, 60, n)] + rng.normal(0.0, 1.0, (n, 24)) * np.linspace(2.0, 0.3, 24)
+        return latent @ subspace + rng.normal(0.0, 0.15, (n, DIM))
+
+    points = sample(3000)
+    queries = np.concatenate([sample(1800), rng.normal(0.0, 3.0, (200, DIM))])[rng.permutation(2000)]
+    return points.astype(np.float32), queries.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def indexes(data) -> dict[str, QuantizedIndex]:
+    points, _ = data
+    return {mode: build_index(points, "int8", mode, patches_per_image=BLOCK) for mode in ("exact", "coarse")}
+
+
+def test_coarse_recall_matches_exact_int8(indexes, data):
+    _, queries = data
+    _, want = indexes["exact"].search(queries, 1)
+    _, got = indexes["coarse"].search(queries, 1)
+    recall = np.mean(got[:, 0] == want[:, 0])
+    assert recall >= 0.99, recall
+
+
+def test_coarse_certifies_each_blocks_max_even_with_a_crippled_graph(data):
+    points, queries = data
+    exact = build_index(points, "int8", "exact")
+    coarse = build_index(points, "int8", "coarse", patches_per_image=BLOCK)
+    coarse._coarse.candidates, coarse._coarse.ef_search = 1, 1  # the graph alone now misses often
+    ref_d, ref_i = exact.search(queries, 1)
+    dist, idx = coarse.search(queries, 1)
+    assert np.mean(idx[:, 0] == ref_i[:, 0]) < 0.97
+    for start in range(0, len(queries), BLOCK):
+        rows = slice(start, start + BLOCK)
+        worst = np.argmax(dist[rows, 0])
+        assert dist[rows, 0].max() == pytest.approx(ref_d[rows, 0].max(), rel=1e-5)
+        assert idx[rows, 0][worst] == ref_i[rows, 0][np.argmax(ref_d[rows, 0])]
+
+
+def test_coarse_exact_query_is_exact_for_k_neighbours(indexes, data):
+    """The pruned exact search (projection lower bounds) returns exact search's k nearest."""
+    _, queries = data
+    coarse, exact = indexes["coarse"], indexes["exact"]
+    for row in (0, 5, 17):
+        q = queries[row]
+        d, i = coarse._coarse.exact(q, coarse._coarse.project(q[None])[0], np.inf, -1, k=5)
+        want_d, want_i = exact.search(q[None], 5)
+        np.testing.assert_array_equal(i, want_i[0])
+        np.testing.assert_allclose(d, want_d[0], rtol=1e-5)
+
+
+def test_coarse_distances_are_true_l2_to_the_decoded_codes(indexes, data):
+    _, queries = data
+    index = indexes["coarse"]
+    dist, idx = index.search(queries[:200], 3)
+    assert dist.dtype == np.float32 and idx.dtype == np.int64 and np.all(np.diff(dist, axis=1) >= 0)
+    direct = np.linalg.norm(index.reconstruct(idx).astype(np.float64) - queries[:200, None, :], axis=2)
+    np.testing.assert_allclose(dist, direct, rtol=1e-5)
+    # the rows the camera decodes on demand are the rows exact mode decodes once at load
+    np.testing.assert_array_equal(index.reconstruct(idx), indexes["exact"].reconstruct(idx))
+
+
+def test_coarse_holds_no_fp32_copy(indexes, data):
+    points, _ = data
+    coarse, exact = indexes["coarse"], indexes["exact"]
+    assert isinstance(coarse.points, CodeRows)
+    assert coarse.points[np.array([[1, 2]])].shape == (1, 2, DIM)
+    # exact keeps two fp32 copies (+ the codes); coarse only the codes, a 32-d graph and projections
+    # (at 256-d hnswlib's ~210 B of links and labels per point still weigh; at 1024-d see RESULTS.md)
+    assert exact.memory_bytes() > 2 * points.nbytes
+    assert coarse.memory_bytes() < min(0.75 * points.nbytes, exact.memory_bytes() / 3)
+
+
+def test_coarse_round_trip_and_determinism(indexes, data, tmp_path):
+    points, queries = data
+    (tmp_path / "a").mkdir()
+    description = json.loads(json.dumps(indexes["coarse"].save(tmp_path / "a")))
+    loaded = QuantizedIndex.load(tmp_path / "a", description)
+    for got, want in zip(loaded.search(queries, 2), indexes["coarse"].search(queries, 2)):
+        np.testing.assert_array_equal(got, want)
+    (tmp_path / "b").mkdir()
+    build_index(points, "int8", "coarse", patches_per_image=BLOCK).save(tmp_path / "b")
+    for path in (tmp_path / "a").iterdir():
+        assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
+
+
+def test_coarse_needs_int8(data):
+    points, _ = data
+    with pytest.raises(ValueError, match="int8"):
+        build_index(points, "fp16", "coarse")
