@@ -13,6 +13,7 @@ Model directory (written atomically)::
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,11 +292,12 @@ def fit(
     bank_all = train_features.reshape(-1, train_features.shape[-1])
 
     start = time.perf_counter()
-    sampler = create_sampler(
+    sampler = create_sampler(  # the sampler draws its own bar on a terminal; plain lines come from step()
         config.sampler, ratio=config.coreset_ratio, projection_dim=config.projection_dim, seed=config.seed,
-        device=device.type, progress=progress,
+        device=device.type, progress=progress and sys.stderr.isatty(),
     )
-    selected = sampler.select(bank_all)
+    with step(f"fit: coreset ({config.sampler}, {len(bank_all)} patches)", 1, progress and not sys.stderr.isatty()):
+        selected = sampler.select(bank_all)
     memory_bank = np.ascontiguousarray(bank_all[selected])
     timings["coreset_s"] = time.perf_counter() - start
 

@@ -155,3 +155,76 @@ def test_the_one_decision_rule_is_fail_closed(score, expected):
 
     decision = Decision.from_config({"value": 1.0, "normalization": {"threshold": 1.0, "min": 0.5, "max": 1.0}})
     assert bool(decision.is_anomalous(score)) is expected
+
+
+class _Terminal:
+    """A stream that says it is a terminal (rich draws a bar on it)."""
+
+    def __init__(self) -> None:
+        import io
+
+        self.buffer = io.StringIO()
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return self.buffer.write(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
+    import io
+
+    from edgecore.progress import step
+
+    plain = io.StringIO()
+    with step("fit: features", 3, stream=plain) as advance:
+        advance(3)
+    lines = plain.getvalue().splitlines()
+    assert lines[0] == "fit: features: 3 …" and lines[1].startswith("fit: features: done in ")
+    terminal = _Terminal()
+    with step("fit: features", 3, stream=terminal) as advance:
+        advance(3)
+    assert "3/3" in terminal.buffer.getvalue()  # rich's M-of-N column
+    silent = io.StringIO()
+    with step("x", 1, enabled=False, stream=silent) as advance:
+        advance(1)
+    assert silent.getvalue() == ""
+
+
+def test_evaluate_report_has_operating_point_per_defect_errors_and_both_rocs(fitted_model_dir, synthetic_category, tmp_path):
+    result = runner.invoke(app, ["evaluate", str(fitted_model_dir), str(synthetic_category), "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "evaluate: scoring: 10 …" in result.stderr  # progress, as plain lines off a terminal
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    per_defect = metrics["per_defect_type"]
+    assert set(per_defect) == {"good", "missing", "scratch", "spot"}
+    assert sum(entry["images"] for entry in per_defect.values()) == metrics["images"]
+    assert per_defect["good"]["flagged"] == metrics["at_threshold"]["fp"] == len(metrics["false_alarms"])
+    assert len(metrics["misses"]) == metrics["at_threshold"]["fn"]
+    report = (tmp_path / "report.md").read_text()
+    assert "## Operating point" in report and "## Per defect type" in report
+    assert "## False alarms" in report and "## Misses" in report
+    for image, overlay in metrics["error_overlays"].items():
+        assert (tmp_path / overlay).is_file() and overlay in report
+    assert len(metrics["error_overlays"]) == len(metrics["false_alarms"]) + len(metrics["misses"])
+    roc = Image.open(tmp_path / "roc.png")
+    assert roc.size == (640, 640)
+
+
+def test_roc_plot_gets_image_and_pixel_curves_named_once(fitted_model_dir, synthetic_category, tmp_path, monkeypatch):
+    import edgecore.evaluation as evaluation
+    from edgecore.model import PatchCoreModel
+
+    drawn = {}
+    monkeypatch.setattr(evaluation, "save_roc_png", lambda path, curves, title: drawn.update(curves))
+    model = PatchCoreModel.load(fitted_model_dir, device="cpu")
+    data = evaluation.load_test_set(synthetic_category, model.preprocess_config)
+    result, records = evaluation.evaluate(model, data)
+    evaluation.write_evaluation(tmp_path, result, records, "t", test_set=data, scorer=model)
+    assert set(drawn) == {"image", "pixel"}  # the plot adds "(AUROC x)" itself: once
+    fpr, tpr = drawn["pixel"]
+    assert fpr[0] == 0.0 and fpr[-1] == 1.0 and len(fpr) <= evaluation.PLOT_POINTS
