@@ -16,7 +16,7 @@ from edgecore import metrics
 from edgecore.data.datasets import ImageStream, Sample, test_samples
 from edgecore.progress import step
 from edgecore.report import save_roc_png, write_report
-from edgecore.runtime.overlay import render_overlay, save_overlay
+from edgecore.runtime.overlay import OVERLAY_SUFFIX, render_overlay, save_overlay
 from edgecore.runtime.preprocess import PreprocessConfig, preprocess, preprocess_mask
 from edgecore.runtime.scorer import ImageScorer
 from edgecore.runtime.scoring import Scores
@@ -185,7 +185,7 @@ def _error_overlays(out_dir: Path, result: dict, records: dict, data: Evaluation
         if row["image"] not in wrong:
             continue
         kind = "false_alarm" if row["is_anomalous"] else "miss"
-        target = out_dir / "errors" / f"{kind}-{sample.defect_type}-{sample.path.stem}-{i:04d}.png"
+        target = out_dir / "errors" / f"{kind}-{sample.defect_type}-{sample.path.stem}-{i:04d}{OVERLAY_SUFFIX}"
         image = render_overlay(
             data.crops[i], scorer.normalization(records["scores"].maps[i]), whole, row["score"],
             row["normalized_score"], row["is_anomalous"], scorer.threshold, max_side=max(crop, 320),

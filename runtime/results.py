@@ -17,7 +17,7 @@ from typing import Callable
 from edgecore.runtime.errors import ImageError
 from edgecore.runtime.frames import expand_images, output_names
 from edgecore.runtime.imageio import load_image
-from edgecore.runtime.overlay import render_overlay, save_overlay
+from edgecore.runtime.overlay import OVERLAY_SUFFIX, render_overlay, save_overlay
 from edgecore.runtime.scorer import ImageScorer
 
 OVERLAY_CHOICES = ("all", "anomalous", "none")
@@ -60,7 +60,7 @@ def score_images(
     if overlays not in OVERLAY_CHOICES:
         raise ValueError(f"--overlays must be one of {', '.join(OVERLAY_CHOICES)}, got {overlays!r}")
     images = expand_images(inputs)
-    names = output_names(images)
+    names = output_names(images, suffix=OVERLAY_SUFFIX)
     summary = RunSummary()
     rows = None
     if output is not None:

@@ -42,8 +42,8 @@ def test_predict_scores_defects_above_normals(fitted_model_dir, synthetic_catego
     spot = [r["score"] for r in rows if "/spot/" in r["image"]]
     assert min(spot) > max(good)
     assert all(r["is_anomalous"] == (r["normalized_score"] >= 0.5) for r in rows)
-    overlay = tmp_path / "overlays" / "good" / "000.png"  # named by relative path: good/000 and spot/000 both kept
-    assert overlay.is_file() and (tmp_path / "overlays" / "spot" / "000.png").is_file()
+    overlay = tmp_path / "overlays" / "good" / "000.jpg"  # named by relative path: good/000 and spot/000 both kept
+    assert overlay.is_file() and (tmp_path / "overlays" / "spot" / "000.jpg").is_file()
     from PIL import Image
 
     assert Image.open(overlay).width == 128  # the original width (small frames are not scaled)
