@@ -101,6 +101,7 @@ class QuantizedIndex:
         mode: str,
         graph: dict[str, np.ndarray] | None = None,
         hnsw: dict | None = None,
+        choice: dict | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -112,6 +113,7 @@ class QuantizedIndex:
             raise ValueError("mode='coarse' searches the int8 codes; use dtype='int8'")
         self.dtype = dtype
         self.mode = mode
+        self.choice = dict(choice or {"mode": mode})  # why the exporter chose this mode (manifest only)
         self.arrays = arrays
         self.graph = graph if mode != "exact" else None
         self.hnsw = dict(hnsw) if mode != "exact" and hnsw is not None else None
@@ -233,6 +235,7 @@ class QuantizedIndex:
         }
         if self.hnsw is not None:
             description["hnsw"] = dict(self.hnsw)
+        description["choice"] = dict(self.choice)
         return description
 
     @classmethod

@@ -148,18 +148,37 @@ def test_int8_vectors_fit_the_size_budget(tmp_path, size, dim):
 
 
 def test_choose_search_mode():
+    def mode(size, dim, dtype="int8"):
+        chosen, reason = choose_search_mode(size, dim, dtype)
+        assert reason  # the manifest says why
+        return chosen
+
     # the measured crossovers: ~9 000 points at D=152, ~4 500 at D=1024
-    assert choose_search_mode(8_000, 152) == "exact"
-    assert choose_search_mode(10_000, 152) == "hnsw"
-    assert choose_search_mode(4_000, 1024) == "exact"
-    assert choose_search_mode(5_000, 1024) == "hnsw"
-    assert choose_search_mode(5_000, 4096) == "hnsw"  # clamped beyond the measured dims
-    assert choose_search_mode(2_000, 64) == "exact"
+    assert mode(8_000, 152) == "exact"
+    assert mode(10_000, 152) == "hnsw"  # a 32-d projection loses too much at 152-d
+    assert mode(4_000, 1024) == "exact"
+    assert mode(5_000, 1024) == "coarse"  # int8 at large D: projected graph + re-rank on the codes
+    assert mode(5_000, 1024, "fp16") == "hnsw"  # coarse searches int8 codes only
+    assert mode(5_000, 4096) == "coarse"  # clamped beyond the measured dims
+    assert mode(2_000, 64) == "exact"
     with pytest.raises(ValueError):
         choose_search_mode(0, 152)
     points = np.random.default_rng(1).normal(size=(300, 8)).astype(np.float32)
     assert build_index(points).mode == "exact"
+    assert build_index(points).choice["reason"].startswith("300 points is below")
     assert build_index(points, mode="hnsw").mode == "hnsw"
+
+
+def test_automatic_coarse_choice_is_confirmed_on_the_coreset(monkeypatch):
+    """Structureless data: the rule says coarse, the probe finds the 32-d projection useless → hnsw."""
+    import edgecore.export.index_build as index_build
+
+    monkeypatch.setattr(index_build, "CROSSOVER_POINTS", ((152, 500), (1024, 500)))
+    monkeypatch.setattr(index_build, "COARSE_MIN_DIM", 64)
+    points = np.random.default_rng(4).normal(size=(1_500, 96)).astype(np.float32)
+    assert choose_search_mode(1_500, 96)[0] == "coarse"
+    index = build_index(points)
+    assert index.mode == "hnsw" and "probe recall" in index.choice["reason"]
 
 
 def test_bad_arguments_raise_value_error(indexes, data):
