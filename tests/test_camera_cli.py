@@ -228,3 +228,31 @@ def test_roc_plot_gets_image_and_pixel_curves_named_once(fitted_model_dir, synth
     assert set(drawn) == {"image", "pixel"}  # the plot adds "(AUROC x)" itself: once
     fpr, tpr = drawn["pixel"]
     assert fpr[0] == 0.0 and fpr[-1] == 1.0 and len(fpr) <= evaluation.PLOT_POINTS
+
+
+def test_an_engine_this_cpu_cannot_run_is_named_never_silently_skipped(bundle_copy, synthetic_category, monkeypatch):
+    """On a CPU without VNNI the auto choice passes over a VNNI-only engine: infer says so, and the fix it
+    suggests is a workstation step (never "recompile here": the camera has no NNCF)."""
+    import edgecore.runtime.backends.openvino as ov_backend
+    from edgecore.export.compile import compile_openvino
+    from edgecore.runtime.bundle import rewrite_bundle
+    from edgecore.runtime.detector import Detector
+    from edgecore.runtime.errors import BundleError
+
+    compile_openvino(bundle_copy, "bf16")
+
+    def mark_vnni_only(staging, manifest):  # as an INT8 engine compiled without --portable on a VNNI host is marked
+        manifest["engines"]["openvino-bf16"]["requires_vnni"] = True
+        return manifest
+
+    rewrite_bundle(bundle_copy, mark_vnni_only)
+    monkeypatch.setattr(ov_backend, "has_vnni", lambda: False)  # an AVX2-only camera
+    result = runner.invoke(app, ["infer", str(bundle_copy), str(synthetic_category / "test" / "good" / "000.png")])
+    assert result.exit_code == 0, result.output
+    engine = result.stderr.splitlines()[0]
+    assert engine.startswith("engine: openvino") and "requested default" in engine
+    assert "not runnable on this CPU: openvino-bf16 (" in engine and "no VNNI" in engine
+    assert json.loads(result.stdout.splitlines()[-1])["engine"].startswith("openvino ")
+    with pytest.raises(BundleError, match="on the workstation.*--portable") as refused:
+        Detector.open(bundle_copy, precision="bf16")
+    assert "recompile it here" not in str(refused.value)
