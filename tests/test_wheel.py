@@ -27,8 +27,15 @@ def camera_venv(tmp_path_factory):
     if not _wheelhouse_ready():
         pytest.skip(f"no camera wheelhouse at {WHEELHOUSE} (bash .ci/install fills it; the install step may download)")
     work = tmp_path_factory.mktemp("wheel")
+    source = work / "src"  # build from a copy: setuptools writes build/ and *.egg-info next to the sources
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    for name in listed:
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     built = subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(work / "dist"), str(ROOT)],
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(work / "dist"), str(source)],
         capture_output=True, text=True, timeout=300,
     )
     assert built.returncode == 0, built.stderr[-3000:]
