@@ -32,7 +32,7 @@ from edgecore.runtime.fsutil import atomic_directory, write_json
 from edgecore.runtime.preprocess import PreprocessConfig, preprocess
 from edgecore.runtime.scorer import Decision, ImageScorer, PatchScorer
 from edgecore.runtime.search import ExactSearch, neighbour_table
-from edgecore.samplers import create_sampler
+from edgecore.samplers import SAMPLERS, available_samplers, create_sampler
 
 MODEL_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -67,6 +67,8 @@ class FitConfig:
             raise ValueError(f"false_alarm_rate must be in [0, 1), got {self.false_alarm_rate}")
         if self.num_neighbors < 1 or self.embed_dim < 1 or self.batch_size < 1:
             raise ValueError("num_neighbors, embed_dim and batch_size must be >= 1")
+        if self.sampler not in SAMPLERS:  # before any feature is extracted
+            raise ValueError(f"unknown sampler {self.sampler!r}; available: {', '.join(available_samplers())}")
 
 
 def resolve_device(device: str) -> torch.device:
