@@ -242,7 +242,7 @@ def create_backbone(
     layers: tuple[str, ...] | list[str] | None = None,
     weights: str | Path | None = None,
     random_init: bool = False,
-    image_size: int = 224,
+    image_size: int | tuple[int, int] = 224,
     seed: int = 0,
 ) -> Backbone:
     """Build a frozen, eval-mode trunk that returns the requested feature maps.
@@ -252,7 +252,7 @@ def create_backbone(
         layers: feature maps to tap (default: the backbone's stride-8 + stride-16 pair).
         weights: local weights file (default: the entry's offline source).
         random_init: random weights (benchmarks and tests only; warns).
-        image_size: input size (Lite0 needs it to build).
+        image_size: input side or (height, width) (Lite0's static padding needs it to build).
         seed: seeds random init.
 
     Returns:

@@ -43,8 +43,13 @@ def fit(
     embed_dim: int = typer.Option(1024, help="Patch embedding size after the linear reduction."),
     coreset_ratio: float = typer.Option(0.1, help="Fraction of patches kept by k-center greedy."),
     num_neighbors: int = typer.Option(9, help="b in the paper's Eq. 7 reweighting (1 = plain max)."),
-    resize: int = typer.Option(256, help="Square resize before the center crop."),
-    crop: int = typer.Option(224, help="Center crop size fed to the backbone."),
+    resize: int = typer.Option(256, help="Square resize before the center crop (--aspect squash)."),
+    crop: int = typer.Option(224, help="Center crop size fed to the backbone; the short side in pad/crop."),
+    aspect: str = typer.Option(
+        "auto", help="auto (from the training frames' sizes) | squash (square resize + center crop) | "
+        "pad (keep the aspect, pad: whole frame inspected) | crop (keep the aspect, center crop the overflow)."),
+    input_size: Optional[str] = typer.Option(
+        None, help="HEIGHTxWIDTH of the static graph input for --aspect pad/crop (default: the frames' aspect)."),
     val_ratio: float = typer.Option(0.1, help="Share of normal images held out to set the threshold."),
     false_alarm_rate: float = typer.Option(0.01, help="Allowed false-alarm rate on held-out normal images."),
     seed: int = typer.Option(0, help="Seed for the split, the coreset and random init."),
@@ -54,9 +59,11 @@ def fit(
 ) -> None:
     """Fit PatchCore on normal images and write a model directory."""
     _needs_host("fit")
+    from dataclasses import replace
+
+    from edgecore.aspect import resolve_preprocess
     from edgecore.data.datasets import ImageStream, train_samples
     from edgecore.model import FitConfig, fit as fit_model
-    from edgecore.runtime.preprocess import PreprocessConfig
 
     config = FitConfig(
         backbone=backbone,
@@ -71,14 +78,16 @@ def fit(
         seed=seed,
         device=device,
         batch_size=batch_size,
-        preprocess=PreprocessConfig(resize=resize, crop=crop),
-    )
+    )  # the options are checked before any file is read
     samples = train_samples(data)
+    preprocess, preprocess_choice = resolve_preprocess(aspect, input_size, resize, crop, (s.path for s in samples))
+    config = replace(config, preprocess=preprocess)
     stream = ImageStream(samples, skip_bad=skip_bad)
     sources: list[str] = []  # filled as the frames stream in (one decoded frame in memory at a time)
     model = fit_model(stream.images(sources), config, progress=True, sources=sources)
     if stream.skipped:
         _echo_err(f"skipped {len(stream.skipped)} unreadable file(s)")
+    model.config["fit"]["preprocess_choice"] = preprocess_choice
     model.save(output)
     summary = {
         "model": str(output),
@@ -86,6 +95,7 @@ def fit(
         "validation_images": model.config["fit"]["validation_images"],
         "coreset_size": model.config["coreset"]["size"],
         "embed_dim": model.config["features"]["embed_dim"],
+        "preprocess": preprocess_choice,
         "threshold": model.threshold,
         "timings_s": model.config["fit"]["timings"],
         "skipped_files": len(stream.skipped),

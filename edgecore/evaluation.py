@@ -45,7 +45,7 @@ def load_test_set(root: str | Path, config: PreprocessConfig, skip_bad: bool = F
         crops.append(preprocess(rgb, config))
         known = mask is not None or sample.label == 0
         has_mask.append(known)
-        masks.append(preprocess_mask(mask, config) if mask is not None else np.zeros((config.crop, config.crop), bool))
+        masks.append(preprocess_mask(mask, config) if mask is not None else np.zeros(config.input_hw, bool))
     return EvaluationData(kept, np.stack(crops), np.stack(masks), np.array(has_mask), list(stream.skipped))
 
 
@@ -178,8 +178,8 @@ def write_evaluation(
 def _error_overlays(out_dir: Path, result: dict, records: dict, data: EvaluationData, scorer: ImageScorer) -> dict[str, str]:
     """Overlays (on the inspected crop) of every false alarm and miss: what a person reviews first."""
     wrong = set(result["false_alarms"]) | set(result["misses"])
-    crop = data.crops.shape[1]
-    whole = PreprocessConfig(resize=crop, crop=crop)  # the crop is the whole picture here
+    height, width = data.crops.shape[1:3]
+    whole = PreprocessConfig(aspect="pad", input_size=(height, width))  # the crop is the whole picture here
     paths: dict[str, str] = {}
     for i, (sample, row) in enumerate(zip(data.samples, records["rows"])):
         if row["image"] not in wrong:
@@ -188,7 +188,7 @@ def _error_overlays(out_dir: Path, result: dict, records: dict, data: Evaluation
         target = out_dir / "errors" / f"{kind}-{sample.defect_type}-{sample.path.stem}-{i:04d}{OVERLAY_SUFFIX}"
         image = render_overlay(
             data.crops[i], scorer.normalization(records["scores"].maps[i]), whole, row["score"],
-            row["normalized_score"], row["is_anomalous"], scorer.threshold, max_side=max(crop, 320),
+            row["normalized_score"], row["is_anomalous"], scorer.threshold, max_side=max(height, width, 320),
         )
         save_overlay(target, image)
         paths[row["image"]] = target.relative_to(out_dir).as_posix()

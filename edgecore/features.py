@@ -60,9 +60,9 @@ class PatchCoreFeatures(nn.Module):
         return patches
 
 
-def grid_shape(module: PatchCoreFeatures, crop: int) -> tuple[int, int]:
-    """The patch grid (h, w) this module produces for a crop×crop input."""
+def grid_shape(module: PatchCoreFeatures, input_hw: tuple[int, int]) -> tuple[int, int]:
+    """The patch grid (h, w) this module produces for an input_hw (height, width) input."""
     with torch.no_grad():
-        maps = module.trunk(torch.zeros(1, 3, crop, crop))
+        maps = module.trunk(torch.zeros(1, 3, *input_hw))
     h, w = maps[0].shape[-2:]
     return int(h), int(w)

@@ -104,7 +104,7 @@ class PatchCoreModel(ImageScorer):
         self.preprocess_config = PreprocessConfig.from_dict(config["preprocess"])
         self.grid = tuple(config["features"]["grid"])
         self.scorer = PatchScorer(
-            ExactSearch(self.memory_bank), self.memory_bank, neighbours, self.grid, self.preprocess_config.crop,
+            ExactSearch(self.memory_bank), self.memory_bank, neighbours, self.grid, self.preprocess_config.input_hw,
             config["scoring"]["blur_sigma"],
         )
 
@@ -199,7 +199,7 @@ def build_feature_module(config: dict, weights: str | None = None) -> PatchCoreF
             layers=info["layers"],
             weights=weights,
             random_init=random_init,
-            image_size=config["preprocess"]["crop"],
+            image_size=PreprocessConfig.from_dict(config["preprocess"]).input_hw,
             seed=info.get("seed", 0),
         )
     if backbone.weights_sha256 != info["weights_sha256"]:
@@ -271,11 +271,11 @@ def fit(
         layers=config.layers,
         weights=config.weights,
         random_init=config.random_init,
-        image_size=config.preprocess.crop,
+        image_size=config.preprocess.input_hw,
         seed=config.seed,
     )
     features = PatchCoreFeatures(backbone.module, backbone.channels, backbone.spec.mean, backbone.spec.std, config.embed_dim)
-    grid = grid_shape(features, config.preprocess.crop)
+    grid = grid_shape(features, config.preprocess.input_hw)
     bank_idx, val_idx = split_validation(len(all_crops), config.val_ratio, config.seed)
 
     model_config = base_model_config(config, backbone, features, grid)

@@ -50,7 +50,7 @@ def export_bundle(
     output = Path(output)
     model = PatchCoreModel.load(model_dir, device="cpu")
     config = model.config
-    crop = model.preprocess_config.crop
+    crop = model.preprocess_config.input_hw
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -88,7 +88,7 @@ def export_bundle(
                 "file": GRAPH_FILE,
                 "opset": OPSET,
                 "batch": batch,
-                "input": {"name": INPUT_NAME, "shape": [batch, crop, crop, 3], "dtype": "uint8", "layout": "NHWC-RGB"},
+                "input": {"name": INPUT_NAME, "shape": [batch, *crop, 3], "dtype": "uint8", "layout": "NHWC-RGB"},
                 "output": {"name": OUTPUT_NAME, "shape": [batch, grid[0] * grid[1], embed_dim], "dtype": "float32"},
                 "ops": sorted({node.op_type for node in graph.graph.node}),
             },

@@ -33,12 +33,14 @@ def graph_ops(model: onnx.ModelProto) -> set[str]:
     return {node.op_type for node in model.graph.node}
 
 
-def export_onnx(module: PatchCoreFeatures, crop: int, batch: int = 1) -> onnx.ModelProto:
-    """Trace the feature module into a simplified, checked ONNX model (in memory)."""
+def export_onnx(module: PatchCoreFeatures, crop: int | tuple[int, int], batch: int = 1) -> onnx.ModelProto:
+    """Trace the feature module into a simplified, checked ONNX model (in memory); ``crop``
+    is the static input side, or (height, width) for an aspect-aware bundle."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     module = module.cpu().eval()
-    dummy = torch.zeros(batch, crop, crop, 3, dtype=torch.uint8)
+    height, width = (crop, crop) if isinstance(crop, int) else crop
+    dummy = torch.zeros(batch, height, width, 3, dtype=torch.uint8)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice

@@ -119,12 +119,16 @@ def validate_manifest(manifest: object, where: str = MANIFEST) -> dict:
             f"{where}.preprocess: need 32 <= crop <= resize <= {MAX_RESIZE}, got crop {pre['crop']}, "
             f"resize {pre['resize']}"
         )
+    in_h, in_w = _validate_aspect(pre, where)
     feats = _require(manifest, "features", dict, where)
     grid = _require(feats, "grid", list, f"{where}.features")
     if len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid):
         raise BundleError(f"{where}.features.grid: expected two positive integers, got {grid!r}")
-    if grid[0] != grid[1]:  # the crop is square, and so is every CNN feature map of it
-        raise BundleError(f"{where}.features.grid: {grid!r} is not square, but the {pre['crop']}-px crop is")
+    # A CNN feature map has the input's shape (up to one cell): a square crop gives a square grid.
+    if in_h == in_w and grid[0] != grid[1]:
+        raise BundleError(f"{where}.features.grid: {grid!r} is not square, but the {in_h}-px crop is")
+    if abs(grid[0] * in_w - grid[1] * in_h) > max(in_h, in_w):
+        raise BundleError(f"{where}.features.grid: {grid!r} does not have the shape of the {in_h}×{in_w} input")
     _positive(_require(feats, "embed_dim", int, f"{where}.features"), f"{where}.features.embed_dim")
     scoring = _require(manifest, "scoring", dict, where)
     _positive(_require(scoring, "num_neighbors", int, f"{where}.scoring"), f"{where}.scoring.num_neighbors")
@@ -177,6 +181,29 @@ CONTRACT_FIELDS = (
 )
 
 
+def input_hw(pre: dict) -> tuple[int, int]:
+    """(height, width) of the graph input a manifest's ``preprocess`` section describes."""
+    if pre.get("aspect", "squash") != "squash":
+        return int(pre["input_size"][0]), int(pre["input_size"][1])
+    return int(pre["crop"]), int(pre["crop"])
+
+
+def _validate_aspect(pre: dict, where: str) -> tuple[int, int]:
+    """pad/crop bundles: a known mode and an input_size whose long/short side are resize/crop."""
+    aspect = pre.get("aspect", "squash")
+    if aspect not in ("squash", "pad", "crop"):
+        raise BundleError(f"{where}.preprocess.aspect: {aspect!r} is not squash, pad or crop")
+    if aspect != "squash":
+        size = pre.get("input_size")
+        if not (_int_list(size) and len(size) == 2 and min(size) >= 32 and max(size) <= MAX_RESIZE):
+            raise BundleError(f"{where}.preprocess.input_size: expected [height, width] in 32..{MAX_RESIZE}, got {size!r}")
+        if (max(size), min(size)) != (pre["resize"], pre["crop"]):
+            raise BundleError(
+                f"{where}.preprocess: input_size {size} disagrees with resize {pre['resize']} / crop {pre['crop']}"
+            )
+    return input_hw(pre)
+
+
 def _int_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
@@ -186,10 +213,10 @@ def _validate_graph_io(manifest: dict, where: str) -> None:
 
     (The real graph is checked against the same numbers when an engine opens it.)
     """
-    graph, crop = manifest["graph"], manifest["preprocess"]["crop"]
+    graph, (in_h, in_w) = manifest["graph"], input_hw(manifest["preprocess"])
     grid, dim = manifest["features"]["grid"], manifest["features"]["embed_dim"]
     expected = {
-        "input": [graph["batch"], crop, crop, 3],
+        "input": [graph["batch"], in_h, in_w, 3],
         "output": [graph["batch"], grid[0] * grid[1], dim],
     }
     for key, shape in expected.items():
@@ -243,10 +270,11 @@ def check_engine_io(
     mis-map patches) on every frame; refuse it once, at open. None = not known
     (a dynamic shape or a backend that does not say): not checked.
     """
-    crop, batch = manifest["preprocess"]["crop"], manifest["graph"]["batch"]
+    (in_h, in_w), batch = input_hw(manifest["preprocess"]), manifest["graph"]["batch"]
     grid, dim = manifest["features"]["grid"], manifest["features"]["embed_dim"]
     expected = {
-        "input": (input_shape, (batch, crop, crop, 3), "graph.batch, preprocess.crop"),
+        "input": (input_shape, (batch, in_h, in_w, 3),
+                  "graph.batch, preprocess." + ("input_size" if "input_size" in manifest["preprocess"] else "crop")),
         "output": (output_shape, (batch, grid[0] * grid[1], dim), "graph.batch, features.grid, features.embed_dim"),
     }
     for what, (real, wanted, fields) in expected.items():

@@ -84,7 +84,7 @@ class Detector(ImageScorer):
         check_engine_io(manifest, getattr(engine, "input_shape", None), getattr(engine, "output_shape", None),
                         engine.info.source)
         self.scorer = PatchScorer(
-            self.index, self.index.points, self.neighbour_table, self.grid, self.preprocess_config.crop, self.blur_sigma
+            self.index, self.index.points, self.neighbour_table, self.grid, self.preprocess_config.input_hw, self.blur_sigma
         )
 
     @classmethod

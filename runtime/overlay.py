@@ -32,16 +32,6 @@ def jet(values: np.ndarray) -> np.ndarray:
     return (np.concatenate([r, g, b], axis=-1) * 255.0 + 0.5).astype(np.uint8)
 
 
-def inspected_box(height: int, width: int, config: PreprocessConfig) -> tuple[float, float, float, float]:
-    """(left, top, right, bottom) of the center crop in original-image pixels.
-
-    The frame is resized to a square ``resize``×``resize`` and cropped in its center,
-    so on the original frame the inspected part is a box scaled per axis.
-    """
-    lo, hi = config.offset / config.resize, (config.offset + config.crop) / config.resize
-    return lo * width, lo * height, hi * width, hi * height
-
-
 def _edge(mask: np.ndarray) -> np.ndarray:
     inner = np.zeros_like(mask)
     inner[1:-1, 1:-1] = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
@@ -79,7 +69,9 @@ def render_overlay(
     frame = Image.fromarray(rgb)
     if scale < 1.0:
         frame = frame.resize((shown_w, shown_h), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    left, top, right, bottom = (round(v * scale) for v in inspected_box(height, width, config))
+    box, (rows, cols) = config.inspected(height, width)
+    normalised_crop_map = np.asarray(normalised_crop_map)[rows, cols]  # padding is no part of the frame
+    left, top, right, bottom = (round(v * scale) for v in box)
     box_w, box_h = max(1, right - left), max(1, bottom - top)
 
     shown = np.asarray(frame, dtype=np.uint8)

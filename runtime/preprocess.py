@@ -129,7 +129,8 @@ def _place(array: np.ndarray, config: PreprocessConfig, height: int, width: int,
     rh, rw, top, left = config.placement(height, width)
     in_h, in_w = config.input_hw
     if top <= 0 and left <= 0 and top + rh >= in_h and left + rw >= in_w:
-        return np.ascontiguousarray(array[-top : in_h - top, -left : in_w - left])
+        view = np.ascontiguousarray(array[-top : in_h - top, -left : in_w - left])
+        return view if view.flags.writeable else view.copy()  # Pillow's buffer is read-only; torch wants to own it
     canvas = np.full((in_h, in_w, *array.shape[2:]), fill, dtype=array.dtype)
     return _paste(canvas, array, top, left)
 

@@ -50,7 +50,7 @@ class Detection:
     score: float
     normalized_score: float
     is_anomalous: bool
-    map: np.ndarray  # crop×crop raw patch-distance map
+    map: np.ndarray  # input_h×input_w raw patch-distance map (the graph input's geometry)
     map_original: np.ndarray  # H×W map on the original image
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -71,12 +71,12 @@ class PatchScorer:
     gives the coreset rows Eq. 7 compares against.
     """
 
-    def __init__(self, search, support_vectors, neighbour_table: np.ndarray, grid, crop: int, blur_sigma: float) -> None:
+    def __init__(self, search, support_vectors, neighbour_table: np.ndarray, grid, crop, blur_sigma: float) -> None:
         self.search = search
         self.support_vectors = support_vectors
         self.neighbour_table = neighbour_table
         self.grid = tuple(grid)
-        self.crop = int(crop)
+        self.crop = (int(crop), int(crop)) if np.isscalar(crop) else (int(crop[0]), int(crop[1]))  # map (H, W)
         self.blur_sigma = float(blur_sigma)
 
     def search_patches(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

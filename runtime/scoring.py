@@ -109,11 +109,13 @@ def map_operator(grid: int, crop: int, sigma: float) -> np.ndarray:
     return (_blur_matrix(crop, float(sigma)) @ _bilinear_matrix(grid, crop)).astype(np.float32)
 
 
-def anomaly_maps(patch_scores: np.ndarray, grid: tuple[int, int], crop: int, sigma: float) -> np.ndarray:
-    """N×(h·w) patch distances → N×crop×crop maps: bilinear upsample + Gaussian blur σ."""
+def anomaly_maps(patch_scores: np.ndarray, grid: tuple[int, int], crop, sigma: float) -> np.ndarray:
+    """N×(h·w) patch distances → N×H×W maps (``crop``: the input side, or (H, W) for a
+    non-square input): bilinear upsample + Gaussian blur σ."""
     h, w = grid
-    rows = map_operator(h, crop, sigma)
-    cols = map_operator(w, crop, sigma)
+    out_h, out_w = (crop, crop) if np.isscalar(crop) else (int(crop[0]), int(crop[1]))
+    rows = map_operator(h, int(out_h), sigma)
+    cols = map_operator(w, int(out_w), sigma)
     patches = patch_scores.reshape(-1, h, w).astype(np.float32)
     return np.einsum("ih,nhw,jw->nij", rows, patches, cols, optimize=True)
 

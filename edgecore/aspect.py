@@ -1,0 +1,116 @@
+"""Pick the preprocessing geometry from the training images' sizes (``fit --aspect auto``).
+
+Roughly square parts keep the square resize + center crop (the numbers on bottle
+say it is fine there). A part whose frames are elongated gets ``pad``: the aspect
+ratio is kept, the short side of the static graph input is the crop size and the
+long side follows the part (rounded to the backbone's stride 32, capped at
+:data:`MAX_ASPECT`× the short side), so neither detail nor the ends are lost.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgecore.runtime.preprocess import PreprocessConfig
+
+#: Frames whose long/short side ratio stays below this are treated as square.
+SQUARE_BELOW = 1.25
+#: The graph input's long side is at most this many times its short side.
+MAX_ASPECT = 4.0
+STRIDE = 32
+
+
+@dataclass(frozen=True)
+class AspectChoice:
+    config: PreprocessConfig
+    median_hw: tuple[int, int]
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"mode": "auto", "median_hw": list(self.median_hw), "reason": self.reason, **self.config.to_dict()}
+
+
+def input_size_for(height: float, width: float, short_side: int) -> tuple[int, int]:
+    """(H, W) of a graph input with the frame's aspect: short side ``short_side``, long side a multiple of 32."""
+    ratio = min(max(height, width) / min(height, width), MAX_ASPECT)
+    long_side = max(short_side, int(round(short_side * ratio / STRIDE)) * STRIDE)
+    return (long_side, short_side) if height >= width else (short_side, long_side)
+
+
+def choose_preprocess(sizes: Iterable[tuple[int, int]], resize: int = 256, crop: int = 224) -> AspectChoice:
+    """Args: sizes: (height, width) of the training frames; resize, crop: the square geometry.
+
+    Returns: the geometry and why it was chosen (recorded in the model's config)."""
+    sizes = np.asarray(list(sizes), dtype=np.float64)
+    if sizes.size == 0:
+        raise ValueError("no training images to choose the preprocessing from")
+    height, width = np.median(sizes[:, 0]), np.median(sizes[:, 1])
+    median_hw = (int(round(height)), int(round(width)))
+    ratio = max(height, width) / min(height, width)
+    if ratio < SQUARE_BELOW:
+        return AspectChoice(PreprocessConfig(resize=resize, crop=crop), median_hw,
+                            f"frames are near-square (aspect {ratio:.2f} < {SQUARE_BELOW}): square resize + center crop")
+    size = input_size_for(height, width, crop)
+    return AspectChoice(PreprocessConfig(aspect="pad", input_size=size), median_hw,
+                        f"frames have aspect {ratio:.2f}: keep it, pad to a static {size[0]}x{size[1]} input")
+
+
+def parse_input_size(text: str) -> tuple[int, int]:
+    """``"448x160"`` (height x width) → (448, 160)."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--input-size must be HEIGHTxWIDTH, e.g. 448x160, got {text!r}") from None
+    return height, width
+
+
+def frame_sizes(paths: Iterable) -> list[tuple[int, int]]:
+    """(height, width) of each readable frame, from its header (no decoding); unreadable ones are left
+    to the fit's own decoding, which reports or skips them."""
+    from edgecore.runtime.errors import EdgecoreError
+    from edgecore.runtime.imageio import image_size
+
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(image_size(path))
+        except (EdgecoreError, OSError):
+            continue
+    return sizes
+
+
+def resolve_preprocess(
+    aspect: str, input_size: str | None, resize: int, crop: int, paths: Iterable
+) -> tuple[PreprocessConfig, dict]:
+    """What ``fit --aspect/--input-size/--resize/--crop`` mean, with the record kept in the model config.
+
+    Args:
+        aspect: ``auto`` (choose from the frames' sizes), ``squash``, ``pad`` or ``crop``.
+        input_size: ``HEIGHTxWIDTH`` of the graph input (pad/crop only; default: the frames'
+            median aspect with short side ``crop``).
+        resize, crop: the square geometry (squash), and the short side of pad/crop.
+        paths: the training frames (only their headers are read, and only when needed).
+
+    Returns:
+        (the geometry, how it was chosen).
+    """
+    if input_size is not None and aspect not in ("pad", "crop"):
+        raise ValueError("--input-size goes with --aspect pad or --aspect crop")
+    if aspect == "squash":
+        config = PreprocessConfig(resize=resize, crop=crop)
+        return config, {"mode": "squash", **config.to_dict()}
+    if aspect == "auto":
+        return (choice := choose_preprocess(frame_sizes(paths), resize, crop)).config, choice.to_dict()
+    if aspect not in ("pad", "crop"):
+        raise ValueError(f"--aspect must be auto, squash, pad or crop, got {aspect!r}")
+    if input_size is not None:
+        size = parse_input_size(input_size)
+    else:
+        sizes = np.asarray(frame_sizes(paths), dtype=np.float64)
+        if sizes.size == 0:
+            raise ValueError("no readable training images to size the input from; give --input-size")
+        size = input_size_for(float(np.median(sizes[:, 0])), float(np.median(sizes[:, 1])), crop)
+    config = PreprocessConfig(aspect=aspect, input_size=size)
+    return config, {"mode": aspect, **config.to_dict()}
