@@ -256,3 +256,11 @@ def test_an_engine_this_cpu_cannot_run_is_named_never_silently_skipped(bundle_co
     with pytest.raises(BundleError, match="on the workstation.*--portable") as refused:
         Detector.open(bundle_copy, precision="bf16")
     assert "recompile it here" not in str(refused.value)
+
+
+def test_compile_dispatches_through_the_backend_registry(exported_bundle, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # as on an Intel camera, even where TensorRT exists
+    result = runner.invoke(app, ["compile", str(exported_bundle), "--target", "tensorrt", "--precision", "fp16"])
+    assert result.exit_code == 2 and "TensorRT is not installed" in result.output
+    result = runner.invoke(app, ["compile", str(exported_bundle), "--target", "onnxruntime", "--precision", "fp32"])
+    assert result.exit_code == 2 and "unknown backend 'onnxruntime'; choose openvino or tensorrt" in result.output
