@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -479,6 +480,7 @@ def _checked_members(tar: tarfile.TarFile, archive: Path, limit: int) -> tuple[l
                 f"{archive}: unpacks to more than {limit:,} bytes (the cap; set EDGECORE_MAX_UNPACK_BYTES "
                 "to raise it); refused before writing anything"
             )
+    _check_archive_end(tar, archive)
     for member in members:
         path = _safe_relative(member.name, f"{archive}: member")
         if not (member.isfile() or member.isdir()):
@@ -490,7 +492,24 @@ def _checked_members(tar: tarfile.TarFile, archive: Path, limit: int) -> tuple[l
         roots.add(path.parts[0])
     if len(roots) != 1:
         raise BundleError(f"{archive}: expected one top-level bundle folder, found {sorted(roots)}")
+    files = [PurePosixPath(m.name) for m in members if m.isfile()]
+    if len(set(files)) != len(files):
+        twice = sorted(p.as_posix() for p, n in Counter(files).items() if n > 1)
+        raise BundleError(f"{archive}: damaged archive: member(s) {twice} appear more than once")
+    folders = {parent for m in members for parent in PurePosixPath(m.name).parents}
+    clash = sorted(p.as_posix() for p in set(files) & folders)
+    if clash:
+        raise BundleError(f"{archive}: damaged archive: {clash} is both a file and a folder")
     return members, next(iter(roots))
+
+
+def _check_archive_end(tar: tarfile.TarFile, archive: Path) -> None:
+    """tarfile stops quietly where a cut archive ends; a whole one ends in two zero blocks plus
+    zero padding, a whole number of 512-byte blocks in all (at most 1 MiB of it is read)."""
+    tar.fileobj.seek(tar.offset)  # where reading headers stopped
+    tail = tar.fileobj.read(1 << 20)
+    if len(tail) < 1024 or tail.count(0) != len(tail) or (tar.offset + len(tail)) % tarfile.BLOCKSIZE:
+        raise BundleError(f"{archive}: damaged archive: truncated or trailing data after the last member")
 
 
 def _check_against_manifest(tar: tarfile.TarFile, members: list[tarfile.TarInfo], root: str, archive: Path) -> None:
