@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -271,3 +272,46 @@ def test_random_sampler_is_sorted_unique_and_seeded() -> None:
     selected = RandomSampler(ratio=0.2, seed=1).select(features)
     assert len(selected) == 100 and np.all(np.diff(selected) > 0)
     np.testing.assert_array_equal(selected, RandomSampler(ratio=0.2, seed=1).select(features))
+
+
+# ----------------------------------------------------------------------------- both exact engines
+
+
+ENGINES = [coreset._PrunedFarthestFirst, coreset._ClusterFarthestFirst]
+
+
+@pytest.mark.parametrize("engine", ENGINES, ids=["blocks", "clusters"])
+@pytest.mark.parametrize(
+    ("make", "projection_dim", "ratio"),
+    [
+        (lambda: clustered(4000, 48, 50, seed=3), 16, 0.25),
+        (lambda: lattice(7, 4), None, 0.5),  # exact ties everywhere
+        (lambda: np.concatenate([np.random.default_rng(2).normal(size=(150, 6)).astype(np.float32)] * 2), None, 0.8),
+        (lambda: np.random.default_rng(9).normal(size=(3000, 40)).astype(np.float32), None, 0.1),  # high intrinsic dim
+    ],
+    ids=["clustered", "lattice", "duplicates", "isotropic"],
+)
+def test_each_exact_engine_reproduces_the_plain_loop(engine: type, make, projection_dim: int | None, ratio: float) -> None:
+    features = make()
+    points, first = points_and_start(features, projection_dim, seed=1)
+    n_select = coreset_size(len(features), ratio)
+    selected, radius_sq = engine(points.copy(), lambda done: None).run(first, n_select)
+    reference = reference_greedy(points, first, n_select)
+    np.testing.assert_array_equal(selected, reference)
+    expected = brute_min_dist(points, selected).max() if n_select < len(points) else 0.0
+    assert math.sqrt(radius_sq) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_default_engine_is_the_cluster_one_when_numba_is_installed() -> None:
+    pytest.importorskip("numba")
+    assert coreset._cpu_engine() is coreset._ClusterFarthestFirst
+
+
+def test_farthest_first_is_the_samplers_engine() -> None:
+    features = clustered(2500, 32, 25)
+    sampler = KCenterGreedySampler(ratio=0.1, projection_dim=16, seed=4)
+    expected = sampler.select(features)
+    points, first = points_and_start(features, 16, seed=4)
+    selected, radius_sq = coreset.farthest_first(points, first, len(expected))
+    np.testing.assert_array_equal(selected, expected)
+    assert math.sqrt(radius_sq) == pytest.approx(sampler.coverage_radius_)
