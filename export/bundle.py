@@ -24,6 +24,7 @@ import onnx
 import edgecore
 from edgecore.export.index_build import build_index
 from edgecore.export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx, torch_reference
+from edgecore.export.validation import VALIDATION_FILE, validation_crops
 from edgecore.model import PatchCoreModel
 from edgecore.runtime.bundle import (
     ARCHIVE_SUFFIX, FORMAT, FORMAT_VERSION, MANIFEST, bundle_lock, file_entry, verify_bundle,
@@ -52,6 +53,9 @@ def export_bundle(
     config = model.config
     crop = model.preprocess_config.input_hw
     timings: dict[str, float] = {}
+    validation, validation_note = validation_crops(model, log)
+    if validation is None:
+        log(f"export: no validation images stored ({validation_note}); compile keeps the fp32 threshold")
 
     start = time.perf_counter()
     log("export: tracing the feature module to ONNX (opset %d, static shapes)" % OPSET)
@@ -71,7 +75,10 @@ def export_bundle(
         (staging / INDEX_DIR).mkdir()
         index_description = index.save(staging / INDEX_DIR)
         np.save(staging / NEIGHBOURS_FILE, model.neighbour_table.astype(np.int32), allow_pickle=False)
-        files = [GRAPH_FILE, NEIGHBOURS_FILE] + sorted(
+        if validation is not None:
+            (staging / VALIDATION_FILE).parent.mkdir()
+            np.save(staging / VALIDATION_FILE, validation, allow_pickle=False)
+        files = [GRAPH_FILE, NEIGHBOURS_FILE] + ([VALIDATION_FILE] if validation is not None else []) + sorted(
             p.relative_to(staging).as_posix() for p in (staging / INDEX_DIR).rglob("*") if p.is_file()
         )
         manifest = {
@@ -96,6 +103,9 @@ def export_bundle(
             "neighbour_table": {"file": NEIGHBOURS_FILE, "shape": list(model.neighbour_table.shape)},
             "coreset": {k: config["coreset"][k] for k in ("size", "ratio", "projection_dim", "seed")},
             "engines": {},
+            # The held-out images behind threshold.validation_scores: compile re-fits the threshold on its engine.
+            **({"validation": {"file": VALIDATION_FILE, "images": int(len(validation)), "note": validation_note}}
+               if validation is not None else {}),
             "export": {"timings_s": {k: round(v, 3) for k, v in timings.items()}},
             "files": {name: file_entry(staging, name) for name in files},
         }

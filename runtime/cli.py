@@ -206,7 +206,10 @@ def compile_(
     calib: Optional[Path] = typer.Option(None, help="Normal images for INT8 calibration (MVTec category or folder)."),
     num_calib: Optional[int] = typer.Option(None, help="How many calibration images (default 64)."),
     max_drop: Optional[float] = typer.Option(None, help="OpenVINO INT8 accuracy-aware mode: max drop of embedding cosine."),
-    refit_threshold: Optional[Path] = typer.Option(None, help="OpenVINO: held-out normal images; re-fit the threshold with this engine."),
+    refit_threshold: Optional[Path] = typer.Option(
+        None, help="OpenVINO: held-out normal images to re-fit the threshold on (default: the bundle's validation images)."),
+    keep_threshold: bool = typer.Option(
+        False, "--keep-threshold", help="OpenVINO: keep fit's fp32 threshold (default: re-fit on this engine)."),
     portable: bool = typer.Option(
         False, "--portable", help="OpenVINO INT8 that every x86 CPU runs (7-bit weights, also without VNNI)."
     ),
@@ -224,7 +227,8 @@ def compile_(
     if target == "tensorrt":
         options = dict(calib=calib, num_calib=num_calib, workspace_mb=workspace, dla_core=dla)
     else:
-        options = dict(calib=calib, num_calib=num_calib, max_drop=max_drop, refit=refit_threshold, portable=portable)
+        options = dict(calib=calib, num_calib=num_calib, max_drop=max_drop, refit=refit_threshold, portable=portable,
+                       keep_threshold=keep_threshold)
     manifest = compile_function(bundle, precision, log=echo_err, **options)
     typer.echo(json.dumps(bundle_summary(bundle, manifest), indent=2))
 
