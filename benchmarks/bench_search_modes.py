@@ -1,0 +1,127 @@
+"""Search modes side by side: end-to-end `edgecore bench` latency (interleaved) and fidelity on bottle.
+
+Two parts, both written as Markdown to stdout (benchmarks/RESULTS.md § "Search at the hardware limit"):
+
+* ``latency``: one interleaved ``run_bench`` over every (bundle, search mode) given, on real frames, with
+  the index's resident bytes; the bundles are exports of the same model (one per graph mode; exact
+  search runs on any of them).
+* ``fidelity``: every mode the exporter may choose against exact fp32 search on cached bottle features
+  (``benchmarks/bench_index.py --cache``): recall@1 over all test patches, image-score Spearman, image and
+  pixel AUROC deltas, search time per image, index memory / fp32 coreset bytes.
+
+    python benchmarks/bench_search_modes.py latency --bundle /tmp/wrn_coarse.edgecore:coarse,exact \\
+        --bundle /tmp/wrn_hnsw.edgecore:hnsw --precision int8 --images ../shared/data/mvtec_bottle/test
+    python benchmarks/bench_search_modes.py fidelity --backbone wide_resnet50_2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def latency(args: argparse.Namespace) -> None:
+    from edgecore.runtime.bench import BenchConfig, folder_frames, render_markdown, run_bench
+
+    configs = []
+    for spec in args.bundle:
+        path, _, modes = spec.partition(":")
+        for mode in (modes.split(",") if modes else [None]):
+            configs.append(BenchConfig(precision=args.precision, search=mode, bundle=path))
+    frames = folder_frames(args.images, limit=args.frames)
+    report = run_bench(configs[0].bundle, configs, frames=frames, iterations=args.iterations, warmup=3)
+    print(f"load average before/after: {args.load_before} / {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+    print(render_markdown(report))
+    print("| config | search p50 | engine p50 | search / engine | total − decode p50 | total p99 | index in memory / fp32 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for run in report["runs"]:
+        st = run["stages_ms"]
+        search, engine = st["search"]["p50"], st["engine"]["p50"]
+        fp32 = run["sizes"]["coreset_fp32_bytes"]
+        print(f"| {run['config']} ({run['search']}) | {search:.1f} | {engine:.1f} | {search / engine:.2f} | "
+              f"{st['total']['p50'] - st['decode']['p50']:.1f} | {st['total']['p99']:.1f} | "
+              f"{run['index_memory_bytes'] / fp32:.3f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def fidelity(args: argparse.Namespace) -> None:
+    from scipy.stats import spearmanr
+    from threadpoolctl import threadpool_limits
+
+    from bench_index import CROP, GRID, SIGMA, load_data
+    from edgecore.export.index_build import build_index
+    from edgecore.metrics import auroc, pixel_auroc
+    from edgecore.runtime.index import QuantizedIndex
+    from edgecore.runtime.scoring import anomaly_maps, image_scores
+
+    threadpool_limits(1, user_api="blas")  # as the camera runtime (Detector caps BLAS at 1 thread)
+    data = load_data(args.data, args.backbone, args.cache)
+    n, p, d = data.test.shape
+    queries = data.test.reshape(-1, d)
+    fp32_bytes = data.coreset.nbytes
+
+    def evaluate(dist, idx, points):
+        patch = dist.reshape(n, p)
+        scores = image_scores(patch, idx.reshape(n, p), data.test, points, data.table)
+        maps = anomaly_maps(patch, GRID, CROP, SIGMA)
+        return scores, maps
+
+    ref_scores, ref_maps = evaluate(data.ref_dist, data.ref_idx, data.coreset)
+    usable = np.array([m.any() or label == 0 for m, label in zip(data.masks, data.labels)])
+    ref_auroc = auroc(ref_scores, data.labels)
+    ref_pixel = pixel_auroc(ref_maps[usable], data.masks[usable])
+    print(f"{args.backbone}: coreset {data.coreset.shape[0]}×{d}, {n} test images × {p} patches; "
+          f"exact fp32 image AUROC {ref_auroc:.4f}, pixel AUROC {ref_pixel:.4f}; load {os.getloadavg()[0]:.2f}\n")
+    print("| mode (int8 codes) | recall@1 vs exact fp32 | image Spearman | Δ image AUROC (pt) | Δ pixel AUROC (pt) "
+          "| search ms / image (1 thread) | index in memory / fp32 | chosen by export |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    chosen = build_index(data.coreset, "int8").choice
+    for mode in args.modes:
+        index = build_index(data.coreset, "int8", mode)
+        with tempfile.TemporaryDirectory() as tmp:
+            index = QuantizedIndex.load(tmp, json.loads(json.dumps(index.save(tmp))))
+        index.search(queries[:p], 1)
+        start = time.perf_counter()
+        dist, idx = index.search(queries, 1)
+        per_image = (time.perf_counter() - start) / n * 1e3
+        scores, maps = evaluate(dist[:, 0], idx[:, 0], index.points)
+        recall = float(np.mean(idx[:, 0] == data.ref_idx))
+        rho = spearmanr(ref_scores, scores).statistic
+        d_img = 100 * (ref_auroc - auroc(scores, data.labels))
+        d_pix = 100 * (ref_pixel - pixel_auroc(maps[usable], data.masks[usable]))
+        print(f"| {mode} | {recall:.4f} | {rho:.5f} | {d_img:+.2f} | {d_pix:+.2f} | {per_image:.1f} | "
+              f"{index.memory_bytes() / fp32_bytes:.3f} | {'yes' if mode == chosen['mode'] else ''} |", flush=True)
+    print(f"\nexport's automatic choice: {json.dumps(chosen, ensure_ascii=False)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="part", required=True)
+    lat = sub.add_parser("latency")
+    lat.add_argument("--bundle", action="append", required=True, help="PATH[:mode,mode] (modes: exact,hnsw,coarse)")
+    lat.add_argument("--precision", default="int8")
+    lat.add_argument("--images", type=Path, required=True)
+    lat.add_argument("--frames", type=int, default=83)
+    lat.add_argument("--iterations", type=int, default=60)
+    lat.add_argument("--json")
+    lat.add_argument("--load-before", default=" ".join(f"{x:.2f}" for x in os.getloadavg()))
+    fid = sub.add_parser("fidelity")
+    fid.add_argument("--data", type=Path, default=Path("/work/shared/data/mvtec_bottle"))
+    fid.add_argument("--backbone", default="wide_resnet50_2")
+    fid.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "edgecore_index_bench")
+    fid.add_argument("--modes", nargs="+", default=["exact", "hnsw", "coarse"])
+    args = parser.parse_args()
+    latency(args) if args.part == "latency" else fidelity(args)
+
+
+if __name__ == "__main__":
+    main()
