@@ -29,14 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def latency(args: argparse.Namespace) -> None:
-    from edgecore.runtime.bench import BenchConfig, folder_frames, render_markdown, run_bench
+    from edgecore.runtime.bench import BenchConfig, render_markdown, run_bench
 
     configs = []
     for spec in args.bundle:
         path, _, modes = spec.partition(":")
         for mode in (modes.split(",") if modes else [None]):
             configs.append(BenchConfig(precision=args.precision, search=mode, bundle=path))
-    frames = folder_frames(args.images, limit=args.frames)
+    frames = [path.read_bytes() for path in sorted(args.images.rglob("*.png"))][: args.frames]  # every defect folder
     report = run_bench(configs[0].bundle, configs, frames=frames, iterations=args.iterations, warmup=3)
     print(f"load average before/after: {args.load_before} / {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     print(render_markdown(report))

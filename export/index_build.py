@@ -33,7 +33,7 @@ CROSSOVER_POINTS = ((152, 9_000), (1024, 4_500))
 # Chosen on bottle (benchmarks/INDEX_STUDY.md, "Search at the hardware limit").
 COARSE_PROJ_DIM = 32
 COARSE_CANDIDATES = 8
-COARSE_EF_SEARCH = 32
+COARSE_EF_SEARCH = 16
 COARSE_MIN_DIM = 512  # below it the projection loses too much (see choose_search_mode)
 COARSE_MIN_PROBE_RECALL = 0.99
 PROBE_NOISE_GAPS = 3.0
