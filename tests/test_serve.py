@@ -227,6 +227,19 @@ def test_a_bad_option_is_one_clear_line(exported_bundle, argv, expected):
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.output
 
 
+def test_a_taken_port_and_an_unwritable_sink_are_one_line_each(exported_bundle, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(_app(), ["serve", str(exported_bundle), "--http", f"127.0.0.1:{port}"])
+    assert result.exit_code == 2 and result.output.strip() == f"error: --http 127.0.0.1:{port}: Address already in use"
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    result = runner.invoke(_app(), ["serve", str(exported_bundle), "--overlays", str(blocked / "sub")])
+    assert result.exit_code == 2 and result.output.strip().startswith(f"error: --overlays {blocked / 'sub'}: ")
+
+
 def test_config_file_unknown_key_and_flag_precedence(exported_bundle, tmp_path):
     from edgecore.runtime.serve.config import build_config, read_toml
 
@@ -416,17 +429,23 @@ def _serve_process(bundle: Path, watch: Path, jsonl: Path) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_sigterm_mid_stream_drains_and_a_restart_scores_each_file_once(exported_bundle, frames, tmp_path):
+def test_sighup_and_sigterm_mid_stream_then_a_restart_scores_each_file_once(exported_bundle, frames, tmp_path):
     watch = tmp_path / "incoming"
     watch.mkdir()
     sources = frames["good"] + frames["bad"]
-    names = [f"{i:03d}.png" for i in range(300)]  # ~10 ms each: SIGTERM lands mid-folder
+    names = [f"{i:03d}.png" for i in range(600)]  # ~10 ms each: the signals land mid-folder
     for i, name in enumerate(names):
         shutil.copy(sources[i % len(sources)], watch / name)
     first, second = tmp_path / "run1.jsonl", tmp_path / "run2.jsonl"
 
     process = _serve_process(exported_bundle, watch, first)
     wait_for(lambda: len(results(first)) >= 5 or process.poll() is not None, 60, "the first results")
+    process.send_signal(signal.SIGHUP)  # reload mid-stream, then stop mid-stream
+
+    def reloaded():
+        return any('"event": "reload"' in line and "SIGHUP" in line for line in first.read_text().splitlines())
+
+    wait_for(lambda: reloaded() or process.poll() is not None, 30, "the SIGHUP reload")
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr

@@ -93,12 +93,7 @@ def serve(
     _require_modules(settings)
     from edgecore.runtime.serve.service import Service
 
-    try:
-        service = Service(settings, log=echo_err)
-    except OSError as exc:  # e.g. the HTTP port is taken
-        echo_error(f"--http {settings.http}: {exc.strerror or exc}")
-        raise typer.Exit(code=2) from None
-
+    service = Service(settings, log=echo_err)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -37,6 +37,7 @@ class Result:
     preprocess: object = None  # the model's PreprocessConfig (where the inspected crop lies)
     error: str | None = None
     t_done: float = field(default_factory=time.perf_counter)
+    _row: dict | None = field(default=None, repr=False)
 
     @property
     def verdict(self) -> str:
@@ -50,6 +51,12 @@ class Result:
         return self.detection is not None and self.detection.is_anomalous
 
     def to_json(self) -> dict:
+        """The result row every sink sends (built once: JSONL, MQTT, webhook and the live page share it)."""
+        if self._row is None:
+            self._row = self._build_row()
+        return self._row
+
+    def _build_row(self) -> dict:
         row = {
             "frame_id": self.frame.id,
             "source": self.frame.source,

@@ -20,7 +20,7 @@ import numpy as np
 from edgecore.runtime.bundle import MANIFEST
 from edgecore.runtime.errors import EdgecoreError
 from edgecore.runtime.imageio import load_image
-from edgecore.runtime.serve.config import ServeConfig, build_config
+from edgecore.runtime.serve.config import ConfigError, ServeConfig, build_config
 from edgecore.runtime.serve.frames import Frame, Result
 from edgecore.runtime.serve.metrics import Metrics
 from edgecore.runtime.serve.model import ModelSlot
@@ -53,13 +53,19 @@ class Service:
         self.sources: list[Source] = self._build_sources()
         from edgecore.runtime.serve.http import HttpApi
 
-        self.http = HttpApi(self, config.http_host, config.http_port)
+        try:
+            self.http = HttpApi(self, config.http_host, config.http_port)
+        except OSError as exc:  # the port is taken, or the address is not this machine's
+            raise ConfigError(f"--http {config.http}: {exc.strerror or exc}") from None
 
     # --- wiring ------------------------------------------------------------------
     def _build_sources(self) -> list[Source]:
         config, sources = self.config, []
         if config.watch is not None:
-            sources.append(FolderSource(config.watch, self.submit, self.log, config.journal, config.move_to))
+            try:
+                sources.append(FolderSource(config.watch, self.submit, self.log, config.journal, config.move_to))
+            except OSError as exc:  # the journal or --move-to cannot be written
+                raise ConfigError(f"--watch {config.watch}: {exc.filename or ''}: {exc.strerror or exc}") from None
         for url in config.video:
             sources.append(VideoSource(url, self.submit, self.log, config.video_rate,
                                        on_reconnect=lambda: self.metrics.reconnects.labels("video").inc()))

@@ -50,7 +50,12 @@ class SinkRunner:
         self._thread = threading.Thread(target=self._run, name=f"sink-{sink.name}", daemon=True)
 
     def start(self) -> None:
-        self.sink.start()
+        from edgecore.runtime.serve.config import ConfigError
+
+        try:
+            self.sink.start()
+        except OSError as exc:  # e.g. the OPC UA port is taken
+            raise ConfigError(f"--{self.sink.name}: cannot start it: {exc.strerror or exc}") from None
         self._thread.start()
 
     def put(self, kind: str, item) -> None:
@@ -368,8 +373,15 @@ def build_sinks(config, metrics, status: Callable[[], dict], model_version: Call
         "webhook": lambda: WebhookSink(config.webhook, config.webhook_retries),
         "opcua": lambda: OpcUaSink(config.opcua, model_version),
     }
-    return [
-        SinkRunner(factory(), metrics, rate=config.rates.get(name, 0.0), log=log)
-        for name, factory in factories.items()
-        if getattr(config, name) is not None
-    ]
+    from edgecore.runtime.serve.config import ConfigError
+
+    runners = []
+    for name, factory in factories.items():
+        if getattr(config, name) is None:
+            continue
+        try:
+            sink = factory()
+        except OSError as exc:  # an unwritable folder or file
+            raise ConfigError(f"--{name} {getattr(config, name)}: {exc.strerror or exc}") from None
+        runners.append(SinkRunner(sink, metrics, rate=config.rates.get(name, 0.0), log=log))
+    return runners
