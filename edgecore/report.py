@@ -265,6 +265,7 @@ def write_report(out_dir: str | os.PathLike[str], metrics: Mapping[str, object],
     clean = _jsonable(metrics)
     if not isinstance(clean, dict):
         raise TypeError(f"metrics must be a mapping, got {type(metrics).__name__}")
+    out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "metrics.json", out / "report.md"
     text = json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n"
     _atomic_write(json_path, text.encode("utf-8"))

@@ -49,7 +49,7 @@ def test_lite0_feature_module_shapes_and_normalisation():
     assert backbone.channels == [40, 112] and backbone.strides == [8, 16]
     module = PatchCoreFeatures(backbone.module, backbone.channels, backbone.spec.mean, backbone.spec.std, 1024).eval()
     assert module.embed_dim == 152 and module.reduction is None  # no-op when already smaller
-    assert grid_shape(module, 224) == (28, 28)
+    assert grid_shape(module, (224, 224)) == (28, 28)
     images = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8)
     with torch.no_grad():
         out = module(images)

@@ -336,11 +336,11 @@ def test_predict_skip_bad_scores_the_rest_exactly(fitted_model_dir, synthetic_ca
     clean = tmp_path / "clean"
     result = runner.invoke(app, ["predict", str(fitted_model_dir), str(synthetic_category / "test" / "good"), "-o", str(clean)])
     assert result.exit_code == 0, result.output
-    expected = {Path(r["image"]).name: r["score"] for r in map(json.loads, (clean / "scores.jsonl").read_text().splitlines())}
+    expected = {Path(r["image"]).name: r["score"] for r in map(json.loads, (clean / "results.jsonl").read_text().splitlines())}
     data = _folder_with(tmp_path, synthetic_category / "test" / "good", list(BAD_FILES))
     result = runner.invoke(app, ["predict", str(fitted_model_dir), str(data), "-o", str(tmp_path / "o"), "--skip-bad"])
     assert result.exit_code == 0, result.output
-    rows = [json.loads(x) for x in (tmp_path / "o" / "scores.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
     assert {Path(r["image"]).name: r["score"] for r in rows} == expected
     assert f"skipped {len(BAD_FILES)} unreadable file(s)" in result.output
 
