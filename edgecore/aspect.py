@@ -2,9 +2,11 @@
 
 Roughly square parts keep the square resize + center crop (the numbers on bottle
 say it is fine there). A part whose frames are elongated gets ``pad``: the aspect
-ratio is kept, the short side of the static graph input is the crop size and the
-long side follows the part (rounded to the backbone's stride 32, capped at
-:data:`MAX_ASPECT`× the short side), so neither detail nor the ends are lost.
+ratio is kept and the static graph input keeps the pixel budget of the square
+crop (≈ crop², sides rounded to the backbone's stride 32, long side capped at
+:data:`MAX_ASPECT`× the short side): the ends are no longer cut and the camera's
+latency stays where it was sized. Measured on 160×560 tall parts (RESULTS.md
+§ Total Recall): short side = crop (768×224) buys the same recall at 8× the latency.
 """
 from __future__ import annotations
 
@@ -52,9 +54,11 @@ def choose_preprocess(sizes: Iterable[tuple[int, int]], resize: int = 256, crop:
     if ratio < SQUARE_BELOW:
         return AspectChoice(PreprocessConfig(resize=resize, crop=crop), median_hw,
                             f"frames are near-square (aspect {ratio:.2f} < {SQUARE_BELOW}): square resize + center crop")
-    size = input_size_for(height, width, crop)
+    short_side = max(STRIDE, int(round(crop / np.sqrt(min(ratio, MAX_ASPECT)) / STRIDE)) * STRIDE)
+    size = input_size_for(height, width, short_side)
     return AspectChoice(PreprocessConfig(aspect="pad", input_size=size), median_hw,
-                        f"frames have aspect {ratio:.2f}: keep it, pad to a static {size[0]}x{size[1]} input")
+                        f"frames have aspect {ratio:.2f}: keep it, pad to a static {size[0]}x{size[1]} input "
+                        f"(about the pixels of a {crop}x{crop} crop)")
 
 
 def parse_input_size(text: str) -> tuple[int, int]:

@@ -65,13 +65,14 @@ def test_auto_choice_from_frame_sizes(tmp_path):
 
     assert choose_preprocess([(900, 900), (880, 900)]).config == PreprocessConfig()
     tall = choose_preprocess([(1250, 500)] * 3)  # the issue's 500 x 1250 parts
-    assert tall.config == PreprocessConfig(aspect="pad", input_size=(576, 224)) and "2.50" in tall.reason
-    wide = choose_preprocess([(300, 1200)], crop=112).config
-    assert wide.input_hw == (112, 448)
+    # same pixel budget as 224x224: short side 224/sqrt(2.5) → 128, long side 2.5 x 128 = 320
+    assert tall.config == PreprocessConfig(aspect="pad", input_size=(320, 128)) and "2.50" in tall.reason
+    wide = choose_preprocess([(300, 1200)], crop=128).config
+    assert wide.input_hw == (64, 256)
     for i in range(3):
         Image.new("RGB", (64, 224)).save(tmp_path / f"{i}.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    config, record = resolve_preprocess("auto", None, 128, 64, sorted(tmp_path.iterdir()))
+    config, record = resolve_preprocess("auto", None, 128, 112, sorted(tmp_path.iterdir()))
     assert config.input_hw == (224, 64) and record["mode"] == "auto" and record["median_hw"] == [224, 64]
     assert resolve_preprocess("crop", "256x96", 128, 64, [])[0] == PreprocessConfig(aspect="crop", input_size=(256, 96))
     with pytest.raises(ValueError, match="--input-size goes with"):
@@ -101,13 +102,14 @@ def tall_category(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tall_model_dir(tall_category, tmp_path_factory) -> Path:
-    """`edgecore fit` with the default --aspect auto: the 64x224 frames get a padded 224x64 input."""
+    """`edgecore fit` with the default --aspect auto: the 64x224 frames get a padded 224x64 input
+    (about the pixels of the 112x112 crop the square model gets)."""
     from typer.testing import CliRunner
 
     from edgecore.cli import app
 
     out = tmp_path_factory.mktemp("tall-models") / "pad"
-    result = CliRunner().invoke(app, ["fit", str(tall_category), "-o", str(out), "--crop", "64", "--val-ratio", "0.2",
+    result = CliRunner().invoke(app, ["fit", str(tall_category), "-o", str(out), "--crop", "112", "--val-ratio", "0.2",
                                       "--device", "cpu"])
     assert result.exit_code == 0, result.output
     return out
