@@ -194,13 +194,18 @@ class CoarseSearch:
         """
         diff = self._projected - projected
         lower = np.sqrt(np.einsum("md,md->m", diff, diff)) * (1.0 - _BOUND_SLACK)
-        order = np.argsort(lower, kind="stable")
+        order = _ascending_first(lower, batch)
         best_d = np.empty(0, np.float32)
         best_i = np.empty(0, np.int64)
         kth = np.inf if k > 1 else float(bound)
         if k == 1:
             best_d, best_i = np.array([bound], np.float32), np.array([holder], np.int64)
         for start in range(0, self.size, batch):
+            if start == len(order):  # past the partially sorted head (rare): append the rest, sorted
+                rest = np.ones(self.size, bool)
+                rest[order] = False
+                rest = np.flatnonzero(rest)
+                order = np.concatenate([order, rest[np.argsort(lower[rest], kind="stable")]])
             ids = order[start : start + batch]
             if lower[ids[0]] > kth:
                 break
@@ -213,3 +218,11 @@ class CoarseSearch:
                 kth = float(best_d[-1])
         return best_d, best_i
 
+
+def _ascending_first(values: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the ``count`` smallest values in ascending order (all of them if fewer);
+    a partial sort: the pruned exact search usually stops within the first batch."""
+    if values.size <= count:
+        return np.argsort(values, kind="stable")
+    first = np.argpartition(values, count)[:count]
+    return first[np.argsort(values[first], kind="stable")]
