@@ -51,7 +51,11 @@ def fit(
     input_size: Optional[str] = typer.Option(
         None, help="HEIGHTxWIDTH of the static graph input for --aspect pad/crop (default: the frames' aspect)."),
     val_ratio: float = typer.Option(0.1, help="Share of normal images held out to set the threshold."),
-    false_alarm_rate: float = typer.Option(0.01, help="Allowed false-alarm rate on held-out normal images."),
+    false_alarm_rate: Optional[float] = typer.Option(
+        None, help="Allowed false-alarm rate on held-out normal images (default 0.01; or give --sensitivity)."),
+    sensitivity: Optional[float] = typer.Option(
+        None, help="Expected false alarms per 1 000 normal parts at the threshold (10 = 1 %): higher catches "
+        "fainter defects and stops more good parts."),
     seed: int = typer.Option(0, help="Seed for the split, the coreset and random init."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     batch_size: int = typer.Option(16, help="Images per backbone batch."),
@@ -65,6 +69,11 @@ def fit(
     from edgecore.data.datasets import ImageStream, train_samples
     from edgecore.model import FitConfig, fit as fit_model
 
+    if sensitivity is not None and false_alarm_rate is not None:
+        raise ValueError("give --sensitivity (false alarms per 1 000 parts) or --false-alarm-rate, not both")
+    if sensitivity is not None and not 0 <= sensitivity < 1000:
+        raise ValueError(f"--sensitivity is false alarms per 1 000 normal parts, in [0, 1000), got {sensitivity}")
+    rate = sensitivity / 1000.0 if sensitivity is not None else 0.01 if false_alarm_rate is None else false_alarm_rate
     config = FitConfig(
         backbone=backbone,
         layers=tuple(layers.split(",")) if layers else None,
@@ -74,7 +83,7 @@ def fit(
         coreset_ratio=coreset_ratio,
         num_neighbors=num_neighbors,
         val_ratio=val_ratio,
-        false_alarm_rate=false_alarm_rate,
+        false_alarm_rate=rate,
         seed=seed,
         device=device,
         batch_size=batch_size,

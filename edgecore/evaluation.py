@@ -80,11 +80,18 @@ def evaluate(scorer: ImageScorer, data: EvaluationData, batch_size: int = 16, pr
         "skipped_files": [[str(p), reason] for p, reason in data.skipped],
         "threshold": scorer.threshold,
     }
+    point = metrics.confusion_at(scores.image, labels, scorer.threshold)
     if 0 < labels.sum() < len(labels):
         result["image_auroc"] = metrics.auroc(scores.image, labels)
+    # What the line sees, next to the ranking quality: defects caught and normal parts flagged at the stored threshold.
+    if labels.sum():
+        result["recall_at_threshold"] = point["recall"]
+    if (labels == 0).any():
+        result["false_alarms_per_1000_at_threshold"] = 1000.0 * point["fp"] / (point["fp"] + point["tn"])
+    if 0 < labels.sum() < len(labels):
         f1_threshold, f1 = metrics.f1_optimal_threshold(scores.image, labels)
         result["f1_optimal"] = {"threshold": f1_threshold, "f1": f1}
-    result["at_threshold"] = metrics.confusion_at(scores.image, labels, scorer.threshold)
+    result["at_threshold"] = point
     result["per_defect_type"] = _per_defect(data.samples, scores.image, flagged)
     usable = data.has_mask
     if data.masks[usable].any():

@@ -212,7 +212,8 @@ def _rate(fp: object, tn: object) -> float | None:
 def _summary(metrics: Mapping[str, object]) -> list[str]:
     """Headline numbers, the threshold's operating point, per-defect results and the errors to review."""
     lines: list[str] = []
-    head = [(k, metrics[k]) for k in ("image_auroc", "pixel_auroc", "aupro") if k in metrics]
+    head = [(k, metrics[k]) for k in ("image_auroc", "recall_at_threshold", "false_alarms_per_1000_at_threshold",
+                                      "pixel_auroc", "aupro") if k in metrics]
     if head:
         lines += ["| " + " | ".join(k for k, _ in head) + " |", "|" + "---:|" * len(head),
                   "| " + " | ".join(_fmt(v) for _, v in head) + " |", ""]
