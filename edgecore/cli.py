@@ -36,7 +36,7 @@ def _needs_host(command: str, modules: tuple[str, ...] = HOST_MODULES) -> None:
 def fit(
     data: Path = typer.Argument(..., help="MVTec category (uses train/good) or a folder of normal images."),
     output: Path = typer.Option(..., "-o", "--output", help="Model directory to write (atomically)."),
-    backbone: str = typer.Option("efficientnet_lite0", help="wide_resnet50_2 | resnet18 | efficientnet_lite0"),
+    backbone: str = typer.Option("efficientnet_lite0", help="wide_resnet50_2 | resnet18 | efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2"),
     layers: Optional[str] = typer.Option(None, help="Comma-separated layers (default: the backbone's stride-8 + stride-16 pair)."),
     weights: Optional[Path] = typer.Option(None, help="Local weights file (.pth, loaded with weights_only=True)."),
     random_init: bool = typer.Option(False, "--random-init", help="Random weights: speed benchmarks and tests ONLY."),
