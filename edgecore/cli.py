@@ -60,6 +60,9 @@ def fit(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     batch_size: int = typer.Option(16, help="Images per backbone batch."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images with a warning instead of failing."),
+    cluster: Optional[str] = typer.Option(
+        None, help="Fit on a Ray cluster: auto (a running one, else a private local one) | HOST:PORT. "
+        "Default: this machine alone. Needs edgecore[cluster]."),
 ) -> None:
     """Fit PatchCore on normal images and write a model directory."""
     _needs_host("fit")
@@ -91,6 +94,12 @@ def fit(
     samples = train_samples(data)
     preprocess, preprocess_choice = resolve_preprocess(aspect, input_size, resize, crop, (s.path for s in samples))
     config = replace(config, preprocess=preprocess)
+    if cluster is not None:  # workers read and decode the frames themselves (see edgecore.distributed.fit)
+        from edgecore.distributed import fit_distributed
+
+        typer.echo(json.dumps(fit_distributed([s.path for s in samples], config, output, cluster=cluster,
+                                              progress=True), indent=2))
+        return
     stream = ImageStream(samples, skip_bad=skip_bad)
     sources: list[str] = []  # filled as the frames stream in (one decoded frame in memory at a time)
     model = fit_model(stream.images(sources), config, progress=True, sources=sources)
@@ -110,6 +119,23 @@ def fit(
         "skipped_files": len(stream.skipped),
     }
     typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command(name="fit-many", hidden=_HIDDEN)
+@_friendly
+def fit_many(
+    config: Path = typer.Argument(..., help="TOML/JSON job list: [defaults] fit options, [[jobs]] name/data/output."),
+    cluster: Optional[str] = typer.Option(None, help="auto | HOST:PORT (default: the file's `cluster`, else auto)."),
+    report: Optional[Path] = typer.Option(None, help="Summary JSON (default CONFIG.report.json)."),
+) -> None:
+    """Fit several categories/variants as parallel jobs on one Ray cluster, one model directory each."""
+    _needs_host("fit-many")
+    from edgecore.distributed.many import fit_many as run_fit_many
+
+    summary = run_fit_many(config, cluster=cluster, report=report)
+    typer.echo(json.dumps(summary, indent=2))
+    if summary["failed"]:
+        raise typer.Exit(code=1)
 
 
 @app.command(hidden=_HIDDEN)
