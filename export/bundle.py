@@ -27,7 +27,7 @@ from edgecore.export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_o
 from edgecore.export.validation import VALIDATION_FILE, validation_crops
 from edgecore.model import PatchCoreModel
 from edgecore.runtime.bundle import (
-    ARCHIVE_SUFFIX, FORMAT, FORMAT_VERSION, MANIFEST, bundle_lock, file_entry, verify_bundle,
+    ARCHIVE_SUFFIX, FORMAT, FORMAT_VERSION, MANIFEST, bundle_lock, contract_fields, file_entry, verify_bundle,
 )
 from edgecore.runtime.errors import BundleError
 from edgecore.runtime.fsutil import atomic_directory, atomic_write_bytes, write_json
@@ -95,8 +95,8 @@ def export_bundle(
                 "file": GRAPH_FILE,
                 "opset": OPSET,
                 "batch": batch,
-                "input": {"name": INPUT_NAME, "shape": [batch, *crop, 3], "dtype": "uint8", "layout": "NHWC-RGB"},
-                "output": {"name": OUTPUT_NAME, "shape": [batch, grid[0] * grid[1], embed_dim], "dtype": "float32"},
+                "input": {"name": INPUT_NAME, "shape": [batch, *crop, 3], **contract_fields("graph.input")},
+                "output": {"name": OUTPUT_NAME, "shape": [batch, grid[0] * grid[1], embed_dim], **contract_fields("graph.output")},
                 "ops": sorted({node.op_type for node in graph.graph.node}),
             },
             "index": {"dir": INDEX_DIR, **index_description},

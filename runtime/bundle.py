@@ -182,6 +182,12 @@ CONTRACT_FIELDS = (
 )
 
 
+def contract_fields(section: str) -> dict[str, str]:
+    """The fixed values a manifest ``section`` must carry: the writer fills them from here and
+    ``validate_manifest`` checks them against the same table (one schema for both sides)."""
+    return {key: value for sec, key, value in CONTRACT_FIELDS if sec == section}
+
+
 def input_hw(pre: dict) -> tuple[int, int]:
     """(height, width) of the graph input a manifest's ``preprocess`` section describes."""
     if pre.get("aspect", "squash") != "squash":
