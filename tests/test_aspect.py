@@ -137,13 +137,20 @@ def test_aspect_aware_fit_catches_defects_at_the_ends_that_square_misses(tall_ca
     assert aspect_recall >= 0.9 and aspect_recall >= square_recall + 0.25, (aspect_recall, square_recall)
 
 
-def test_fp32_engine_reproduces_the_host_on_a_non_square_input(tall_category, tall_model_dir, tmp_path):
-    from edgecore.data.datasets import test_samples
+@pytest.fixture(scope="module")
+def tall_bundle(tall_model_dir, tmp_path_factory) -> Path:
     from edgecore.export.bundle import export_bundle
+
+    return export_bundle(tall_model_dir, tmp_path_factory.mktemp("tall-bundle") / "tall.edgecore",
+                         index_dtype="fp32", search="exact")
+
+
+def test_fp32_engine_reproduces_the_host_on_a_non_square_input(tall_category, tall_model_dir, tall_bundle):
+    from edgecore.data.datasets import test_samples
     from edgecore.model import PatchCoreModel
     from edgecore.runtime.detector import Detector
 
-    bundle = export_bundle(tall_model_dir, tmp_path / "tall.edgecore", index_dtype="fp32", search="exact")
+    bundle = tall_bundle
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["graph"]["input"]["shape"] == [1, 224, 64, 3] and manifest["preprocess"]["aspect"] == "pad"
     model = PatchCoreModel.load(tall_model_dir, device="cpu")
@@ -154,3 +161,26 @@ def test_fp32_engine_reproduces_the_host_on_a_non_square_input(tall_category, ta
             assert abs(host.score - camera.score) <= 1e-3 * max(1.0, abs(host.score)), path
             assert camera.map.shape == (224, 64) and camera.map_original.shape == (224, 64)
             assert host.is_anomalous == camera.is_anomalous
+
+
+def test_c_api_writes_the_non_square_map_of_a_pad_bundle(tall_category, tall_bundle, capi_programs, tmp_path):
+    """ec_map_size/ec_detect follow the graph input (224x64 here), not a square crop."""
+    import subprocess
+
+    from PIL import Image
+
+    from edgecore.data.datasets import test_samples
+    from edgecore.runtime.detector import Detector
+
+    png = [s.path for s in test_samples(tall_category)][-1]
+    ppm = tmp_path / "frame.ppm"
+    Image.open(png).convert("RGB").save(ppm)
+    done = subprocess.run([str(capi_programs["detect"]), "--maps", str(tmp_path), str(tall_bundle), str(ppm)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    got = np.fromfile(tmp_path / "map_0.f32", dtype=np.float32)
+    with Detector.open(tall_bundle) as detector:  # the engine ec_open picks by default, like the C side
+        want = detector.detect(png)
+        expected = detector.normalization(want.map)
+    assert got.size == 224 * 64
+    np.testing.assert_allclose(got.reshape(224, 64), expected, rtol=1e-5, atol=1e-6)

@@ -7,9 +7,7 @@ frame-conversion checks at the bottom need no compiler.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -20,46 +18,10 @@ from edgecore.runtime import capi
 
 pytest.importorskip("cffi", reason="cffi is not installed: the C API is built (and runs) with cffi's embedding mode")
 
-EXAMPLES = Path(capi.__file__).with_name("examples")
 RTOL = 1e-6
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def capi_programs(tmp_path_factory) -> dict[str, Path]:
-    """Build and install the library into a prefix, then compile detect.c and errors_test.c against it."""
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc not found: the C API tests compile C programs")
-    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
-        pytest.skip("this Python has no shared libpython; cffi embedding links against it")
-    from edgecore.runtime.capi.build import main
-
-    root = tmp_path_factory.mktemp("capi")
-    prefix = root / "prefix"
-    assert main(["--out", str(root / "out"), "--prefix", str(prefix)]) == 0
-    assert (prefix / "include" / "edgecore.h").is_file() and (prefix / "lib" / "libedgecore.so").is_file()
-    pc_dir = prefix / "lib" / "pkgconfig"
-    if shutil.which("pkg-config"):
-        env = dict(os.environ, PKG_CONFIG_PATH=str(pc_dir))
-        flags = subprocess.run(
-            ["pkg-config", "--cflags", "--libs", "edgecore"], env=env, check=True, capture_output=True, text=True
-        ).stdout.split()
-    else:
-        flags = [f"-I{prefix / 'include'}", f"-L{prefix / 'lib'}", "-ledgecore"]
-    programs = {}
-    for name in ("detect", "errors_test"):
-        out = root / name
-        compiled = subprocess.run(
-            ["gcc", "-std=c99", "-D_POSIX_C_SOURCE=200809L", "-Wall", "-Wextra", "-O1", str(EXAMPLES / f"{name}.c"),
-             *flags, f"-Wl,-rpath,{prefix / 'lib'}", "-pthread", "-o", str(out)],
-            capture_output=True, text=True,
-        )
-        assert compiled.returncode == 0, compiled.stderr
-        assert "warning" not in compiled.stderr, compiled.stderr  # the header must be clean C99
-        programs[name] = out
-    return programs
 
 
 @pytest.fixture(scope="module")

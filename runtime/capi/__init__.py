@@ -219,8 +219,8 @@ def install(ffi: Any, lib: Any) -> None:
     @extern()
     @guarded("ec_map_size")
     def _ec_py_map_size(handle: int, width: Any, height: Any) -> int:
-        crop = int(_registry.get(int(handle)).preprocess_config.crop)
-        width[0] = height[0] = crop
+        map_h, map_w = _registry.get(int(handle)).preprocess_config.input_hw
+        width[0], height[0] = int(map_w), int(map_h)
         return EC_OK
 
     @extern()
@@ -231,18 +231,19 @@ def install(ffi: Any, lib: Any) -> None:
     ) -> int:
         detector = _registry.get(int(handle))
         frame = frame_view(ffi, pixels, width, height, stride, fmt)
-        crop = int(detector.preprocess_config.crop)
-        if map_out != ffi.NULL and capacity < crop * crop:
+        # The map covers the graph input: crop×crop, or input_size for a pad/crop (non-square) bundle.
+        map_h, map_w = (int(v) for v in detector.preprocess_config.input_hw)
+        if map_out != ffi.NULL and capacity < map_h * map_w:
             raise ApiError(
                 EC_ERR_BUFFER_TOO_SMALL,
-                f"map buffer holds {capacity} floats; this bundle's map is {crop}x{crop} = {crop * crop} "
+                f"map buffer holds {capacity} floats; this bundle's map is {map_w}x{map_h} = {map_h * map_w} "
                 "(see ec_map_size)",
             )
         result = detector.detect(frame)
         if map_out != ffi.NULL:
-            if result.map.shape != (crop, crop):
-                raise RuntimeError(f"map shape {result.map.shape} is not the crop size {crop}x{crop}")
-            target = np.frombuffer(ffi.buffer(map_out, crop * crop * 4), dtype=np.float32)
+            if result.map.shape != (map_h, map_w):
+                raise RuntimeError(f"map shape {result.map.shape} is not the graph input {map_h}x{map_w}")
+            target = np.frombuffer(ffi.buffer(map_out, map_h * map_w * 4), dtype=np.float32)
             target[:] = detector.normalization(result.map).reshape(-1)
         out.score = float(result.score)
         out.normalized_score = float(result.normalized_score)

@@ -116,7 +116,8 @@ EC_API ec_status_t ec_open(const char *bundle_path, const char *backend, const c
                            const char *precision, ec_detector_t **out);
 
 /**
- * @brief Size of the anomaly map written by ec_detect(): the bundle's crop size (width = height).
+ * @brief Size of the anomaly map written by ec_detect(): the graph input the model sees
+ * (crop × crop, or the bundle's non-square input_size for an aspect-preserving pad/crop bundle).
  *
  * A map buffer must hold at least (*width) × (*height) floats.
  * @return EC_OK, EC_ERR_NULL_ARGUMENT or EC_ERR_INVALID_HANDLE.
@@ -135,8 +136,8 @@ EC_API ec_status_t ec_map_size(const ec_detector_t *detector, int *width, int *h
  *                     The library reads stride × (height − 1) + width × channels bytes.
  * @param format       EC_PIXEL_RGB8, EC_PIXEL_BGR8 or EC_PIXEL_GRAY8.
  * @param[out] out     Receives score, normalized score and decision (required).
- * @param[out] map     Optional anomaly map, row-major, at CROP size (see ec_map_size(): the
- *                     centre crop the model sees, not the original frame size), each value
+ * @param[out] map     Optional anomaly map, row-major, at the graph input's size (see ec_map_size(): the
+ *                     region the model sees, not the original frame size), each value
  *                     normalised to [0, 1] like normalized_score (0.5 = threshold).
  *                     Pass NULL with map_capacity 0 to skip it.
  * @param map_capacity Number of floats @p map can hold.

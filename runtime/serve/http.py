@@ -109,7 +109,7 @@ class HttpApi:
     # --- protocol --------------------------------------------------------------------
     def metadata(self) -> dict:
         served = self.service.slot.current
-        crop = served.detector.preprocess_config.crop
+        map_h, map_w = served.detector.preprocess_config.input_hw
         return {
             "name": served.name,
             "versions": [served.version],
@@ -121,7 +121,7 @@ class HttpApi:
                 {"name": "is_anomalous", "datatype": "BOOL", "shape": [1]},
                 {"name": "anomaly_map", "datatype": "FP32", "shape": [-1, -1]},
             ],
-            "parameters": {"threshold": served.detector.threshold, "crop": crop},
+            "parameters": {"threshold": served.detector.threshold, "map_size": [int(map_h), int(map_w)]},
         }
 
     def infer(self, body: bytes, content_type: str, want_map: bool) -> tuple[int, dict]:
