@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +18,25 @@ import openvino as ov
 from edgecore.runtime.backends.base import EngineInfo
 from edgecore.runtime.cpu import has_vnni, isa_capped_below_bf16
 from edgecore.runtime.errors import BundleError
+
+_core: ov.Core | None = None
+_core_lock = threading.Lock()
+
+
+def shared_core() -> ov.Core:
+    """The process's one OpenVINO Core, never destroyed.
+
+    The CPU plugin installs an alternate signal stack on the thread that compiles a model and
+    frees it when its Core goes away. A Core per Detector meant a hot reload (new Detector
+    opened on one thread, the old one closed on another) left the first thread's signal stack
+    pointing at freed memory: the next SIGTERM crashed `edgecore serve` with SIGSEGV.
+    """
+    global _core
+    with _core_lock:
+        if _core is None:
+            _core = ov.Core()
+        return _core
+
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 # The hint applies to the layers that are not INT8-quantized; f32 keeps INT8 faithful.
@@ -119,15 +139,17 @@ class OpenVINOBackend:
                 f"{bundle.path}: the {precision} engine was compiled for CPUs with VNNI/AMX (full 8-bit weights) and "
                 f"would saturate on this CPU; {_portable_hint(precision)}"
             )
-        core = ov.Core()
-        core.set_property({"CACHE_DIR": str(Path(cache_dir) if cache_dir else default_cache_dir())})
+        core = shared_core()
         if entry is not None:
             model_path = Path(bundle.path) / entry["xml"]
             source = entry["xml"]
         else:
             model_path = Path(bundle.path) / manifest["graph"]["file"]
             source = f"{manifest['graph']['file']} (compiled from ONNX)"
-        config: dict[str, object] = {"PERFORMANCE_HINT": "THROUGHPUT" if streams and streams > 1 else "LATENCY"}
+        config: dict[str, object] = {
+            "PERFORMANCE_HINT": "THROUGHPUT" if streams and streams > 1 else "LATENCY",
+            "CACHE_DIR": str(Path(cache_dir) if cache_dir else default_cache_dir()),
+        }
         if isa_capped_below_bf16():
             if precision in ("bf16", "fp16"):
                 raise BundleError(f"{precision} kernels are unavailable under ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}")
