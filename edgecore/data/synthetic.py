@@ -63,16 +63,16 @@ def make_synthetic_dataset(
 
     part = _Part(size, np.random.default_rng([seed, _STREAMS["texture"]]))
     for i in range(n_train):
-        _save(part.render(_rng(seed, "train", i)).rgb, out / "train" / "good" / f"{i:03d}.png")
+        save_png(part.render(_rng(seed, "train", i)).rgb, out / "train" / "good" / f"{i:03d}.png")
     for i in range(n_test_good):
-        _save(part.render(_rng(seed, "test", i)).rgb, out / "test" / "good" / f"{i:03d}.png")
+        save_png(part.render(_rng(seed, "test", i)).rgb, out / "test" / "good" / f"{i:03d}.png")
     for defect in DEFECT_TYPES:
         for i in range(n_test_per_defect):
             rng = _rng(seed, defect, i)
             capture = part.render(rng)
             mask = _DEFECTS[defect](capture, rng)
-            _save(capture.rgb, out / "test" / defect / f"{i:03d}.png")
-            _save(mask.astype(np.uint8) * 255, out / "ground_truth" / defect / f"{i:03d}_mask.png")
+            save_png(capture.rgb, out / "test" / defect / f"{i:03d}.png")
+            save_png(mask.astype(np.uint8) * 255, out / "ground_truth" / defect / f"{i:03d}_mask.png")
     return out
 
 
@@ -80,7 +80,8 @@ def _rng(seed: int, stream: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, _STREAMS[stream], index])
 
 
-def _save(array: np.ndarray, path: Path) -> None:
+def save_png(array: np.ndarray, path: Path) -> None:
+    """Write a generated image (fast PNG; parents created) — shared by the synthetic generators."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, format="PNG", compress_level=1)
 

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from edgecore.data.synthetic import save_png
 from edgecore.runtime.errors import DatasetError
 
 __all__ = ["TALL_DEFECT_TYPES", "make_tall_parts_dataset"]
@@ -48,26 +48,21 @@ def make_tall_parts_dataset(
         raise DatasetError(f"{out}: already exists and is not empty; choose a new folder")
     part = _Shaft(width, height, np.random.default_rng([seed, _STREAMS["texture"]]))
     for i in range(n_train):
-        _save(part.render(_rng(seed, "train", i)), out / "train" / "good" / f"{i:03d}.png")
+        save_png(part.render(_rng(seed, "train", i)), out / "train" / "good" / f"{i:03d}.png")
     for i in range(n_test_good):
-        _save(part.render(_rng(seed, "test", i)), out / "test" / "good" / f"{i:03d}.png")
+        save_png(part.render(_rng(seed, "test", i)), out / "test" / "good" / f"{i:03d}.png")
     for defect in TALL_DEFECT_TYPES:
         for i in range(n_test_per_defect):
             rng = _rng(seed, defect, i)
             rgb = part.render(rng)
             mask = part.defect(rgb, rng, bright=defect == "burr")
-            _save(rgb, out / "test" / defect / f"{i:03d}.png")
-            _save(mask.astype(np.uint8) * 255, out / "ground_truth" / defect / f"{i:03d}_mask.png")
+            save_png(rgb, out / "test" / defect / f"{i:03d}.png")
+            save_png(mask.astype(np.uint8) * 255, out / "ground_truth" / defect / f"{i:03d}_mask.png")
     return out
 
 
 def _rng(seed: int, stream: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, _STREAMS[stream], index])
-
-
-def _save(array: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, format="PNG", compress_level=1)
 
 
 class _Shaft:
