@@ -7,10 +7,11 @@ numpy + hnswlib only (no torch). The camera reads the result with
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
-from edgecore.runtime.index import DTYPES, MODES, QuantizedIndex, build_hnsw_graph, decode
+from edgecore.runtime.index import DTYPES, SEARCH_MODES, QuantizedIndex, build_hnsw_graph, decode
 from edgecore.runtime.search import ExactSearch
 
 # Stored vectors (codes + quantization tables) may take at most this share of the
@@ -105,8 +106,8 @@ def build_index(
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if not isinstance(patches_per_image, int) or patches_per_image < 1:
         raise ValueError(f"patches_per_image must be a positive integer, got {patches_per_image!r}")
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
+    if mode is not None and mode not in SEARCH_MODES:
+        raise ValueError(f"mode must be one of {tuple(SEARCH_MODES)} or None, got {mode!r}")
     coreset = np.asarray(coreset)
     if coreset.ndim != 2 or coreset.shape[0] == 0 or coreset.shape[1] == 0:
         raise ValueError(f"coreset must be a non-empty M×D array, got shape {coreset.shape}")
@@ -127,22 +128,36 @@ def build_index(
     return index
 
 
+def _build_hnsw_graph(points: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
+    graph, params = build_hnsw_graph(points, HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_SEED)
+    params["ef_search"] = HNSW_EF_SEARCH
+    return graph, params
+
+
+def _build_coarse_graph(points: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
+    basis, center = principal_projection(points, min(COARSE_PROJ_DIM, points.shape[1]))
+    graph, params = build_hnsw_graph((points - center) @ basis.T, HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_SEED)
+    graph.update(proj_basis=basis, proj_center=center)
+    params.update(ef_search=COARSE_EF_SEARCH, candidates=COARSE_CANDIDATES)
+    return graph, params
+
+
+# Host half of each entry in edgecore.runtime.index.SEARCH_MODES that stores a graph: decoded
+# points (what the camera will search) → (graph arrays, hnsw parameters).
+GRAPH_BUILDERS: dict[str, Callable[[np.ndarray], tuple[dict[str, np.ndarray], dict]]] = {
+    "hnsw": _build_hnsw_graph,
+    "coarse": _build_coarse_graph,
+}
+
+
 def _build(coreset: np.ndarray, dtype: str, mode: str, patches_per_image: int, choice: dict) -> QuantizedIndex:
-    dim = coreset.shape[1]
-    if mode == "coarse" and dtype != "int8":
-        raise ValueError("mode='coarse' searches the int8 codes; use dtype='int8'")
+    entry = SEARCH_MODES[mode]
+    if entry.int8_only and dtype != "int8":
+        raise ValueError(f"mode={mode!r} searches the int8 codes; use dtype='int8'")
     arrays = quantize(coreset, dtype)
-    if mode == "exact":
+    if not entry.graph_arrays:
         return QuantizedIndex(dtype, arrays, mode, choice=choice)
-    points = decode(dtype, arrays)  # the graph is built on what the camera will search
-    if mode == "coarse":
-        basis, center = principal_projection(points, min(COARSE_PROJ_DIM, dim))
-        graph, params = build_hnsw_graph((points - center) @ basis.T, HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_SEED)
-        graph.update(proj_basis=basis, proj_center=center)
-        params.update(ef_search=COARSE_EF_SEARCH, candidates=COARSE_CANDIDATES)
-    else:
-        graph, params = build_hnsw_graph(points, HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_SEED)
-        params["ef_search"] = HNSW_EF_SEARCH
+    graph, params = GRAPH_BUILDERS[mode](decode(dtype, arrays))  # built on what the camera will search
     params["certify_block"] = int(patches_per_image)
     return QuantizedIndex(dtype, arrays, mode, graph, params, choice=choice)
 

@@ -23,7 +23,7 @@ from edgecore.runtime.bundle import (
     VerifiedBundle, check_engine_io, check_neighbour_table, read_manifest, unpack_archive, verify_bundle,
 )
 from edgecore.runtime.errors import BundleError, NonFiniteError
-from edgecore.runtime.index import MODES, QuantizedIndex
+from edgecore.runtime.index import SEARCH_MODES, QuantizedIndex
 from edgecore.runtime.preprocess import PreprocessConfig
 from edgecore.runtime.scorer import Decision, Detection, ImageScorer, PatchScorer
 
@@ -42,8 +42,8 @@ def limit_blas_threads(count: int) -> None:
 def open_index(directory: Path, description: dict, search: str | None) -> QuantizedIndex:
     """Load the bundle's index; ``search`` overrides its mode where the files allow it
     (exact search needs only the vectors; hnsw and coarse need the graph stored at export)."""
-    if search not in (None, *MODES):
-        raise ValueError(f"search must be one of {', '.join(MODES)}, got {search!r}")
+    if search is not None and search not in SEARCH_MODES:
+        raise ValueError(f"search must be one of {', '.join(SEARCH_MODES)}, got {search!r}")
     description = dict(description)
     if search and search != description.get("mode"):
         if search != "exact":

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -44,7 +46,6 @@ from edgecore.runtime.search import ExactSearch, exact_l2
 from edgecore.runtime.search_coarse import CodeRows, CoarseSearch
 
 DTYPES = ("int8", "fp16", "fp32")
-MODES = ("hnsw", "exact", "coarse")
 FORMAT = "edgecore-index/1"
 _HNSWLIB_STATE_VERSION = 1  # hnswlib's pickle-state layout we rebuild (hnswlib 0.8)
 
@@ -78,10 +79,6 @@ _PARAM_RANGES = {"m": (2, 1024), "ef_construction": (1, 1 << 20), "ef_search": (
                  "candidates": (1, 4096), "proj_dim": (1, 4096)}
 
 
-def _graph_arrays(mode: str) -> dict[str, str]:
-    return _COARSE_ARRAYS if mode == "coarse" else _GRAPH_ARRAYS
-
-
 class QuantizedIndex:
     """Nearest-neighbour search over a quantized coreset (``NearestNeighbourSearch``).
 
@@ -105,34 +102,21 @@ class QuantizedIndex:
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode != "exact" and (graph is None or hnsw is None):
+        if mode not in SEARCH_MODES:
+            raise ValueError(f"mode must be one of {tuple(SEARCH_MODES)}, got {mode!r}")
+        entry = SEARCH_MODES[mode]
+        if entry.graph_arrays and (graph is None or hnsw is None):
             raise ValueError(f"mode={mode!r} needs the graph arrays and the hnsw parameters")
-        if mode == "coarse" and dtype != "int8":
-            raise ValueError("mode='coarse' searches the int8 codes; use dtype='int8'")
+        if entry.int8_only and dtype != "int8":
+            raise ValueError(f"mode={mode!r} searches the int8 codes; use dtype='int8'")
         self.dtype = dtype
         self.mode = mode
         self.choice = dict(choice or {"mode": mode})  # why the exporter chose this mode (manifest only)
         self.arrays = arrays
-        self.graph = graph if mode != "exact" else None
-        self.hnsw = dict(hnsw) if mode != "exact" and hnsw is not None else None
-        self._exact = self._hnsw = self._coarse = None
-        if mode == "coarse":
-            rows = CodeRows(arrays)
-            self.size, self.dim = rows.shape
-            self._coarse = CoarseSearch(
-                rows, graph["proj_basis"], graph["proj_center"], lambda projected: _hnswlib_index(graph, projected, self.hnsw),
-                candidates=self.hnsw["candidates"], ef_search=self.hnsw["ef_search"],
-                certify_block=self.hnsw["certify_block"],
-            )
-            self._hnsw = self._coarse.graph
-            return
-        points = decode(dtype, arrays)
-        self.size, self.dim = points.shape
-        # Both modes keep the exact searcher: it is exact mode, and hnsw mode's re-check.
-        self._exact = ExactSearch(points)
-        self._hnsw = _hnswlib_index(self.graph, points, self.hnsw) if self.graph is not None else None
+        self.graph = graph if entry.graph_arrays else None
+        self.hnsw = dict(hnsw) if entry.graph_arrays and hnsw is not None else None
+        self.searcher: Searcher = entry.open(dtype, arrays, self.graph, self.hnsw)
+        self.size, self.dim = self.searcher.shape
 
     # --- search -------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -148,50 +132,10 @@ class QuantizedIndex:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         if not np.isfinite(queries).all():
             raise NonFiniteError("index search: the query features contain NaN or infinite values")
-        distances, indices = self._search(queries, int(k))
+        distances, indices = self.searcher.search(queries, int(k))
         if not np.isfinite(distances).all():
             raise NonFiniteError("index search: a nearest-neighbour distance is not finite")
         return distances, indices
-
-    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._coarse is not None:
-            return self._coarse.search(queries, k)
-        if self._hnsw is None:
-            return self._exact.search(queries, k)
-        k = min(k, self.size)
-        self._hnsw.set_ef(max(int(self.hnsw["ef_search"]), k))
-        labels, _ = self._hnsw.knn_query(queries, k=k)
-        indices = labels.astype(np.int64)
-        # hnswlib's float32 squared distances → the same direct-difference L2 as ExactSearch.
-        distances = exact_l2(queries, self._exact.points, indices)
-        order = np.argsort(distances, axis=1, kind="stable")
-        distances = np.take_along_axis(distances, order, axis=1)
-        indices = np.take_along_axis(indices, order, axis=1)
-        block = int(self.hnsw["certify_block"])
-        for start in range(0, queries.shape[0], block):
-            self._certify_max(queries, distances, indices, start, min(start + block, queries.shape[0]), k)
-        return distances, indices
-
-    def _certify_max(
-        self, queries: np.ndarray, distances: np.ndarray, indices: np.ndarray, start: int, stop: int, k: int
-    ) -> None:
-        """Make the block's largest nearest-neighbour distance exact, in place.
-
-        An HNSW answer is a real coreset point, so its distance is an upper bound
-        on the true one. Re-searching the block's queries exactly in decreasing
-        HNSW distance until the next bound is below the largest exact distance
-        found proves that no other query can hold the maximum: the image score
-        s* and its patch (Eq. 7) come out exactly as with exact search. Chunks
-        grow 1, 2, 4, ...: usually the first query settles it, and one exact
-        query costs a single pass over the coreset (~8 ms CPU at 16k×1024).
-        """
-        order = start + np.argsort(-distances[start:stop, 0], kind="stable")
-        best, pos, chunk = -np.inf, 0, 1
-        while pos < order.size and distances[order[pos], 0] > best:
-            rows = order[pos : pos + chunk]
-            distances[rows], indices[rows] = self._exact.search(queries[rows], k)
-            best = max(best, float(distances[rows, 0].max()))
-            pos, chunk = pos + chunk, chunk * 2
 
     def reconstruct(self, rows: np.ndarray) -> np.ndarray:
         """Decoded float32 vectors of coreset ``rows`` (any int array shape → shape + (D,)).
@@ -205,7 +149,7 @@ class QuantizedIndex:
     def points(self):
         """The memory bank as the camera sees it, indexable by row: M×D float32 (exact/hnsw), or
         the int8 codes decoded on access (coarse: :class:`CodeRows`, no fp32 copy exists)."""
-        return self._coarse.rows if self._coarse is not None else self._exact.points
+        return self.searcher.points
 
     # --- persistence --------------------------------------------------------
     def save(self, directory: str | Path) -> dict:
@@ -252,25 +196,26 @@ class QuantizedIndex:
             dtype, mode = description["dtype"], description["mode"]
             if dtype not in DTYPES:
                 raise BundleError(f"index dtype {dtype!r} is not one of {DTYPES}")
-            if mode not in MODES:
-                raise BundleError(f"index mode {mode!r} is not one of {MODES}")
-            if mode == "coarse" and dtype != "int8":
-                raise BundleError("index mode 'coarse' needs dtype 'int8'")
+            if mode not in SEARCH_MODES:
+                raise BundleError(f"index mode {mode!r} is not one of {tuple(SEARCH_MODES)}")
+            entry = SEARCH_MODES[mode]
+            if entry.int8_only and dtype != "int8":
+                raise BundleError(f"index mode {mode!r} needs dtype 'int8'")
             size, dim = _int_field(description, "size", 1, 1 << 31), _int_field(description, "dim", 1, 1 << 16)
             files = description["files"]
-            hnsw = description.get("hnsw") if mode != "exact" else None
-            if mode != "exact" and not isinstance(hnsw, dict):
+            hnsw = description.get("hnsw") if entry.graph_arrays else None
+            if entry.graph_arrays and not isinstance(hnsw, dict):
                 raise BundleError(f"index mode {mode!r} but the description has no 'hnsw' parameters")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"{directory}: malformed index description: {exc!r}") from exc
         arrays = {key: _read(directory, files, f"vectors.{key}", dt) for key, dt in _VECTOR_ARRAYS[dtype].items()}
         graph = None
-        if mode != "exact":
-            graph = {key: _read(directory, files, f"graph.{key}", dt) for key, dt in _graph_arrays(mode).items()}
+        if entry.graph_arrays:
+            graph = {key: _read(directory, files, f"graph.{key}", dt) for key, dt in entry.graph_arrays.items()}
         _check_shapes(directory, dtype, arrays, graph, size, dim)
         _check_finite(directory, {**arrays, **(graph or {})})
         if graph is not None:
-            _check_graph(directory, graph, hnsw, mode, size, dim)
+            _check_graph(directory, graph, hnsw, entry.extra_params, size, dim)
         try:
             return cls(dtype, arrays, mode, graph, hnsw)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -295,14 +240,7 @@ class QuantizedIndex:
 
         hnswlib's part is its serialised size (vectors, links, labels) plus its label
         hash map (~40 B per point, which ``index_file_size`` does not count)."""
-        total = sum(a.nbytes for a in self.arrays.values())
-        if self._coarse is not None:
-            total += self._coarse.nbytes() + self._coarse.rows.table_bytes()
-        else:
-            total += self._exact.points.nbytes + self._exact.centered.nbytes + self._exact.norms.nbytes
-        if self._hnsw is not None:
-            total += self._hnsw.index_file_size() + _HNSWLIB_LABEL_MAP_BYTES * self.size
-        return total
+        return sum(a.nbytes for a in self.arrays.values()) + self.searcher.memory_bytes()
 
 
 _HNSWLIB_LABEL_MAP_BYTES = 40  # std::unordered_map<labeltype, tableint> node + bucket, per element
@@ -360,13 +298,13 @@ def _check_finite(directory: Path, arrays: dict[str, np.ndarray]) -> None:
         raise BundleError(f"{directory}: index quantization scales must be positive")
 
 
-def _check_graph(directory: Path, graph: dict[str, np.ndarray], params: dict, mode: str, size: int, dim: int) -> None:
+def _check_graph(directory: Path, graph: dict[str, np.ndarray], params: dict, extra_params: tuple[str, ...],
+                 size: int, dim: int) -> None:
     """Everything hnswlib would trust: parameter ranges, levels, entry point, link counts and ids."""
     try:
         values = {key: _int_field(params, key, *_PARAM_RANGES[key])
                   for key in ("m", "ef_construction", "ef_search", "certify_block", "max_level", "seed")}
-        if mode == "coarse":
-            values["candidates"] = _int_field(params, "candidates", *_PARAM_RANGES["candidates"])
+        values.update({key: _int_field(params, key, *_PARAM_RANGES[key]) for key in extra_params})
         entry_point = _int_field(params, "entry_point", 0, size - 1)
         mult = params["mult"]
         if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not (math.isfinite(mult) and mult > 0):
@@ -395,7 +333,7 @@ def _check_graph(directory: Path, graph: dict[str, np.ndarray], params: dict, mo
         used = np.arange(links.shape[1] - 1)[None, :] < counts[:, None]
         if used.any() and int(links[:, 1:][used].max()) >= size:
             raise BundleError(f"{directory}: {name} graph links out of range (point ids must be < {size})")
-    if mode == "coarse":
+    if "proj_basis" in graph:
         basis = graph["proj_basis"].astype(np.float64)
         if not np.allclose(basis @ basis.T, np.eye(basis.shape[0]), atol=1e-4):
             raise BundleError(f"{directory}: projection basis is not orthonormal (its lower bounds would be wrong)")
@@ -512,3 +450,153 @@ def _hnswlib_index(graph: dict[str, np.ndarray], points: np.ndarray, params: dic
     index.__setstate__((state,))
     index.set_num_threads(len(os.sched_getaffinity(0)))  # queries are independent: results do not depend on it
     return index
+
+
+# --- search modes (registry) -------------------------------------------------
+class Searcher(Protocol):
+    """What a search mode opens over the stored arrays (``QuantizedIndex`` delegates to it)."""
+
+    shape: tuple[int, int]
+
+    @property
+    def points(self): ...  # the coreset rows as the search measures them (M×D, indexable by row)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def memory_bytes(self) -> int: ...  # resident bytes beyond the stored arrays
+
+
+@dataclass(frozen=True)
+class SearchMode:
+    """One way to search the coreset, as a registry entry (like timm's: the entry owns its factory).
+
+    Adding a mode: one ``register_search_mode`` call here, plus its graph builder in
+    ``edgecore.export.index_build.GRAPH_BUILDERS`` (host code stays out of the camera runtime).
+
+    Attributes:
+        name: the manifest's ``index.mode``.
+        graph_arrays: graph arrays the mode stores, with their dtypes ({} = vectors only).
+        extra_params: hnsw-section parameters beyond the graph's own, range-checked at load.
+        int8_only: the mode searches the int8 codes themselves.
+        open: (dtype, vector arrays, graph arrays, hnsw parameters) → the in-memory searcher.
+    """
+
+    name: str
+    graph_arrays: dict[str, str]
+    open: Callable[[str, dict, dict | None, dict | None], Searcher]
+    extra_params: tuple[str, ...] = ()
+    int8_only: bool = False
+
+
+SEARCH_MODES: dict[str, SearchMode] = {}
+
+
+def register_search_mode(mode: SearchMode) -> SearchMode:
+    """Add (or replace) a search mode; ``QuantizedIndex`` and its loader pick it up by name."""
+    SEARCH_MODES[mode.name] = mode
+    return mode
+
+
+class _ExactSearcher:
+    """``ExactSearch`` over the decoded vectors: exact mode, and the graph mode's re-check."""
+
+    def __init__(self, points: np.ndarray) -> None:
+        self.exact = ExactSearch(points)
+        self.shape = self.exact.points.shape
+
+    @property
+    def points(self) -> np.ndarray:
+        return self.exact.points
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.exact.search(queries, k)
+
+    def memory_bytes(self) -> int:
+        exact = self.exact
+        return exact.points.nbytes + exact.centered.nbytes + exact.norms.nbytes
+
+
+class _HnswSearcher(_ExactSearcher):
+    """hnswlib over the full-D decoded vectors, the image maximum certified exact per block."""
+
+    def __init__(self, points: np.ndarray, graph: dict[str, np.ndarray], params: dict) -> None:
+        super().__init__(points)
+        self.params = params
+        self.graph = _hnswlib_index(graph, self.exact.points, params)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, self.shape[0])
+        self.graph.set_ef(max(int(self.params["ef_search"]), k))
+        labels, _ = self.graph.knn_query(queries, k=k)
+        indices = labels.astype(np.int64)
+        # hnswlib's float32 squared distances → the same direct-difference L2 as ExactSearch.
+        distances = exact_l2(queries, self.exact.points, indices)
+        order = np.argsort(distances, axis=1, kind="stable")
+        distances = np.take_along_axis(distances, order, axis=1)
+        indices = np.take_along_axis(indices, order, axis=1)
+        block = int(self.params["certify_block"])
+        for start in range(0, queries.shape[0], block):
+            self._certify_max(queries, distances, indices, start, min(start + block, queries.shape[0]), k)
+        return distances, indices
+
+    def _certify_max(
+        self, queries: np.ndarray, distances: np.ndarray, indices: np.ndarray, start: int, stop: int, k: int
+    ) -> None:
+        """Make the block's largest nearest-neighbour distance exact, in place.
+
+        An HNSW answer is a real coreset point, so its distance is an upper bound
+        on the true one. Re-searching the block's queries exactly in decreasing
+        HNSW distance until the next bound is below the largest exact distance
+        found proves that no other query can hold the maximum: the image score
+        s* and its patch (Eq. 7) come out exactly as with exact search. Chunks
+        grow 1, 2, 4, ...: usually the first query settles it, and one exact
+        query costs a single pass over the coreset (~8 ms CPU at 16k×1024).
+        """
+        order = start + np.argsort(-distances[start:stop, 0], kind="stable")
+        best, pos, chunk = -np.inf, 0, 1
+        while pos < order.size and distances[order[pos], 0] > best:
+            rows = order[pos : pos + chunk]
+            distances[rows], indices[rows] = self.exact.search(queries[rows], k)
+            best = max(best, float(distances[rows, 0].max()))
+            pos, chunk = pos + chunk, chunk * 2
+
+    def memory_bytes(self) -> int:
+        return super().memory_bytes() + _hnswlib_bytes(self.graph, self.shape[0])
+
+
+class _CoarseSearcher(CoarseSearch):
+    """``CoarseSearch`` over the int8 codes (no fp32 copy), with the registry's accounting."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], graph: dict[str, np.ndarray], params: dict) -> None:
+        super().__init__(
+            CodeRows(arrays), graph["proj_basis"], graph["proj_center"],
+            lambda projected: _hnswlib_index(graph, projected, params),
+            candidates=params["candidates"], ef_search=params["ef_search"], certify_block=params["certify_block"],
+        )
+        self.shape = self.rows.shape
+
+    @property
+    def points(self) -> CodeRows:
+        return self.rows
+
+    def memory_bytes(self) -> int:
+        return self.nbytes() + self.rows.table_bytes() + _hnswlib_bytes(self.graph, self.shape[0])
+
+
+def _hnswlib_bytes(index, size: int) -> int:
+    """hnswlib's serialised size (vectors, links, labels) plus its label hash map, which
+    ``index_file_size`` does not count."""
+    return index.index_file_size() + _HNSWLIB_LABEL_MAP_BYTES * size
+
+
+register_search_mode(SearchMode(
+    "exact", graph_arrays={}, open=lambda dtype, arrays, graph, params: _ExactSearcher(decode(dtype, arrays)),
+))
+register_search_mode(SearchMode(
+    "hnsw", graph_arrays=_GRAPH_ARRAYS,
+    open=lambda dtype, arrays, graph, params: _HnswSearcher(decode(dtype, arrays), graph, params),
+))
+register_search_mode(SearchMode(
+    "coarse", graph_arrays=_COARSE_ARRAYS, extra_params=("candidates",), int8_only=True,
+    open=lambda dtype, arrays, graph, params: _CoarseSearcher(arrays, graph, params),
+))

@@ -121,3 +121,39 @@ def test_model_fitted_with_weights_path_reloads_and_a_moved_file_can_be_given(sy
     result = runner.invoke(app, ["predict", str(model_dir), str(synthetic_category / "test" / "good"),
                                  "-o", str(tmp_path / "q")])
     assert result.exit_code == 2 and "error: backbone weights differ" in result.output
+
+
+def test_a_new_search_mode_is_one_registry_entry_and_round_trips_through_a_bundle_index(monkeypatch, tmp_path):
+    """A mode that stores nothing beyond the vectors: register it, build, save, load and search with it."""
+    from edgecore.export.index_build import build_index
+    from edgecore.runtime import index as index_module
+    from edgecore.runtime.index import SEARCH_MODES, QuantizedIndex, SearchMode
+
+    opened = []
+
+    class BruteForce:
+        def __init__(self, points: np.ndarray) -> None:
+            self.points, self.shape = points, points.shape
+
+        def search(self, queries, k):
+            distances = np.linalg.norm(queries[:, None, :] - self.points[None], axis=2)
+            order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+            return np.take_along_axis(distances, order, axis=1).astype(np.float32), order.astype(np.int64)
+
+        def memory_bytes(self) -> int:
+            return 0
+
+    def open_brute(dtype, arrays, graph, params):
+        opened.append(dtype)
+        return BruteForce(index_module.decode(dtype, arrays))
+
+    monkeypatch.setitem(SEARCH_MODES, "brute", SearchMode("brute", graph_arrays={}, open=open_brute))
+    coreset = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
+    built = build_index(coreset, dtype="fp32", mode="brute")
+    loaded = QuantizedIndex.load(tmp_path, built.save(tmp_path))
+    assert loaded.mode == "brute" and opened == ["fp32", "fp32"]
+    queries = coreset[:20] + 0.01
+    exact = build_index(coreset, dtype="fp32", mode="exact")
+    np.testing.assert_array_equal(loaded.search(queries, 3)[1], exact.search(queries, 3)[1])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        QuantizedIndex("fp32", {"codes": coreset}, "nonexistent")

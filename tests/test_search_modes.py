@@ -50,7 +50,7 @@ def test_coarse_certifies_each_blocks_max_even_with_a_crippled_graph(data):
     points, queries = data
     exact = build_index(points, "int8", "exact")
     coarse = build_index(points, "int8", "coarse", patches_per_image=BLOCK)
-    coarse._coarse.candidates, coarse._coarse.ef_search = 1, 1  # the graph alone now misses often
+    coarse.searcher.candidates, coarse.searcher.ef_search = 1, 1  # the graph alone now misses often
     ref_d, ref_i = exact.search(queries, 1)
     dist, idx = coarse.search(queries, 1)
     assert np.mean(idx[:, 0] == ref_i[:, 0]) < 0.97
@@ -69,7 +69,7 @@ def test_coarse_exact_query_is_exact_for_k_neighbours(indexes, data):
         q = queries[row]
         want_d, want_i = exact.search(q[None], 5)
         for batch in (4, 256):  # 4: the search runs past the partially sorted head of the bounds
-            d, i = coarse._coarse.exact(q, coarse._coarse.project(q[None])[0], np.inf, -1, k=5, batch=batch)
+            d, i = coarse.searcher.exact(q, coarse.searcher.project(q[None])[0], np.inf, -1, k=5, batch=batch)
             np.testing.assert_array_equal(i, want_i[0])
             np.testing.assert_allclose(d, want_d[0], rtol=1e-5)
 
