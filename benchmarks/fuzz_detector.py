@@ -48,6 +48,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import recompute_hashes  # noqa: E402  the one re-hash helper, shared with the tests
+
 MANIFEST = "manifest.json"
 # Manifest fields that are scoring parameters: a change may give another finite score.
 LEGIT_CHANGES = (("preprocess", "resize"), ("scoring", "blur_sigma"), ("threshold",), ("engines",))
@@ -189,22 +192,6 @@ def linked_copy(source: Path, target: Path, writable: set[str] = frozenset()) ->
         else:
             os.link(path, out)
     return target
-
-
-def recompute_hashes(bundle: Path) -> None:
-    from edgecore.runtime.bundle import file_entry
-    from edgecore.runtime.fsutil import sha256_file
-
-    manifest = json.loads((bundle / MANIFEST).read_text())
-    manifest["files"] = {name: file_entry(bundle, name) for name in manifest["files"]}
-    index = manifest.get("index", {})
-    for entry in index.get("files", {}).values():
-        path = bundle / index["dir"] / entry["file"]
-        if "sha256" in entry:
-            entry["sha256"] = sha256_file(path)
-        if "bytes" in entry:
-            entry["bytes"] = path.stat().st_size
-    (bundle / MANIFEST).write_text(json.dumps(manifest))
 
 
 def mutate_array(path: Path, rng: random.Random) -> str:

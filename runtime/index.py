@@ -137,14 +137,6 @@ class QuantizedIndex:
             raise NonFiniteError("index search: a nearest-neighbour distance is not finite")
         return distances, indices
 
-    def reconstruct(self, rows: np.ndarray) -> np.ndarray:
-        """Decoded float32 vectors of coreset ``rows`` (any int array shape → shape + (D,)).
-
-        Eq. 7 needs the b neighbours of the matched point; these are the very
-        vectors the search measured distances to.
-        """
-        return self.points[np.asarray(rows, dtype=np.int64)]
-
     @property
     def points(self):
         """The memory bank as the camera sees it, indexable by row: M×D float32 (exact/hnsw), or

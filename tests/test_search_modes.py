@@ -79,10 +79,10 @@ def test_coarse_distances_are_true_l2_to_the_decoded_codes(indexes, data):
     index = indexes["coarse"]
     dist, idx = index.search(queries[:200], 3)
     assert dist.dtype == np.float32 and idx.dtype == np.int64 and np.all(np.diff(dist, axis=1) >= 0)
-    direct = np.linalg.norm(index.reconstruct(idx).astype(np.float64) - queries[:200, None, :], axis=2)
+    direct = np.linalg.norm(index.points[idx].astype(np.float64) - queries[:200, None, :], axis=2)
     np.testing.assert_allclose(dist, direct, rtol=1e-5)
     # the rows the camera decodes on demand are the rows exact mode decodes once at load
-    np.testing.assert_array_equal(index.reconstruct(idx), indexes["exact"].reconstruct(idx))
+    np.testing.assert_array_equal(index.points[idx], indexes["exact"].points[idx])
 
 
 def test_coarse_holds_no_fp32_copy(indexes, data):
