@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from edgecore.runtime.backends import BACKENDS
 from edgecore.runtime.errors import EdgecoreError
 
 
@@ -201,8 +202,8 @@ def _check(config: ServeConfig) -> None:
             raise ConfigError(f"--rate {sink}=…: unknown sink (one of {', '.join(SINK_NAMES)})")
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate < 0:
             raise ConfigError(f"--rate {sink}: expected results per second >= 0, got {rate!r}")
-    if config.backend not in ("openvino", "tensorrt"):
-        raise ConfigError(f"--backend: expected openvino or tensorrt, got {config.backend!r}")
+    if config.backend not in BACKENDS:
+        raise ConfigError(f"--backend: expected {' or '.join(BACKENDS)}, got {config.backend!r}")
     if config.search not in (None, "exact", "hnsw"):
         raise ConfigError(f"--search: expected hnsw or exact, got {config.search!r}")
 
