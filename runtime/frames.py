@@ -15,8 +15,11 @@ from edgecore.runtime.errors import DatasetError
 from edgecore.runtime.imageio import load_image
 from edgecore.runtime.preprocess import PreprocessConfig, preprocess
 
-#: File extensions treated as images (compared case-insensitively). The one list both sides use.
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+#: File extensions treated as images (compared case-insensitively): one per format in
+#: ``imageio.ALLOWED_FORMATS``. The one list of host, camera CLI and ``serve``'s watched folder.
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".webp", ".gif",
+)
 
 
 def is_image_file(path: Path) -> bool:

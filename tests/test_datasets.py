@@ -65,21 +65,22 @@ def test_defect_without_mask_file_has_no_mask(tmp_path: Path) -> None:
 
 
 def test_plain_folder_filters_sorts_and_ignores_hidden(tmp_path: Path) -> None:
-    for name in ("b.PNG", "a.jpg", "c.tiff", ".hidden.png", "._a.jpg", "notes.txt", "d.webp"):
+    for name in ("b.PNG", "a.jpg", "c.tiff", ".hidden.png", "._a.jpg", "notes.txt", "d.webp", "e.ppm", "f.gif"):
         if name.endswith(".txt"):
             (tmp_path / name).write_text("x")
         else:
             _png(tmp_path / name)
     (tmp_path / "sub.png").mkdir()  # a folder with an image-like name is not an image
     assert not is_mvtec_category(tmp_path)
-    assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.PNG", "c.tiff", "d.webp"]
-    assert [s.path.name for s in train_samples(tmp_path)] == ["a.jpg", "b.PNG", "c.tiff", "d.webp"]
+    expected = ["a.jpg", "b.PNG", "c.tiff", "d.webp", "e.ppm", "f.gif"]  # every allowed format's extension
+    assert [p.name for p in list_images(tmp_path)] == expected
+    assert [s.path.name for s in train_samples(tmp_path)] == expected
 
 
 def test_empty_and_missing_folders(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("x")
-    with pytest.raises(DatasetError, match=r"empty: no images found \(accepted: \.png .*\.webp\)"):
+    with pytest.raises(DatasetError, match=r"empty: no images found \(accepted: \.png .*\.webp \.gif\)"):
         list_images(tmp_path / "empty")
     with pytest.raises(DatasetError, match="nowhere: folder not found"):
         train_samples(tmp_path / "nowhere")

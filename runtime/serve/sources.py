@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Callable
 
 from edgecore.runtime.errors import EdgecoreError
+from edgecore.runtime.frames import IMAGE_EXTENSIONS
 from edgecore.runtime.fsutil import atomic_write_bytes
 from edgecore.runtime.serve.frames import Frame, Result
 
 # Suffixes of the formats load_image accepts (it still checks the bytes against its allow-list).
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".webp", ".gif"}
 JOURNAL_NAME = ".edgecore-journal.jsonl"
 
 
@@ -136,7 +136,7 @@ class FolderSource(Source):
         self._wake = threading.Event()
 
     def _candidate(self, path: Path, settled: bool) -> None:
-        if path.parent != self.folder or path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
+        if path.parent != self.folder or path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith("."):
             return
         with self._lock:
             if settled:
