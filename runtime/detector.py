@@ -25,6 +25,7 @@ from edgecore.runtime.bundle import (
 from edgecore.runtime.errors import BundleError, NonFiniteError
 from edgecore.runtime.index import SEARCH_MODES, QuantizedIndex
 from edgecore.runtime.preprocess import PreprocessConfig
+from edgecore.runtime.roi import load_roi
 from edgecore.runtime.scorer import Decision, Detection, ImageScorer, PatchScorer
 
 __all__ = ["Detection", "Detector", "describe_index", "open_index"]
@@ -41,14 +42,14 @@ def limit_blas_threads(count: int) -> None:
 
 def open_index(directory: Path, description: dict, search: str | None) -> QuantizedIndex:
     """Load the bundle's index; ``search`` overrides its mode where the files allow it
-    (exact search needs only the vectors; hnsw and coarse need the graph stored at export)."""
+    (exact and compiled search need only the vectors; hnsw and coarse need the graph stored at export)."""
     if search is not None and search not in SEARCH_MODES:
         raise ValueError(f"search must be one of {', '.join(SEARCH_MODES)}, got {search!r}")
     description = dict(description)
     if search and search != description.get("mode"):
-        if search != "exact":
+        if SEARCH_MODES[search].graph_arrays:
             raise BundleError(f"{directory}: this bundle's index has no {search} graph; re-export with --search {search}")
-        description["mode"] = "exact"
+        description["mode"] = search
     return QuantizedIndex.load(directory, description)
 
 
@@ -84,7 +85,8 @@ class Detector(ImageScorer):
         check_engine_io(manifest, getattr(engine, "input_shape", None), getattr(engine, "output_shape", None),
                         engine.info.source)
         self.scorer = PatchScorer(
-            self.index, self.index.points, self.neighbour_table, self.grid, self.preprocess_config.input_hw, self.blur_sigma
+            self.index, self.index.points, self.neighbour_table, self.grid, self.preprocess_config.input_hw, self.blur_sigma,
+            roi=load_roi(bundle.path, manifest.get("roi")),
         )
 
     @classmethod

@@ -44,6 +44,7 @@ from edgecore.runtime.errors import BundleError, NonFiniteError
 from edgecore.runtime.fsutil import sha256_file
 from edgecore.runtime.search import ExactSearch, exact_l2
 from edgecore.runtime.search_coarse import CodeRows, CoarseSearch
+from edgecore.runtime.search_compiled import CompiledSearch
 
 DTYPES = ("int8", "fp16", "fp32")
 FORMAT = "edgecore-index/1"
@@ -591,4 +592,8 @@ register_search_mode(SearchMode(
 register_search_mode(SearchMode(
     "coarse", graph_arrays=_COARSE_ARRAYS, extra_params=("candidates",), int8_only=True,
     open=lambda dtype, arrays, graph, params: _CoarseSearcher(arrays, graph, params),
+))
+register_search_mode(SearchMode(
+    "compiled", graph_arrays={}, int8_only=True,  # the engine's graph is built from the codes at load
+    open=lambda dtype, arrays, graph, params: CompiledSearch(arrays),
 ))

@@ -95,6 +95,13 @@ class CodeRows:
             norms[start : start + len(block)] = np.einsum("md,md->m", block, block)
         self._norms = norms
 
+    def ranking_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """(coreset mean D, centred squared norms M) of :meth:`prepare_ranking`, for engines that
+        compute the same keys (``runtime.search_compiled``)."""
+        if self._norms is None:
+            self.prepare_ranking()
+        return self._center, self._norms
+
     def blocks(self, rows: int = 2048):
         """(start, decoded block) over the whole coreset, ``rows`` at a time (bounded memory)."""
         for start in range(0, self.shape[0], rows):

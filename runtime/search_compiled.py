@@ -1,0 +1,197 @@
+"""Compiled exact search: the whole distance GEMM + TopK as one graph in the inference engine.
+
+Camera side, torch-free. The int8 codes of the coreset are the graph's weight constant (shared with
+the stored array); the engine's GEMM kernels (oneDNN: fp32, or AMX/AVX-512 bf16 on request) compute,
+for every query x and coreset row y, the ranking key
+
+    ‖y − μ‖² − 2 [ ((x − μ) · scale) · code_y + ((x − μ) Bᵀ) · coord_y ]
+
+(``CodeRows.rank_keys`` without its per-query constant), and a TopK keeps the ``candidates`` smallest.
+Those are re-ranked exactly on the int8 codes (``CodeRows.rank_keys``) and the winners' distances are
+recomputed by direct difference, so every distance returned is a true L2 distance to a real coreset
+point. Why a re-rank: the GEMM form in bf16 ranks the nearest neighbour first for only ~57 % of the
+queries at 1024-d (issue #11); as a proposal of a few candidates it loses almost none
+(``benchmarks/RESULTS.md`` § "Search at the hardware limit").
+
+Nothing is stored for this mode beyond the int8 vectors: the graph is built at load from the verified
+codes (a stored graph would duplicate the coreset on disk and could disagree with the codes). Engines
+are a registry (:data:`SEARCH_GRAPH_ENGINES`): OpenVINO here, TensorRT in
+``edgecore.runtime.backends.tensorrt_search``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+from edgecore.runtime.search_coarse import CodeRows, direct_l2
+
+COMPILED_CANDIDATES = 4  # proposals re-ranked exactly per query (bottle, f32: recall@1 = exact int8's)
+QUERY_CHUNK = 196  # queries per engine call: bounds the Q×M key matrix (bottle Lite0: 38 ms/img vs 47 at 784)
+# Precision of the key GEMM. f32 by default: bf16 (AMX) is ~1.8× faster at 1024-d but, even with 16
+# re-ranked candidates, finds the nearest neighbour for only 98.0 % of bottle WRN50 patches (below the
+# 0.99 bar; 57 % without a re-rank); at 152-d bf16 with 8 candidates matches f32.
+DEFAULT_PRECISION = "f32"
+
+
+@dataclass(frozen=True)
+class KeyOperands:
+    """The constants of the key graph, taken from the int8 index (nothing decoded to M×D floats).
+
+    center: D coreset mean; scale: D int8 step; codes: M×D int8; basis_t: D×k PCA directions;
+    coords: M×k decoded PCA coordinates (float32, small); norms: M centred squared norms.
+    """
+
+    center: np.ndarray
+    scale: np.ndarray
+    codes: np.ndarray
+    basis_t: np.ndarray
+    coords: np.ndarray
+    norms: np.ndarray
+
+    @classmethod
+    def from_rows(cls, rows: CodeRows, arrays: dict[str, np.ndarray]) -> "KeyOperands":
+        center, norms = rows.ranking_tables()
+        coords = arrays["coord_codes"].astype(np.float32) * arrays["coord_scale"] + arrays["coord_offset"]
+        return cls(center=center, scale=arrays["scale"].astype(np.float32), codes=arrays["codes"],
+                   basis_t=np.ascontiguousarray(arrays["basis"].T, dtype=np.float32),
+                   coords=np.ascontiguousarray(coords, dtype=np.float32), norms=norms)
+
+    def reference_keys(self, queries: np.ndarray) -> np.ndarray:
+        """The same keys in float64 numpy (tests: what the engine must approximate)."""
+        centred = queries.astype(np.float64) - self.center
+        dots = (centred * self.scale) @ self.codes.T.astype(np.float64) + (centred @ self.basis_t) @ self.coords.T
+        return self.norms[None, :] - 2.0 * dots
+
+
+class SearchGraph(Protocol):
+    """A compiled key graph: queries → indices of the ``k`` smallest keys (unordered is fine)."""
+
+    info: dict
+
+    def candidates(self, queries: np.ndarray, k: int) -> np.ndarray: ...  # Q×k int64
+
+    def memory_bytes(self) -> int: ...
+
+
+class OpenVINOSearchGraph:
+    """The key graph as an OpenVINO model on the CPU plugin (the backend's one shared Core).
+
+    Args:
+        operands: the index's constants; precision: ``f32`` | ``bf16`` (see :data:`DEFAULT_PRECISION`);
+        threads: engine threads (default: every core this process may use — queries are independent).
+    """
+
+    def __init__(self, operands: KeyOperands, precision: str = DEFAULT_PRECISION, threads: int | None = None) -> None:
+        import openvino as ov
+
+        from edgecore.runtime.backends.openvino import executed_precisions, shared_core
+
+        if precision not in ("f32", "bf16"):
+            raise ValueError(f"compiled search precision must be f32 or bf16, got {precision!r}")
+        self.precision = precision
+        self.size, self.dim = operands.codes.shape
+        model = _openvino_key_model(operands)
+        config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_NUM_THREADS": int(threads or len(os.sched_getaffinity(0)))}
+        self.compiled = shared_core().compile_model(model, "CPU", config)
+        self._request = self.compiled.create_infer_request()
+        self.info = {"engine": "openvino", "openvino": ov.get_version(), "precision_hint": self.precision,
+                     "layer_precisions": executed_precisions(self.compiled)}
+
+    def kernels(self) -> dict[str, str]:
+        """oneDNN primitive of each GEMM (e.g. ``brgemm_avx512_amx_bf16``): what really multiplied.
+        Known only after the first call (the shapes are dynamic, kernels are picked then)."""
+        found = {}
+        for op in self.compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            if "layerType" in info and str(info["layerType"].astype(str)) in ("FullyConnected", "MatMul"):
+                found[op.get_friendly_name()] = str(info["primitiveType"].astype(str))
+        return found
+
+    def candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
+        out = np.empty((queries.shape[0], k), np.int64)
+        k_tensor = np.array(k, np.int64)
+        for start in range(0, queries.shape[0], QUERY_CHUNK):
+            chunk = np.ascontiguousarray(queries[start : start + QUERY_CHUNK])
+            self._request.infer({"queries": chunk, "k": k_tensor})
+            out[start : start + len(chunk)] = self._request.get_output_tensor(0).data
+        return out
+
+    def memory_bytes(self) -> int:
+        """The plugin's weight copy in its execution precision (it folds the int8 → float Convert of
+        the constant and repacks it) plus the Q×M key matrix of one chunk."""
+        weight = 2 if self.precision == "bf16" else 4
+        return self.size * self.dim * weight + QUERY_CHUNK * self.size * 4
+
+
+def _openvino_key_model(operands: KeyOperands):
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    queries = ops.parameter([-1, operands.codes.shape[1]], np.float32, name="queries")
+    k = ops.parameter([], np.int64, name="k")
+    centred = ops.subtract(queries, ops.constant(operands.center))
+    # int8 constant → Convert (the CPU plugin folds it into its FullyConnected weight)
+    codes = ops.convert(ops.constant(operands.codes), np.float32)
+    dots = ops.matmul(ops.multiply(centred, ops.constant(operands.scale)), codes, False, True)
+    if operands.basis_t.shape[1]:
+        pca = ops.matmul(ops.matmul(centred, ops.constant(operands.basis_t), False, False),
+                         ops.constant(operands.coords), False, True)
+        dots = ops.add(dots, pca)
+    keys = ops.add(ops.multiply(dots, ops.constant(np.float32(-2.0))), ops.constant(operands.norms[None, :]))
+    top = ops.topk(keys, k, 1, "min", "none", "i32")
+    return ov.Model([top.output(1)], [queries, k], "edgecore_compiled_search")
+
+
+def _tensorrt_graph(operands: KeyOperands, **options) -> SearchGraph:
+    from edgecore.runtime.backends.tensorrt_search import TensorRTSearchGraph
+
+    return TensorRTSearchGraph(operands, **options)
+
+
+# Engines that run the key graph, by name (the TensorRT one imports TensorRT only when asked for).
+SEARCH_GRAPH_ENGINES: dict[str, Callable[..., SearchGraph]] = {
+    "openvino": OpenVINOSearchGraph,
+    "tensorrt": _tensorrt_graph,
+}
+
+
+class CompiledSearch:
+    """``NearestNeighbourSearch`` over the int8 index: engine proposes, the codes decide.
+
+    Args:
+        arrays: the int8 index's vector arrays (``runtime.index`` layout).
+        candidates: proposals per query re-ranked exactly.
+        engine: a :data:`SEARCH_GRAPH_ENGINES` name; options: passed to it (precision, threads).
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], candidates: int = COMPILED_CANDIDATES,
+                 engine: str = "openvino", **options) -> None:
+        self.rows = CodeRows(arrays)
+        self.rows.prepare_ranking()
+        self.shape = self.rows.shape
+        self.candidates = min(int(candidates), self.shape[0])
+        self.operands = KeyOperands.from_rows(self.rows, arrays)
+        self.graph = SEARCH_GRAPH_ENGINES[engine](self.operands, **options)
+
+    @property
+    def points(self) -> CodeRows:
+        return self.rows
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        k = min(int(k), self.shape[0])
+        proposed = self.graph.candidates(queries, max(self.candidates, k))
+        order = np.argsort(self.rows.rank_keys(queries, proposed), axis=1, kind="stable")[:, :k]
+        indices = np.take_along_axis(proposed, order, axis=1)
+        distances = direct_l2(queries, self.rows, indices)
+        if k > 1:
+            order = np.argsort(distances, axis=1, kind="stable")
+            distances = np.take_along_axis(distances, order, axis=1)
+            indices = np.take_along_axis(indices, order, axis=1)
+        return distances, indices
+
+    def memory_bytes(self) -> int:
+        return self.rows.table_bytes() + self.operands.coords.nbytes + self.graph.memory_bytes()
