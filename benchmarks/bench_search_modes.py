@@ -107,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="part", required=True)
     lat = sub.add_parser("latency")
-    lat.add_argument("--bundle", action="append", required=True, help="PATH[:mode,mode] (modes: exact,hnsw,coarse)")
+    lat.add_argument("--bundle", action="append", required=True, help="PATH[:mode,mode] (modes: exact,hnsw,coarse,compiled)")
     lat.add_argument("--precision", default="int8")
     lat.add_argument("--images", type=Path, required=True)
     lat.add_argument("--frames", type=int, default=83)
@@ -118,7 +118,7 @@ def main() -> None:
     fid.add_argument("--data", type=Path, default=Path("/work/shared/data/mvtec_bottle"))
     fid.add_argument("--backbone", default="wide_resnet50_2")
     fid.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "edgecore_index_bench")
-    fid.add_argument("--modes", nargs="+", default=["exact", "hnsw", "coarse"])
+    fid.add_argument("--modes", nargs="+", default=["exact", "hnsw", "coarse", "compiled"])
     args = parser.parse_args()
     latency(args) if args.part == "latency" else fidelity(args)
 

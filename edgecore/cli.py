@@ -229,7 +229,7 @@ def export(
     model_dir: Path = typer.Argument(..., help="Model directory written by `edgecore fit`."),
     output: Path = typer.Option(..., "-o", "--output", help="Bundle directory to write, e.g. bottle.edgecore"),
     index_dtype: str = typer.Option("int8", help="Stored coreset vectors: int8 | fp16 | fp32"),
-    search: Optional[str] = typer.Option(None, help="exact | hnsw | coarse (default: chosen per bundle by measurement, recorded in index.choice)"),
+    search: Optional[str] = typer.Option(None, help="exact | hnsw | coarse | compiled (default: chosen per bundle by measurement, recorded in index.choice)"),
     batch: int = typer.Option(1, help="Static batch of the ONNX graph."),
 ) -> None:
     """Fuse backbone + patch pooling into one ONNX graph, quantize the coreset index, write a bundle."""
