@@ -26,6 +26,7 @@ import edgecore
 from edgecore.backbones import Backbone, create_backbone
 from edgecore.calibration.threshold import threshold_config
 from edgecore.features import PatchCoreFeatures, grid_shape
+from edgecore.labelled import anomaly_scorer
 from edgecore.progress import step
 from edgecore.runtime.errors import ModelError
 from edgecore.runtime.fsutil import atomic_directory, write_json
@@ -95,6 +96,7 @@ class PatchCoreModel(ImageScorer):
         memory_bank: np.ndarray,
         neighbours: np.ndarray,
         device: torch.device,
+        anomaly_bank: np.ndarray | None = None,
     ) -> None:
         self.config = config
         self.features = features.to(device).eval()
@@ -103,9 +105,10 @@ class PatchCoreModel(ImageScorer):
         self.neighbour_table = neighbours
         self.preprocess_config = PreprocessConfig.from_dict(config["preprocess"])
         self.grid = tuple(config["features"]["grid"])
+        self.anomaly_bank = anomaly_bank  # labelled defects (edgecore.labelled); None: plain PatchCore
         self.scorer = PatchScorer(
             ExactSearch(self.memory_bank), self.memory_bank, neighbours, self.grid, self.preprocess_config.input_hw,
-            config["scoring"]["blur_sigma"],
+            config["scoring"]["blur_sigma"], anomaly=anomaly_scorer(config, anomaly_bank),
         )
 
     # --- inference ---------------------------------------------------------
@@ -125,10 +128,10 @@ class PatchCoreModel(ImageScorer):
 
         directory = Path(directory)
         with atomic_directory(directory) as staging:
-            save_file(
-                {"memory_bank": self.memory_bank, "neighbour_table": self.neighbour_table.astype(np.int32)},
-                str(staging / BANK_FILE),
-            )
+            tensors = {"memory_bank": self.memory_bank, "neighbour_table": self.neighbour_table.astype(np.int32)}
+            if self.anomaly_bank is not None:
+                tensors["anomaly_bank"] = self.anomaly_bank
+            save_file(tensors, str(staging / BANK_FILE))
             write_json(staging / CONFIG_FILE, self.config)
         return directory
 
@@ -162,7 +165,7 @@ class PatchCoreModel(ImageScorer):
                 f"do not match config {expected}"
             )
         features = build_feature_module(config, weights=weights)
-        return cls(config, features, bank, table, resolve_device(device))
+        return cls(config, features, bank, table, resolve_device(device), anomaly_bank=tensors.get("anomaly_bank"))
 
 
 def read_model_config(directory: Path) -> dict:

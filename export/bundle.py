@@ -9,6 +9,7 @@ Bundle layout::
       model.onnx        backbone + patch pooling + reduction, uint8 NHWC in, N×P×D out
       index/            the quantized coreset index (its own format, see manifest.index)
       neighbours.npy    M×b int32: Eq. 7 support set of every coreset point
+      anomaly_bank.npy  (after `edgecore label`) K×D float32 labelled-defect patches (manifest.labelled)
       engines/…         compiled engines, added later by `edgecore compile`
 """
 from __future__ import annotations
@@ -75,10 +76,14 @@ def export_bundle(
         (staging / INDEX_DIR).mkdir()
         index_description = index.save(staging / INDEX_DIR)
         np.save(staging / NEIGHBOURS_FILE, model.neighbour_table.astype(np.int32), allow_pickle=False)
+        labelled = config.get("labelled")  # labelled defects (edgecore.labelled): the anomaly bank travels too
+        if labelled is not None:
+            np.save(staging / labelled["file"], model.anomaly_bank.astype(np.float32), allow_pickle=False)
         if validation is not None:
             (staging / VALIDATION_FILE).parent.mkdir()
             np.save(staging / VALIDATION_FILE, validation, allow_pickle=False)
-        files = [GRAPH_FILE, NEIGHBOURS_FILE] + ([VALIDATION_FILE] if validation is not None else []) + sorted(
+        files = [GRAPH_FILE, NEIGHBOURS_FILE] + ([VALIDATION_FILE] if validation is not None else []) + (
+            [labelled["file"]] if labelled is not None else []) + sorted(
             p.relative_to(staging).as_posix() for p in (staging / INDEX_DIR).rglob("*") if p.is_file()
         )
         manifest = {
@@ -102,6 +107,7 @@ def export_bundle(
             "index": {"dir": INDEX_DIR, **index_description},
             "neighbour_table": {"file": NEIGHBOURS_FILE, "shape": list(model.neighbour_table.shape)},
             "coreset": {k: config["coreset"][k] for k in ("size", "ratio", "projection_dim", "seed")},
+            **({"labelled": labelled} if labelled is not None else {}),
             "engines": {},
             # The held-out images behind threshold.validation_scores: compile re-fits the threshold on its engine.
             **({"validation": {"file": VALIDATION_FILE, "images": int(len(validation)), "note": validation_note}}

@@ -147,6 +147,11 @@ def validate_manifest(manifest: object, where: str = MANIFEST) -> dict:
     table = _require(manifest, "neighbour_table", dict, where)
     _safe_relative(_require(table, "file", str, f"{where}.neighbour_table"), f"{where}.neighbour_table.file")
     _validate_graph_io(manifest, where)
+    if "labelled" in manifest:  # labelled defects: the anomaly bank's file, [K, embed_dim] shape and weight
+        from edgecore.runtime.anomaly_bank import validate_labelled_section
+
+        validate_labelled_section(manifest["labelled"], feats["embed_dim"], f"{where}.labelled")
+        _safe_relative(manifest["labelled"]["file"], f"{where}.labelled.file")
     engines = manifest.get("engines", {})
     if not isinstance(engines, dict):
         raise BundleError(f"{where}.engines: expected an object")
@@ -379,6 +384,8 @@ def verify_bundle(bundle: str | Path) -> VerifiedBundle:
             raise BundleError(f"{path}: not listed in the manifest (unexpected file in the bundle)")
     # Every file the runtime opens must be one of the verified ones (never a path outside the bundle).
     referenced = {"graph": manifest["graph"]["file"], "neighbour_table": manifest["neighbour_table"]["file"]}
+    if "labelled" in manifest:
+        referenced["labelled"] = manifest["labelled"]["file"]
     index = manifest["index"]
     for key, entry in index["files"].items():
         referenced[f"index.files[{key!r}]"] = f"{index['dir']}/{entry['file']}"

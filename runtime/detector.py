@@ -22,6 +22,7 @@ from edgecore.runtime.backends import Backend, open_backend
 from edgecore.runtime.bundle import (
     VerifiedBundle, check_engine_io, check_neighbour_table, read_manifest, unpack_archive, verify_bundle,
 )
+from edgecore.runtime.anomaly_bank import open_anomaly_bank
 from edgecore.runtime.errors import BundleError, NonFiniteError
 from edgecore.runtime.index import SEARCH_MODES, QuantizedIndex
 from edgecore.runtime.preprocess import PreprocessConfig
@@ -86,7 +87,7 @@ class Detector(ImageScorer):
                         engine.info.source)
         self.scorer = PatchScorer(
             self.index, self.index.points, self.neighbour_table, self.grid, self.preprocess_config.input_hw, self.blur_sigma,
-            roi=load_roi(bundle.path, manifest.get("roi")),
+            roi=load_roi(bundle.path, manifest.get("roi")), anomaly=open_anomaly_bank(bundle.path, manifest),
         )
 
     @classmethod

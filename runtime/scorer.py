@@ -71,8 +71,11 @@ class PatchScorer:
     gives the coreset rows Eq. 7 compares against.
     """
 
-    def __init__(self, search, support_vectors, neighbour_table: np.ndarray, grid, crop, blur_sigma: float) -> None:
+    def __init__(
+        self, search, support_vectors, neighbour_table: np.ndarray, grid, crop, blur_sigma: float, anomaly=None
+    ) -> None:
         self.search = search
+        self.anomaly = anomaly  # an AnomalyBank (labelled defects) sharpens the distances; None: plain PatchCore
         self.support_vectors = support_vectors
         self.neighbour_table = neighbour_table
         self.grid = tuple(grid)
@@ -80,7 +83,10 @@ class PatchScorer:
         self.blur_sigma = float(blur_sigma)
 
     def search_patches(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return search_patches(features, self.search)
+        distances, nn_index = search_patches(features, self.search)
+        if self.anomaly is not None:
+            distances = self.anomaly.sharpen(distances, features)
+        return distances, nn_index
 
     def score_search(self, patch_scores: np.ndarray, nn_index: np.ndarray, features: np.ndarray) -> Scores:
         return score_patches(
