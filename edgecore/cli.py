@@ -51,6 +51,10 @@ def fit(
     input_size: Optional[str] = typer.Option(
         None, help="HEIGHTxWIDTH of the static graph input for --aspect pad/crop (default: the frames' aspect)."),
     val_ratio: float = typer.Option(0.1, help="Share of normal images held out to set the threshold."),
+    denoise: str = typer.Option(
+        "off", help="Drop training images that look defective before the coreset: off | auto (robust z-score, "
+        "no estimate needed) | FRACTION in (0, 0.5) (drop that share of the most outlying images). "
+        "Flagged images are listed in config.json coreset.denoise."),
     false_alarm_rate: Optional[float] = typer.Option(
         None, help="Allowed false-alarm rate on held-out normal images (default 0.01; or give --sensitivity)."),
     sensitivity: Optional[float] = typer.Option(
@@ -70,6 +74,7 @@ def fit(
 
     from edgecore.aspect import resolve_preprocess
     from edgecore.data.datasets import ImageStream, train_samples
+    from edgecore.denoise import parse_denoise
     from edgecore.model import FitConfig, fit as fit_model
 
     if sensitivity is not None and false_alarm_rate is not None:
@@ -86,6 +91,7 @@ def fit(
         coreset_ratio=coreset_ratio,
         num_neighbors=num_neighbors,
         val_ratio=val_ratio,
+        denoise=parse_denoise(denoise),
         false_alarm_rate=rate,
         seed=seed,
         device=device,
@@ -94,6 +100,8 @@ def fit(
     samples = train_samples(data)
     preprocess, preprocess_choice = resolve_preprocess(aspect, input_size, resize, crop, (s.path for s in samples))
     config = replace(config, preprocess=preprocess)
+    if cluster is not None and config.denoise != "off":
+        raise ValueError("--denoise is not available with --cluster yet (the driver never holds the bank)")
     if cluster is not None:  # workers read and decode the frames themselves (see edgecore.distributed.fit)
         from edgecore.distributed import fit_distributed
 
@@ -112,6 +120,8 @@ def fit(
         "train_images": model.config["fit"]["train_images"],
         "validation_images": model.config["fit"]["validation_images"],
         "coreset_size": model.config["coreset"]["size"],
+        **({"denoise_flagged": [f["source"] for f in model.config["coreset"]["denoise"]["flagged"]]}
+           if "denoise" in model.config["coreset"] else {}),
         "embed_dim": model.config["features"]["embed_dim"],
         "preprocess": preprocess_choice,
         "threshold": model.threshold,

@@ -25,6 +25,7 @@ import torch
 import edgecore
 from edgecore.backbones import Backbone, create_backbone
 from edgecore.calibration.threshold import threshold_config
+from edgecore.denoise import parse_denoise, select_clean_images
 from edgecore.features import PatchCoreFeatures, grid_shape
 from edgecore.labelled import anomaly_scorer
 from edgecore.progress import step
@@ -49,6 +50,7 @@ class FitConfig:
     embed_dim: int = 1024
     coreset_ratio: float = 0.1
     sampler: str = "k-center-greedy"
+    denoise: str | float = "off"  # off | auto | fraction: drop outlier training images first (edgecore.denoise)
     projection_dim: int = 128
     num_neighbors: int = 9
     blur_sigma: float = 4.0
@@ -68,6 +70,8 @@ class FitConfig:
             raise ValueError(f"false_alarm_rate must be in [0, 1), got {self.false_alarm_rate}")
         if self.num_neighbors < 1 or self.embed_dim < 1 or self.batch_size < 1:
             raise ValueError("num_neighbors, embed_dim and batch_size must be >= 1")
+        if parse_denoise(self.denoise) != self.denoise:
+            raise ValueError(f"denoise must be 'off', 'auto' or a fraction in (0, 0.5), got {self.denoise!r}")
         if self.sampler not in SAMPLERS:  # before any feature is extracted
             raise ValueError(f"unknown sampler {self.sampler!r}; available: {', '.join(available_samplers())}")
 
@@ -294,6 +298,13 @@ def fit(
             advance(len(parts[-1]))
     train_features = np.concatenate(parts)
     timings["features_s"] = time.perf_counter() - start
+    denoised = None
+    if config.denoise != "off":  # outlier (likely defective) training images leave before the sampler sees them
+        start = time.perf_counter()
+        denoised = select_clean_images(train_features, config.denoise, [sources[i] for i in bank_idx] if sources
+                                       else None, config.seed)
+        train_features = train_features[denoised.keep]
+        timings["denoise_s"] = time.perf_counter() - start
     bank_all = train_features.reshape(-1, train_features.shape[-1])
 
     start = time.perf_counter()
@@ -318,6 +329,7 @@ def fit(
         "size": int(memory_bank.shape[0]),
         "bank_patches": int(bank_all.shape[0]),
         "coverage_radius_projected": float(getattr(sampler, "coverage_radius_", float("nan"))),
+        **({"denoise": denoised.record} if denoised else {}),
     }
     model = PatchCoreModel(model_config, features, memory_bank, table, device)
 

@@ -106,7 +106,8 @@ def export_bundle(
             },
             "index": {"dir": INDEX_DIR, **index_description},
             "neighbour_table": {"file": NEIGHBOURS_FILE, "shape": list(model.neighbour_table.shape)},
-            "coreset": {k: config["coreset"][k] for k in ("size", "ratio", "projection_dim", "seed")},
+            "coreset": {k: config["coreset"][k] for k in ("size", "ratio", "projection_dim", "seed")}
+            | ({"denoise": config["coreset"]["denoise"]} if "denoise" in config["coreset"] else {}),  # fit --denoise
             **({"labelled": labelled} if labelled is not None else {}),
             "engines": {},
             # The held-out images behind threshold.validation_scores: compile re-fits the threshold on its engine.

@@ -147,6 +147,11 @@ def validate_manifest(manifest: object, where: str = MANIFEST) -> dict:
     table = _require(manifest, "neighbour_table", dict, where)
     _safe_relative(_require(table, "file", str, f"{where}.neighbour_table"), f"{where}.neighbour_table.file")
     _validate_graph_io(manifest, where)
+    coreset = manifest.get("coreset")
+    if isinstance(coreset, dict) and "denoise" in coreset:  # fit --denoise: the training images left out
+        from edgecore.runtime.denoise_record import validate_denoise_record
+
+        validate_denoise_record(coreset["denoise"], f"{where}.coreset.denoise")
     if "labelled" in manifest:  # labelled defects: the anomaly bank's file, [K, embed_dim] shape and weight
         from edgecore.runtime.anomaly_bank import validate_labelled_section
 
