@@ -1,6 +1,7 @@
 """The operating point on the camera (#15.8): fp32 host vs the INT8 engine with the fit threshold vs re-fitted.
 
     python benchmarks/bench_refit.py DATA [DATA ...] [--out DIR]
+    python benchmarks/bench_refit.py --make-texture /tmp/woven   # writes a texture category, then runs it
 
 DATA: MVTec-layout categories (e.g. /work/shared/data/mvtec_bottle, or one made by
 ``edgecore.data.tall_parts``). For each: fit Lite0 (default --aspect auto, with
@@ -8,6 +9,10 @@ the held-out sources recorded), export, compile INT8 (--portable too, as most
 cameras need it) once with ``--keep-threshold`` and once by default (re-fit on the
 engine from the bundle's validation images); evaluate host and both engines at
 their stored thresholds. One JSON line per data set and engine.
+
+``--make-texture DIR`` first writes a texture category (woven tiles of
+``benchmarks/woven_tiles.py`` with broken-thread, stain and cut defects and their
+masks) and adds it to the data sets: the contract must hold on textures too.
 """
 from __future__ import annotations
 
@@ -18,13 +23,67 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from woven_tiles import woven_tile
+
+TEXTURE_DEFECTS = ("broken", "stain", "cut")
+
+
+def texture_defect(tile: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A woven tile with one local defect; returns (image, uint8 0/255 mask)."""
+    height, width = tile.shape
+    y, x = np.mgrid[0:height, 0:width]
+    cy, cx = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
+    image = tile.astype(np.float32)
+    if kind == "broken":  # threads missing: the weave is replaced by a flat patch of backing
+        mask = ((y - cy) / rng.uniform(10, 18)) ** 2 + ((x - cx) / rng.uniform(14, 26)) ** 2 <= 1
+        image[mask] = 0.3 * image[mask] + 0.7 * 90
+    elif kind == "stain":  # a darker smooth blot over the weave
+        radius = rng.uniform(12, 22)
+        mask = (y - cy) ** 2 + (x - cx) ** 2 <= radius ** 2
+        image[mask] *= 0.55
+    else:  # a thin cut across a few threads
+        angle = rng.uniform(0, np.pi)
+        along = (x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)
+        across = -(x - cx) * np.sin(angle) + (y - cy) * np.cos(angle)
+        mask = (np.abs(along) <= rng.uniform(25, 40)) & (np.abs(across) <= 2.5)
+        image[mask] = 245
+    return np.clip(image, 0, 255).astype(np.uint8), mask.astype(np.uint8) * 255
+
+
+def make_texture_category(root: Path, train: int = 80, good: int = 20, per_defect: int = 7, seed: int = 0) -> Path:
+    """An MVTec-layout texture category under ``root`` (train/good, test/*, ground_truth/*)."""
+    def save(array: np.ndarray, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path)
+
+    for index in range(train):
+        save(woven_tile(np.random.default_rng([seed, index])), root / "train" / "good" / f"{index:03d}.png")
+    for index in range(good):
+        save(woven_tile(np.random.default_rng([seed, 10_000 + index])), root / "test" / "good" / f"{index:03d}.png")
+    for k, kind in enumerate(TEXTURE_DEFECTS):
+        for index in range(per_defect):
+            rng = np.random.default_rng([seed, 20_000 + 100 * k + index])
+            image, mask = texture_defect(woven_tile(rng), kind, rng)
+            save(image, root / "test" / kind / f"{index:03d}.png")
+            save(mask, root / "ground_truth" / kind / f"{index:03d}_mask.png")
+    return root
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", type=Path, nargs="+")
+    parser.add_argument("data", type=Path, nargs="*")
+    parser.add_argument("--make-texture", type=Path, default=None, metavar="DIR",
+                        help="write a woven-texture category with defects to DIR and add it to the data sets")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--portable", action="store_true", help="7-bit INT8 (runs on AVX2-only cameras)")
     args = parser.parse_args()
+    if args.make_texture is not None:
+        args.data.append(make_texture_category(args.make_texture))
+    if not args.data:
+        parser.error("give DATA or --make-texture DIR")
 
     from edgecore.aspect import resolve_preprocess
     from edgecore.data.datasets import ImageStream, train_samples
