@@ -211,3 +211,115 @@ def relink(owner: np.ndarray, n_clusters: int, head: np.ndarray, nxt: np.ndarray
     head[:n_clusters] = -1
     for row in range(owner.shape[0] - 1, -1, -1):
         _link(row, owner[row], head, nxt, prv)
+
+
+# ------------------------------------------------------------------ batched engine (coreset._BatchedFarthestFirst)
+
+
+@numba.njit(cache=True)
+def build_clusters(owner: np.ndarray, min_sq: np.ndarray, n_clusters: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Counting sort of the rows by owner: (offsets (m+1), members, largest unselected ``min_sq`` per cluster)."""
+    counts = np.zeros(n_clusters + 1, dtype=np.int64)
+    for row in range(owner.shape[0]):
+        counts[owner[row] + 1] += 1
+    offsets = np.cumsum(counts)
+    fill = offsets[:-1].copy()
+    members = np.empty(owner.shape[0], dtype=np.int64)
+    largest = np.full(n_clusters, -np.inf, dtype=np.float64)
+    for row in range(owner.shape[0]):
+        cluster = owner[row]
+        members[fill[cluster]] = row
+        fill[cluster] += 1
+        value = np.float64(min_sq[row])
+        if value > largest[cluster]:
+            largest[cluster] = value
+    return offsets, members, largest
+
+
+@numba.njit(cache=True, parallel=True, fastmath=_FLAGS)
+def batch_candidates(
+    first_cluster: int,
+    dots: np.ndarray,
+    centre_sq: np.ndarray,
+    largest: np.ndarray,
+    offsets: np.ndarray,
+    members: np.ndarray,
+    batch_rows: np.ndarray,
+    sq_norms: np.ndarray,
+    old_min_sq: np.ndarray,
+    min_sq: np.ndarray,
+    coords: np.ndarray,
+    bound_sq: np.ndarray,
+    margin: float,
+    out_rows: np.ndarray,
+    out_batch: np.ndarray,
+    counts: np.ndarray,
+) -> None:
+    """Append to part p of ``out_*`` the (row, batch centre) pairs whose exact distance might lower ``min_sq``.
+
+    ``dots[i, j]`` is the float32 GEMM dot of cluster centre ``first_cluster + i`` with
+    batch centre j; ``margin`` bounds the error of any float32 squared distance of the
+    bank, so every test below is a rigorous lower bound on the plain loop's value.
+    The clusters (``offsets``/``members``/``largest``) and ``old_min_sq`` are those of
+    the batch's start: a pair skipped because it cannot go below the old value cannot
+    go below the current one either. Filters, cheapest first:
+    cluster  d(c, z) >= 2 r       (r bounds the distance of every member to its owner z)
+    member   d(c, z) - d(x, z)    (x's owner is z)
+    row      the 32-d principal-coordinate bound against the current value: one float32
+             matrix-vector product per member over all surviving centres (vectorised;
+             its rounding, < ``margin`` in any summation order, is subtracted).
+    The clusters are split into ``counts.size`` parts run in parallel; part p writes
+    from ``p * capacity`` on and adds its pairs to ``counts[p]`` (pairs beyond the
+    capacity are counted, not written: the caller retries larger).
+    """
+    n_batch = batch_rows.shape[0]
+    n_parts = counts.shape[0]
+    capacity = out_rows.shape[0] // n_parts
+    n_clusters = dots.shape[0]
+    dim = coords.shape[1]
+    for part in numba.prange(n_parts):
+        survivors = np.empty(n_batch, dtype=np.int64)
+        lower = np.empty(n_batch, dtype=np.float64)
+        block = np.empty((dim, n_batch), dtype=np.float32)  # surviving centres' coordinates, transposed
+        dots32 = np.empty(n_batch, dtype=np.float32)
+        block_sq = np.empty(n_batch, dtype=np.float64)
+        count = counts[part]
+        base = part * capacity
+        for i in range(part * n_clusters // n_parts, (part + 1) * n_clusters // n_parts):
+            cluster = first_cluster + i
+            if largest[cluster] <= 0:  # only selected rows or duplicates of the centre: nothing can drop
+                continue
+            four_r_sq = 4.0 * (largest[cluster] + margin)
+            z_sq = np.float64(centre_sq[cluster])
+            n_survivors = 0
+            for j in range(n_batch):
+                lb_sq = z_sq + np.float64(sq_norms[batch_rows[j]]) - 2.0 * np.float64(dots[i, j]) - 2.0 * margin
+                if lb_sq < four_r_sq:
+                    survivors[n_survivors] = j
+                    lower[n_survivors] = np.sqrt(lb_sq) if lb_sq > 0 else 0.0
+                    for k in range(dim):
+                        block[k, n_survivors] = coords[batch_rows[j], k]
+                    block_sq[n_survivors] = np.float64(bound_sq[batch_rows[j]]) - margin
+                    n_survivors += 1
+            for position in range(offsets[cluster], offsets[cluster + 1]):
+                row = members[position]
+                old = np.float64(old_min_sq[row])
+                current = np.float64(min_sq[row])
+                if old <= 0 or current <= 0:
+                    continue
+                to_owner = np.sqrt(old + margin)
+                row_bound_sq = np.float64(bound_sq[row])
+                dots32[:n_survivors] = 0
+                for k in range(dim):
+                    xk = coords[row, k]
+                    for s in range(n_survivors):
+                        dots32[s] += xk * block[k, s]
+                for s in range(n_survivors):
+                    if row_bound_sq + block_sq[s] - 2.0 * np.float64(dots32[s]) < current:
+                        gap = lower[s] - to_owner
+                        if gap <= 0 or gap * gap - margin < old:
+                            if count < capacity:
+                                out_rows[base + count] = row
+                                out_batch[base + count] = survivors[s]
+                            count += 1
+        counts[part] = count

@@ -105,8 +105,11 @@ def fit(
     if cluster is not None:  # workers read and decode the frames themselves (see edgecore.distributed.fit)
         from edgecore.distributed import fit_distributed
 
-        typer.echo(json.dumps(fit_distributed([s.path for s in samples], config, output, cluster=cluster,
-                                              progress=True), indent=2))
+        summary = fit_distributed([s.path for s in samples], config, output, cluster=cluster, progress=True,
+                                  skip_bad=skip_bad)
+        if summary["skipped_files"]:
+            _echo_err(f"skipped {summary['skipped_files']} unreadable file(s)")
+        typer.echo(json.dumps(summary, indent=2))
         return
     stream = ImageStream(samples, skip_bad=skip_bad)
     sources: list[str] = []  # filled as the frames stream in (one decoded frame in memory at a time)

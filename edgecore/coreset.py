@@ -49,6 +49,11 @@ _MAX_BLOCKS = 2048
 _FULL_PASS_FRACTION = 0.2
 # Coordinates of the cheap per-row distance lower bound used inside affected blocks.
 _BOUND_DIM = 32
+# Batched engine: most candidates per batch, fewest picks per batch while the coreset is small
+# (b <= count keeps the first passes cheap), and cluster centres per GEMM chunk of its pass.
+_BATCH_CANDIDATES = 4096
+_MIN_BATCH = 16
+_PASS_CLUSTERS = 2048
 # Progress is reported every this many greedy steps (updating a bar is not free).
 _PROGRESS_EVERY = 256
 
@@ -577,6 +582,141 @@ class _ClusterFarthestFirst:
         return np.where(best_row >= 0, position_of[np.maximum(best_row, 0)], -1)
 
 
+class _BatchedFarthestFirst:
+    """Exact farthest-first traversal in batches: greedy steps among a few candidates, then one pruned pass.
+
+    The B rows with the largest ``min_sq`` are the candidates; T is the largest value
+    of any other row. Values outside the candidates only fall as centres are added,
+    so while the best candidate's exact value stays above T it is the plain loop's
+    next pick (ties: the candidates are in row order and no outside row can reach the
+    value). Each pick updates the candidates with the plain loop's float32 distance
+    (:func:`_sq_dist_to_centre`); candidates that drop to T or below leave the active
+    set. When no candidate is above T the batch's b new centres go through the rest
+    of the bank once: a GEMM of the current cluster centres against the batch prunes
+    whole clusters (triangle inequality), the member and 32-d row bounds of
+    :class:`_ClusterFarthestFirst` prune rows (numba), and only the surviving
+    (row, centre) pairs get the exact distance, applied in pick order. Every bound
+    carries a rigorous float32 rounding margin, so the selection is bit-for-bit the
+    plain loop's; 53 861 memory-bound passes become ~a hundred cache-friendly ones.
+    """
+
+    def __init__(self, points: np.ndarray, report: Callable[[int], None]) -> None:
+        from edgecore import _coreset_kernels
+
+        self.kernels = _coreset_kernels
+        self.points = points
+        self.sq_norms = np.einsum("ij,ij->i", points, points)
+        self.min_sq = np.full(points.shape[0], np.inf, dtype=np.float32)
+        self.owner = np.zeros(points.shape[0], dtype=np.int64)
+        # One margin for every float32 squared distance of this bank (see _float32_distance_error).
+        self.margin = _float32_distance_error(points.shape[1]) * 2.0 * float(self.sq_norms.max(initial=0.0))
+        self.coords = _lower_bound_coordinates(points, _BOUND_DIM)
+        bound_sq = np.einsum("ij,ij->i", self.coords, self.coords)
+        self.bound_sq = bound_sq * np.float32(1 - 3 * _float32_distance_error(points.shape[1]))
+        self.report = report
+        self.pairs = np.empty(1 << 20, dtype=np.int64), np.empty(1 << 20, dtype=np.int64)
+
+    def run(self, first: int, n_select: int) -> tuple[np.ndarray, float]:
+        """Select ``n_select`` rows starting from row ``first``; return (indices, radius^2)."""
+        selected = np.empty(n_select, dtype=np.int64)
+        self.centres = np.empty((n_select, self.points.shape[1]), dtype=np.float32)
+        self.centre_sq = np.empty(n_select, dtype=np.float32)
+        self.min_sq[:] = _sq_dist_to_centre(self.points, self.sq_norms, self.points[first], self.sq_norms[first])
+        self.min_sq[first] = -np.inf
+        selected[0], self.centres[0], self.centre_sq[0] = first, self.points[first], self.sq_norms[first]
+        count = 1
+        clusters = self.kernels.build_clusters(self.owner, self.min_sq, 1)
+        while count < n_select:
+            budget = min(n_select - count, _BATCH_CANDIDATES, max(_MIN_BATCH, count))
+            batch = self._batch(budget, count)
+            if batch is None:  # every remaining point duplicates a centre: greedy takes them in index order
+                selected[count:] = np.flatnonzero(self.min_sq != -np.inf)[: n_select - count]
+                self.min_sq[selected[count:]] = -np.inf
+                count = n_select
+                break
+            old_min_sq, batch_rows = batch
+            self._pass(clusters, count, old_min_sq, batch_rows)
+            selected[count : count + batch_rows.size] = batch_rows
+            self.centres[count : count + batch_rows.size] = self.points[batch_rows]
+            self.centre_sq[count : count + batch_rows.size] = self.sq_norms[batch_rows]
+            count += batch_rows.size
+            clusters = self.kernels.build_clusters(self.owner, self.min_sq, count)
+            self.report(count)
+        self.report(n_select)
+        radius_sq = float(self.min_sq.max()) if n_select < self.points.shape[0] else 0.0
+        return selected, radius_sq
+
+    def _batch(self, budget: int, count: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Greedy picks (ranks ``count`` ...) among the candidates, at most ``budget``; returns
+        (min_sq before the batch, picked rows in order), or None if every row is covered."""
+        old_min_sq = self.min_sq.copy()
+        n_rows = self.min_sq.size
+        top = np.argpartition(self.min_sq, n_rows - budget - 1)[n_rows - budget - 1 :] if budget + 1 < n_rows else np.arange(n_rows)
+        threshold = float(self.min_sq[top].min()) if budget + 1 < n_rows else -np.inf
+        rows = np.sort(top[self.min_sq[top] > threshold])
+        if rows.size == 0:  # ties at the threshold: one plain step (global argmax, smallest index)
+            rows = np.array([int(np.argmax(self.min_sq))])
+            threshold = -np.inf
+        if self.min_sq[rows].max() <= 0:
+            return None
+        values, owners = self.min_sq[rows], self.owner[rows]
+        block, block_sq = np.take(self.points, rows, axis=0), self.sq_norms[rows]
+        active = np.arange(rows.size)
+        picks: list[int] = []
+        while len(picks) < budget and active.size:
+            live = values[active]
+            best = int(np.argmax(live))
+            if not live[best] > threshold:
+                break
+            position = int(rows[active[best]])
+            dist_sq = _sq_dist_to_centre(block, block_sq, self.points[position], self.sq_norms[position])
+            closer = dist_sq < live
+            owners[active[closer]] = count + len(picks)
+            live = np.minimum(live, dist_sq)
+            live[best] = -np.inf
+            values[active] = live
+            picks.append(position)
+            keep = live > threshold
+            if np.count_nonzero(keep) < 0.75 * active.size:  # compact: dropped rows wait for the pass
+                active, block, block_sq = active[keep], block[keep], block_sq[keep]
+        self.min_sq[rows], self.owner[rows] = values, owners
+        return old_min_sq, np.asarray(picks, dtype=np.int64)
+
+    def _pass(self, clusters: tuple, count: int, old_min_sq: np.ndarray, batch_rows: np.ndarray) -> None:
+        """Apply the batch's centres (ranks ``count`` ...) to every row they may bring closer."""
+        offsets, members, largest = clusters
+        batch_points = self.points[batch_rows]
+        parts = self.kernels.numba.get_num_threads()
+        while True:
+            counts = np.zeros(parts, dtype=np.int64)
+            for start in range(0, count, _PASS_CLUSTERS):
+                dots = self.centres[start : min(count, start + _PASS_CLUSTERS)] @ batch_points.T
+                self.kernels.batch_candidates(
+                    start, dots, self.centre_sq, largest, offsets, members, batch_rows, self.sq_norms, old_min_sq,
+                    self.min_sq, self.coords, self.bound_sq, self.margin, self.pairs[0], self.pairs[1], counts)
+            capacity = self.pairs[0].size // parts
+            if counts.max() <= capacity:
+                break
+            size = 2 * int(counts.max()) * parts
+            self.pairs = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
+        taken = np.concatenate([np.arange(p * capacity, p * capacity + counts[p]) for p in range(parts)])
+        pair_rows, pair_batch = self.pairs[0][taken], self.pairs[1][taken]
+        order = np.argsort(pair_batch, kind="stable")
+        pair_rows, pair_batch = pair_rows[order], pair_batch[order]
+        bounds = np.searchsorted(pair_batch, np.arange(batch_rows.size + 1))
+        for j, position in enumerate(batch_rows):  # in pick order, as the plain loop
+            rows = pair_rows[bounds[j] : bounds[j + 1]]
+            if rows.size:
+                dist_sq = _sq_dist_to_centre(np.take(self.points, rows, axis=0), self.sq_norms[rows],
+                                             self.points[position], self.sq_norms[position])
+                current = self.min_sq[rows]
+                closer = dist_sq < current
+                self.min_sq[rows[closer]] = dist_sq[closer]
+                self.owner[rows[closer]] = count + j
+        self.owner[batch_rows] = count + np.arange(batch_rows.size)
+        self.min_sq[batch_rows] = -np.inf
+
+
 # ----------------------------------------------------------------------------- GPU
 
 
@@ -615,15 +755,15 @@ def _farthest_first_torch(
 
 
 def _cpu_engine() -> type:
-    """The cluster-pruned engine where numba is installed (the host extra has it), else the block-pruned one.
+    """The batched engine where numba is installed (the host extra has it), else the block-pruned one.
 
-    Both are exact (bit-for-bit the plain float32 loop), so the choice only changes speed.
+    All engines are exact (bit-for-bit the plain float32 loop), so the choice only changes speed.
     """
     try:
         import numba  # noqa: F401
     except ImportError:
         return _PrunedFarthestFirst
-    return _ClusterFarthestFirst
+    return _BatchedFarthestFirst
 
 
 

@@ -277,10 +277,10 @@ def test_random_sampler_is_sorted_unique_and_seeded() -> None:
 # ----------------------------------------------------------------------------- both exact engines
 
 
-ENGINES = [coreset._PrunedFarthestFirst, coreset._ClusterFarthestFirst]
+ENGINES = [coreset._PrunedFarthestFirst, coreset._ClusterFarthestFirst, coreset._BatchedFarthestFirst]
 
 
-@pytest.mark.parametrize("engine", ENGINES, ids=["blocks", "clusters"])
+@pytest.mark.parametrize("engine", ENGINES, ids=["blocks", "clusters", "batched"])
 @pytest.mark.parametrize(
     ("make", "projection_dim", "ratio"),
     [
@@ -302,9 +302,9 @@ def test_each_exact_engine_reproduces_the_plain_loop(engine: type, make, project
     assert math.sqrt(radius_sq) == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
 
-def test_default_engine_is_the_cluster_one_when_numba_is_installed() -> None:
+def test_default_engine_is_the_batched_one_when_numba_is_installed() -> None:
     pytest.importorskip("numba")
-    assert coreset._cpu_engine() is coreset._ClusterFarthestFirst
+    assert coreset._cpu_engine() is coreset._BatchedFarthestFirst
 
 
 def test_farthest_first_is_the_samplers_engine() -> None:

@@ -187,6 +187,58 @@ def test_failed_fit_leaves_no_model_directory(ray_cluster, synthetic_category, t
     assert [p.name for p in output.parent.iterdir()] == [], "staging or shard folders were left behind"
 
 
+def test_skip_bad_skips_a_corrupt_image_with_a_warning(ray_cluster, synthetic_category, tmp_path) -> None:
+    from edgecore.data.datasets import SkippedImageWarning
+    from edgecore.distributed import fit_distributed
+
+    paths = train_paths(synthetic_category)[:6]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    output = tmp_path / "part"
+    with pytest.warns(SkippedImageWarning, match="broken.png"):
+        summary = fit_distributed([*paths, broken], fit_config(), output, shard_images=SHARD_IMAGES, skip_bad=True)
+    config = json.loads((output / "config.json").read_text())
+    assert summary["skipped_files"] == 1
+    assert config["fit"]["train_images"] + config["fit"]["validation_images"] == len(paths)
+    assert str(broken) not in config["fit"]["validation_sources"]
+    assert config["coreset"]["bank_patches"] == config["fit"]["train_images"] * 14 * 14  # 112 px, stride 8
+
+
+def tiny_folder(synthetic_category: Path, directory: Path, broken: bool) -> Path:
+    directory.mkdir()
+    for path in train_paths(synthetic_category)[:6]:
+        (directory / path.name).write_bytes(path.read_bytes())
+    if broken:
+        (directory / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return directory
+
+
+def test_cli_fit_cluster_auto_writes_the_model_and_a_failed_fit_leaves_none(ray_cluster, synthetic_category,
+                                                                           tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from edgecore.cli import app
+
+    data = tiny_folder(synthetic_category, tmp_path / "frames", broken=True)
+    common = ["--cluster", "auto", "--device", "cpu", "--resize", "128", "--crop", "112", "--val-ratio", "0.25"]
+    failed = tmp_path / "models" / "failed"
+    result = CliRunner().invoke(app, ["fit", str(data), "-o", str(failed), *common])
+    assert result.exit_code != 0 and "zz_broken.png" in result.output
+    assert not failed.exists() and list(failed.parent.iterdir()) == [], "a failed fit left files behind"
+
+    model = tmp_path / "models" / "ok"
+    result = CliRunner().invoke(app, ["fit", str(data), "-o", str(model), *common, "--skip-bad"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["model"] == str(model) and summary["skipped_files"] == 1
+    assert summary["cluster"]["workers"] == 2
+    assert {"config.json", "memory_bank.safetensors"} <= {p.name for p in model.iterdir()}
+    config = json.loads((model / "config.json").read_text())
+    assert config["coreset"]["sampler"] == "composable-k-center-greedy"
+    assert config["fit"]["train_images"] + config["fit"]["validation_images"] == 6
+    assert list(model.parent.iterdir()) == [model]  # no staging or shard folder left
+
+
 # ----------------------------------------------------------------------------- fit-many
 
 

@@ -55,12 +55,23 @@ class FeatureWorker:
         workers.mkdir(exist_ok=True)
         (workers / str(os.getpid())).touch()  # lets an operator (or a test) see which processes hold workers
 
-    def _crops(self, paths: Sequence[str]) -> np.ndarray:
+    def _crops(self, paths: Sequence[str], skip_bad: bool = False) -> tuple[np.ndarray | None, list[list[str]]]:
+        """Crops of the readable ``paths`` (None if none is) and ``[path, reason]`` of those skipped;
+        with ``skip_bad=False`` the first unreadable image raises, as in the single-node fit."""
+        from edgecore.runtime.errors import ImageError
         from edgecore.runtime.imageio import load_image
         from edgecore.runtime.preprocess import PreprocessConfig, preprocess
 
         config = PreprocessConfig.from_dict(self.config["preprocess"])
-        return np.stack([preprocess(load_image(path), config) for path in paths])
+        crops, skipped = [], []
+        for path in paths:
+            try:
+                crops.append(preprocess(load_image(path), config))
+            except ImageError as exc:
+                if not skip_bad:
+                    raise
+                skipped.append([str(path), str(exc)])
+        return (np.stack(crops) if crops else None), skipped
 
     def _embed(self, crops: np.ndarray, batch_size: int) -> np.ndarray:
         import torch
@@ -72,17 +83,28 @@ class FeatureWorker:
                 parts.append(self.features(tensor).float().cpu().numpy())
         return np.concatenate(parts)
 
-    def extract(self, index: int, paths: Sequence[str], directory: str, batch_size: int) -> str:
-        """Embed ``paths`` and write them as shard ``index`` (patches in image order); return its path."""
-        embeddings = self._embed(self._crops(paths), batch_size)
-        return str(write_shard(Path(directory), index, embeddings.reshape(-1, embeddings.shape[-1])))
+    def extract(self, index: int, paths: Sequence[str], directory: str, batch_size: int,
+                skip_bad: bool = False) -> tuple[int, str | None, list[list[str]]]:
+        """Embed ``paths`` and write them as shard ``index`` (patches in image order).
 
-    def score(self, paths: Sequence[str], memory_bank: np.ndarray, table: np.ndarray, batch_size: int) -> np.ndarray:
-        """Image scores of ``paths`` under the final model (the same scorer as the single-node fit)."""
+        Returns (index, the shard's path or None when no image of it was readable, skipped files).
+        """
+        crops, skipped = self._crops(paths, skip_bad)
+        if crops is None:
+            return index, None, skipped
+        embeddings = self._embed(crops, batch_size)
+        return index, str(write_shard(Path(directory), index, embeddings.reshape(-1, embeddings.shape[-1]))), skipped
+
+    def score(self, paths: Sequence[str], memory_bank: np.ndarray, table: np.ndarray, batch_size: int,
+              skip_bad: bool = False) -> tuple[np.ndarray, list[list[str]]]:
+        """Image scores of the readable ``paths`` under the final model (the single-node fit's scorer)."""
         from edgecore.model import PatchCoreModel
 
+        crops, skipped = self._crops(paths, skip_bad)
+        if crops is None:
+            return np.zeros(0, dtype=np.float32), skipped
         model = PatchCoreModel(self.config, self.features, memory_bank, table, self.device)
-        return model.score_crops(self._crops(paths), batch_size).image
+        return model.score_crops(crops, batch_size).image, skipped
 
     def call(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run a module-level step function (a coreset round, a table block) in this warm worker."""
@@ -111,6 +133,7 @@ def fit_distributed(
     work_dir: Path | None = None,
     num_cpus: int | None = None,
     progress: bool = False,
+    skip_bad: bool = False,
 ) -> dict:
     """Fit PatchCore on the normal images ``paths`` over a Ray cluster and save it to ``output``.
 
@@ -124,9 +147,13 @@ def fit_distributed(
         work_dir: where shards go (default: a temporary folder next to ``output``); removed afterwards.
         num_cpus: CPUs of a private local cluster.
         progress: report each step on stderr.
+        skip_bad: skip unreadable images with a warning (``SkippedImageWarning``, as the
+            single-node fit) instead of failing; the split is made before reading, so a
+            skipped image leaves the bank or the held-out set one image smaller.
 
     Returns:
-        the summary printed by the CLI (timings, coreset radii and bound, cluster size).
+        the summary printed by the CLI (timings, coreset radii and bound, cluster size,
+        ``skipped_files``).
     """
     from edgecore.backbones import create_backbone
     from edgecore.calibration.threshold import threshold_config
@@ -152,6 +179,7 @@ def fit_distributed(
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.shards-", dir=work_dir or output.parent))
     timings: dict[str, float] = {}
+    skipped: list[list[str]] = []
     try:
         with connect(cluster, num_cpus=num_cpus) as ray:
             gpus = cluster_gpus(ray) if device.type == "cuda" else 0
@@ -160,50 +188,64 @@ def fit_distributed(
                                       max_task_retries=3)(FeatureWorker)
             weights = str(config.weights) if config.weights else None
             workers = [worker_class.remote(model_config, weights, device.type, 1, str(work)) for _ in range(n_workers)]
-            pool = ray.util.ActorPool(workers)
-            # The warm workers also run the coreset and table steps: a fresh Ray worker process
-            # would first import numpy, numba and torch again (seconds on a loaded node).
-            mapper = lambda function, args: list(pool.map(lambda w, a: w.call.remote(function, *a), args))  # noqa: E731
+            try:
+                pool = ray.util.ActorPool(workers)
+                # The warm workers also run the coreset and table steps: a fresh Ray worker process
+                # would first import numpy, numba and torch again (seconds on a loaded node).
+                mapper = lambda function, args: list(pool.map(lambda w, a: w.call.remote(function, *a), args))  # noqa: E731
 
-            start = time.perf_counter()
-            groups = split_evenly(len(bank_paths), math.ceil(len(bank_paths) / shard_images))
-            with step("fit: features (shards)", len(groups), progress) as advance:
-                shard_paths = [None] * len(groups)
-                jobs = ((i, [bank_paths[j] for j in group]) for i, group in enumerate(groups))
-                for path in pool.map(lambda w, job: w.extract.remote(job[0], job[1], str(work), config.batch_size), jobs):
-                    shard_paths[int(Path(path).stem.split("_")[1])] = Path(path)
+                start = time.perf_counter()
+                groups = split_evenly(len(bank_paths), math.ceil(len(bank_paths) / shard_images))
+                with step("fit: features (shards)", len(groups), progress) as advance:
+                    shard_paths: list[Path | None] = [None] * len(groups)
+                    jobs = ((i, [bank_paths[j] for j in group]) for i, group in enumerate(groups))
+                    for index, path, bad in pool.map(
+                            lambda w, job: w.extract.remote(job[0], job[1], str(work), config.batch_size, skip_bad), jobs):
+                        shard_paths[index] = Path(path) if path else None
+                        skipped.extend(bad)
+                        advance(1)
+                _warn_skipped(skipped)
+                shards = shard_table([path for path in shard_paths if path is not None])
+                if not shards:
+                    raise ValueError("no readable training images")
+                timings["features_s"] = time.perf_counter() - start
+
+                start = time.perf_counter()
+                with step("fit: coreset (2 rounds)", 1, progress) as advance:
+                    result = composable_kcenter(shards, config.coreset_ratio, config.projection_dim, config.seed,
+                                                oversample=oversample, mapper=mapper)
                     advance(1)
-            shards = shard_table(shard_paths)
-            timings["features_s"] = time.perf_counter() - start
+                memory_bank = gather_rows(shards, result.selected)
+                timings["coreset_s"] = time.perf_counter() - start
 
-            start = time.perf_counter()
-            with step("fit: coreset (2 rounds)", 1, progress) as advance:
-                result = composable_kcenter(shards, config.coreset_ratio, config.projection_dim, config.seed,
-                                            oversample=oversample, mapper=mapper)
-                advance(1)
-            memory_bank = gather_rows(shards, result.selected)
-            timings["coreset_s"] = time.perf_counter() - start
+                start = time.perf_counter()
+                k = min(config.num_neighbors, memory_bank.shape[0])
+                bank_ref = ray.put(memory_bank)
+                blocks = split_evenly(memory_bank.shape[0], math.ceil(memory_bank.shape[0] / _TABLE_BLOCK))
+                table = np.concatenate(mapper(_neighbour_block, [(bank_ref, b.start, b.stop, k) for b in blocks]))
+                timings["neighbour_table_s"] = time.perf_counter() - start
 
-            start = time.perf_counter()
-            k = min(config.num_neighbors, memory_bank.shape[0])
-            bank_ref = ray.put(memory_bank)
-            blocks = split_evenly(memory_bank.shape[0], math.ceil(memory_bank.shape[0] / _TABLE_BLOCK))
-            table = np.concatenate(mapper(_neighbour_block, [(bank_ref, b.start, b.stop, k) for b in blocks]))
-            timings["neighbour_table_s"] = time.perf_counter() - start
-
-            start = time.perf_counter()
-            table_ref = ray.put(table)
-            with step("fit: threshold", max(len(val_paths), 1), progress) as advance:
-                if val_paths:
-                    chunks = [val_paths[r.start : r.stop] for r in split_evenly(len(val_paths), n_workers)]
-                    val_scores = np.concatenate(list(pool.map(
-                        lambda w, part: w.score.remote(part, bank_ref, table_ref, config.batch_size), chunks)))
-                else:  # no held-out images: the training images' own scores (optimistic), as the local fit
-                    val_scores = ray.get(workers[0].score.remote(bank_paths[:64], bank_ref, table_ref,
-                                                                 config.batch_size))
-                advance(max(len(val_paths), 1))
-            timings["threshold_s"] = time.perf_counter() - start
-            n_nodes = len([node for node in ray.nodes() if node.get("Alive")])
+                start = time.perf_counter()
+                table_ref = ray.put(table)
+                with step("fit: threshold", max(len(val_paths), 1), progress) as advance:
+                    if val_paths:
+                        chunks = [val_paths[r.start : r.stop] for r in split_evenly(len(val_paths), n_workers)]
+                        scored = list(pool.map(
+                            lambda w, part: w.score.remote(part, bank_ref, table_ref, config.batch_size, skip_bad), chunks))
+                        val_scores = np.concatenate([scores for scores, _ in scored])
+                        val_skipped = [bad for _, part_bad in scored for bad in part_bad]
+                        _warn_skipped(val_skipped)
+                        skipped.extend(val_skipped)
+                    if not val_paths or val_scores.size == 0:  # no held-out image: the training images' own scores
+                        readable = [path for path in bank_paths if path not in {bad for bad, _ in skipped}][:64]
+                        val_scores = ray.get(workers[0].score.remote(readable, bank_ref, table_ref,
+                                                                     config.batch_size))[0]
+                    advance(max(len(val_paths), 1))
+                timings["threshold_s"] = time.perf_counter() - start
+                n_nodes = len([node for node in ray.nodes() if node.get("Alive")])
+            finally:  # on a shared cluster the actors outlive this call: free their CPUs/GPUs now
+                for worker in workers:
+                    ray.kill(worker)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -218,9 +260,11 @@ def fit_distributed(
         "composable": {"oversample": oversample, "shards": len(shards), **result.summary()},
     }
     model = PatchCoreModel(model_config, features, memory_bank, table, device)
-    model.config["threshold"] = threshold_config(val_scores, config.false_alarm_rate, held_out=len(val_idx) > 0)
+    bad_paths = {bad for bad, _ in skipped}
+    val_paths = [path for path in val_paths if path not in bad_paths]
+    model.config["threshold"] = threshold_config(val_scores, config.false_alarm_rate, held_out=len(val_paths) > 0)
     model.config["fit"] = {
-        "train_images": len(bank_paths),
+        "train_images": len([path for path in bank_paths if path not in bad_paths]),
         "validation_images": len(val_paths),
         "validation_sources": val_paths,
         "device": device.type,
@@ -230,11 +274,22 @@ def fit_distributed(
     model.save(output)
     return {
         "model": str(output),
-        "train_images": len(bank_paths),
+        "train_images": model.config["fit"]["train_images"],
         "validation_images": len(val_paths),
         "coreset_size": int(memory_bank.shape[0]),
         "coreset": model_config["coreset"]["composable"],
         "threshold": model.config["threshold"]["value"],
         "cluster": model.config["fit"]["cluster"],
         "timings_s": model.config["fit"]["timings"],
+        "skipped_files": len(skipped),
     }
+
+
+def _warn_skipped(skipped: list[list[str]]) -> None:
+    """The single-node fit's warning, once per skipped file, on the driver (workers' warnings stay in their logs)."""
+    import warnings
+
+    from edgecore.data.datasets import SkippedImageWarning
+
+    for path, reason in skipped:
+        warnings.warn(f"skipping {path}: {reason}", SkippedImageWarning, stacklevel=3)
