@@ -47,9 +47,14 @@ def fit(
     crop: int = typer.Option(224, help="Center crop size fed to the backbone; the short side in pad/crop."),
     aspect: str = typer.Option(
         "auto", help="auto (from the training frames' sizes) | squash (square resize + center crop) | "
-        "pad (keep the aspect, pad: whole frame inspected) | crop (keep the aspect, center crop the overflow)."),
+        "pad (keep the aspect, pad: whole frame inspected) | crop (keep the aspect, center crop the overflow) | "
+        "tile (large frames: overlapping tiles at the graph input, stitched back onto the whole frame)."),
     input_size: Optional[str] = typer.Option(
-        None, help="HEIGHTxWIDTH of the static graph input for --aspect pad/crop (default: the frames' aspect)."),
+        None, help="HEIGHTxWIDTH of the static graph input for --aspect pad/crop (default: the frames' aspect); "
+        "one tile for --aspect tile (default CROPxCROP)."),
+    tile_grid: Optional[str] = typer.Option(
+        None, help="ROWSxCOLS of tiles for --aspect tile (default: the most detail in at most 6 tiles)."),
+    tile_overlap: float = typer.Option(0.25, help="Share of a tile side that neighbouring tiles overlap (--aspect tile)."),
     val_ratio: float = typer.Option(0.1, help="Share of normal images held out to set the threshold."),
     denoise: str = typer.Option(
         "off", help="Drop training images that look defective before the coreset: off | auto (robust z-score, "
@@ -98,7 +103,8 @@ def fit(
         batch_size=batch_size,
     )  # the options are checked before any file is read
     samples = train_samples(data)
-    preprocess, preprocess_choice = resolve_preprocess(aspect, input_size, resize, crop, (s.path for s in samples))
+    preprocess, preprocess_choice = resolve_preprocess(aspect, input_size, resize, crop, (s.path for s in samples),
+                                                       tile_grid, tile_overlap)
     config = replace(config, preprocess=preprocess)
     if cluster is not None and config.denoise != "off":
         raise ValueError("--denoise is not available with --cluster yet (the driver never holds the bank)")

@@ -45,7 +45,7 @@ def load_test_set(root: str | Path, config: PreprocessConfig, skip_bad: bool = F
         crops.append(preprocess(rgb, config))
         known = mask is not None or sample.label == 0
         has_mask.append(known)
-        masks.append(preprocess_mask(mask, config) if mask is not None else np.zeros(config.input_hw, bool))
+        masks.append(preprocess_mask(mask, config) if mask is not None else np.zeros(config.map_hw, bool))
     return EvaluationData(kept, np.stack(crops), np.stack(masks), np.array(has_mask), list(stream.skipped))
 
 

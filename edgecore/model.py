@@ -34,6 +34,7 @@ from edgecore.runtime.fsutil import atomic_directory, write_json
 from edgecore.runtime.preprocess import PreprocessConfig, preprocess
 from edgecore.runtime.scorer import Decision, ImageScorer, PatchScorer
 from edgecore.runtime.search import ExactSearch, neighbour_table
+from edgecore.runtime.tiles import cut_tiles
 from edgecore.samplers import SAMPLERS, available_samplers, create_sampler
 
 MODEL_FORMAT_VERSION = 1
@@ -294,9 +295,11 @@ def fit(
     parts = []
     with step("fit: features", len(crops), progress) as advance:
         for i in range(0, len(crops), config.batch_size):
-            parts.append(model.embed(crops[i : i + config.batch_size]))
-            advance(len(parts[-1]))
+            # tile mode: every tile of a normal frame goes into the bank (cut_tiles is identity otherwise)
+            parts.append(model.embed(cut_tiles(crops[i : i + config.batch_size], config.preprocess)))
+            advance(len(parts[-1]) // config.preprocess.tile_count)
     train_features = np.concatenate(parts)
+    train_features = train_features.reshape(len(crops), -1, train_features.shape[-1])  # per frame: (tiles·P)×D
     timings["features_s"] = time.perf_counter() - start
     denoised = None
     if config.denoise != "off":  # outlier (likely defective) training images leave before the sampler sees them
@@ -338,7 +341,7 @@ def fit(
         if len(val_idx):
             val_scores = model.score_crops(all_crops[val_idx], config.batch_size).image
         else:  # no held-out images: fall back to the training images' own scores (optimistic)
-            val_scores = model.score_features(train_features[: min(len(train_features), 64)]).image
+            val_scores = model.score_features(train_features[:64].reshape(-1, grid[0] * grid[1], features.embed_dim)).image
         advance(max(len(val_idx), 1))
     timings["threshold_s"] = time.perf_counter() - start
     model.config["threshold"] = threshold_config(val_scores, config.false_alarm_rate, held_out=len(val_idx) > 0)

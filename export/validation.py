@@ -49,7 +49,7 @@ def validation_crops(model, log=lambda message: None) -> tuple[np.ndarray | None
 
 def load_validation(bundle: Path, manifest: dict) -> np.ndarray | None:
     """The stored validation crops of a verified bundle (None for bundles exported without them)."""
-    from edgecore.runtime.bundle import input_hw
+    from edgecore.runtime.bundle import map_hw
     from edgecore.runtime.errors import BundleError
 
     entry = manifest.get("validation")
@@ -62,7 +62,7 @@ def load_validation(bundle: Path, manifest: dict) -> np.ndarray | None:
         crops = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise BundleError(f"{path}: unreadable validation images: {exc}") from exc
-    expected = (len(manifest["threshold"].get("validation_scores", [])), *input_hw(manifest["preprocess"]), 3)
+    expected = (len(manifest["threshold"].get("validation_scores", [])), *map_hw(manifest["preprocess"]), 3)
     if crops.dtype != np.uint8 or crops.shape != expected:
         raise BundleError(f"{path}: validation images {crops.dtype} {crops.shape}, manifest says uint8 {expected}")
     return crops

@@ -235,8 +235,9 @@ def run_bench(
                     search=config.search, **_engine_options(config, streams),
                 )
             )
-        if frames is None:
-            frames = synthetic_frames(detectors[0].preprocess_config.resize)
+        if frames is None:  # a tile bundle's frames are as large as its canvas, not one tile
+            pre = detectors[0].preprocess_config
+            frames = synthetic_frames(max(pre.map_hw) if pre.aspect == "tile" else pre.resize)
         for detector in detectors:  # warm every configuration before any is timed
             for i in range(warmup):
                 detector.detect(frames[i % len(frames)])
@@ -252,6 +253,7 @@ def run_bench(
             run = {
                 "config": config.label(),
                 "executed": f"{engine.backend} {engine.executed_precision}, {describe_index(detector.index)}",
+                "tiles": detector.preprocess_config.tile_count,  # graph forwards per frame
                 "stages_ms": {stage: percentiles(values) for stage, values in stages.items()},
                 "throughput_single_stream_ips": 1000.0 / float(np.mean(stages["total"])),
                 "engine": {

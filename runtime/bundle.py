@@ -205,11 +205,40 @@ def input_hw(pre: dict) -> tuple[int, int]:
     return int(pre["crop"]), int(pre["crop"])
 
 
+def map_hw(pre: dict) -> tuple[int, int]:
+    """(height, width) of the preprocessed frame and its maps: the graph input, or a tile bundle's canvas."""
+    if pre.get("aspect") == "tile":
+        return int(pre["canvas_size"][0]), int(pre["canvas_size"][1])
+    return input_hw(pre)
+
+
+def _validate_tiles(pre: dict, where: str) -> None:
+    """tile bundles: tiles/tile_overlap give an R×C grid of graph inputs whose union is exactly canvas_size."""
+    from edgecore.runtime.tiles import canvas_size, check_tiling
+
+    tiles, overlap, canvas = pre.get("tiles"), pre.get("tile_overlap"), pre.get("canvas_size")
+    for key, value in (("tiles", tiles), ("tile_overlap", overlap), ("canvas_size", canvas)):
+        if not (_int_list(value) and len(value) == 2):
+            raise BundleError(f"{where}.preprocess.{key}: expected [rows, cols] integers, got {value!r}")
+    try:
+        check_tiling(tuple(pre["input_size"]), tuple(tiles), tuple(overlap))
+    except ValueError as exc:
+        raise BundleError(f"{where}.preprocess: {exc}") from None
+    expected = list(canvas_size(tuple(pre["input_size"]), tuple(tiles), tuple(overlap)))
+    if canvas != expected or max(canvas) > MAX_RESIZE:
+        raise BundleError(
+            f"{where}.preprocess.canvas_size: {canvas} disagrees with {tiles} tiles of the graph input "
+            f"{pre['input_size']} overlapping by {overlap} ({expected}, at most {MAX_RESIZE})"
+        )
+
+
 def _validate_aspect(pre: dict, where: str) -> tuple[int, int]:
-    """pad/crop bundles: a known mode and an input_size whose long/short side are resize/crop."""
+    """pad/crop/tile bundles: a known mode and an input_size whose long/short side are resize/crop."""
     aspect = pre.get("aspect", "squash")
-    if aspect not in ("squash", "pad", "crop"):
-        raise BundleError(f"{where}.preprocess.aspect: {aspect!r} is not squash, pad or crop")
+    if aspect not in ("squash", "pad", "crop", "tile"):
+        raise BundleError(f"{where}.preprocess.aspect: {aspect!r} is not squash, pad, crop or tile")
+    if aspect != "tile" and any(key in pre for key in ("tiles", "tile_overlap", "canvas_size")):
+        raise BundleError(f"{where}.preprocess: tiles / tile_overlap / canvas_size need aspect 'tile', not {aspect!r}")
     if aspect != "squash":
         size = pre.get("input_size")
         if not (_int_list(size) and len(size) == 2 and min(size) >= 32 and max(size) <= MAX_RESIZE):
@@ -218,6 +247,8 @@ def _validate_aspect(pre: dict, where: str) -> tuple[int, int]:
             raise BundleError(
                 f"{where}.preprocess: input_size {size} disagrees with resize {pre['resize']} / crop {pre['crop']}"
             )
+    if aspect == "tile":
+        _validate_tiles(pre, where)
     return input_hw(pre)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from edgecore.runtime.errors import DatasetError
 from edgecore.runtime.imageio import load_image
 from edgecore.runtime.preprocess import PreprocessConfig, preprocess
+from edgecore.runtime.tiles import cut_tiles
 
 #: File extensions treated as images (compared case-insensitively): one per format in
 #: ``imageio.ALLOWED_FORMATS``. The one list of host, camera CLI and ``serve``'s watched folder.
@@ -116,4 +117,5 @@ def calibration_crops(folder: str | Path, config: PreprocessConfig, count: int =
     folder = Path(folder)
     paths = list_images(folder / "train" / "good" if (folder / "train" / "good").is_dir() else folder)
     order = np.random.default_rng(seed).permutation(len(paths))[:count]
-    return np.stack([preprocess(load_image(paths[i]), config) for i in sorted(order)])
+    # graph inputs: a tile bundle calibrates on its tiles
+    return cut_tiles(np.stack([preprocess(load_image(paths[i]), config) for i in sorted(order)]), config)

@@ -15,6 +15,7 @@ import numpy as np
 from edgecore.runtime.imageio import ImageSource, load_image
 from edgecore.runtime.preprocess import PreprocessConfig, crop_map_to_original, preprocess
 from edgecore.runtime.scoring import Normalization, Scores, score_patches, search_patches
+from edgecore.runtime.tiles import cut_tiles, stitch_scores
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Detection:
     score: float
     normalized_score: float
     is_anomalous: bool
-    map: np.ndarray  # input_h×input_w raw patch-distance map (the graph input's geometry)
+    map: np.ndarray  # map_h×map_w raw patch-distance map (the graph input's geometry; tiled: the canvas)
     map_original: np.ndarray  # H×W map on the original image
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -119,13 +120,16 @@ class ImageScorer:
         return self.decision.normalization
 
     def score_features(self, features: np.ndarray) -> Scores:
-        return self.scorer.score_features(features)
+        """Embeddings of graph inputs (all tiles of each frame, in order) → per-frame Scores."""
+        return stitch_scores(self.scorer.score_features(features), self.preprocess_config)
 
     def score_crops(self, crops: np.ndarray, batch_size: int = 16) -> Scores:
-        """Args: crops: N×crop×crop×3 uint8 (from :func:`preprocess`). Returns: their Scores."""
-        return Scores.concatenate(
-            [self.score_features(self.embed(crops[i : i + batch_size])) for i in range(0, len(crops), batch_size)]
-        )
+        """Args: crops: N×map_h×map_w×3 uint8 (from :func:`preprocess`; tiled here). Returns: their Scores."""
+        config = self.preprocess_config  # cut_tiles: one graph input per tile (identity unless tiled)
+        return Scores.concatenate([
+            self.score_features(self.embed(cut_tiles(crops[i : i + batch_size], config)))
+            for i in range(0, len(crops), batch_size)
+        ])
 
     def detect(self, image: ImageSource) -> Detection:
         """Score one frame.
@@ -142,11 +146,11 @@ class ImageScorer:
         t1 = time.perf_counter()
         crop = preprocess(rgb, self.preprocess_config)
         t2 = time.perf_counter()
-        features = self.embed(crop[None])
+        features = self.embed(cut_tiles(crop[None], self.preprocess_config))  # one forward per tile
         t3 = time.perf_counter()
         patch_scores, nn_index = self.scorer.search_patches(features)
         t4 = time.perf_counter()
-        scores = self.scorer.score_search(patch_scores, nn_index, features)
+        scores = stitch_scores(self.scorer.score_search(patch_scores, nn_index, features), self.preprocess_config)
         score, crop_map = float(scores.image[0]), scores.maps[0]
         full_map = crop_map_to_original(crop_map, rgb.shape[:2], self.preprocess_config)
         t5 = time.perf_counter()

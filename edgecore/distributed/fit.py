@@ -89,10 +89,14 @@ class FeatureWorker:
 
         Returns (index, the shard's path or None when no image of it was readable, skipped files).
         """
+        from edgecore.runtime.preprocess import PreprocessConfig
+        from edgecore.runtime.tiles import cut_tiles  # tile mode: every tile goes into the bank
+
         crops, skipped = self._crops(paths, skip_bad)
         if crops is None:
             return index, None, skipped
-        embeddings = self._embed(crops, batch_size)
+        config = PreprocessConfig.from_dict(self.config["preprocess"])
+        embeddings = self._embed(cut_tiles(crops, config), batch_size)
         return index, str(write_shard(Path(directory), index, embeddings.reshape(-1, embeddings.shape[-1]))), skipped
 
     def score(self, paths: Sequence[str], memory_bank: np.ndarray, table: np.ndarray, batch_size: int,

@@ -219,7 +219,7 @@ def install(ffi: Any, lib: Any) -> None:
     @extern()
     @guarded("ec_map_size")
     def _ec_py_map_size(handle: int, width: Any, height: Any) -> int:
-        map_h, map_w = _registry.get(int(handle)).preprocess_config.input_hw
+        map_h, map_w = _registry.get(int(handle)).preprocess_config.map_hw
         width[0], height[0] = int(map_w), int(map_h)
         return EC_OK
 
@@ -231,8 +231,8 @@ def install(ffi: Any, lib: Any) -> None:
     ) -> int:
         detector = _registry.get(int(handle))
         frame = frame_view(ffi, pixels, width, height, stride, fmt)
-        # The map covers the graph input: crop×crop, or input_size for a pad/crop (non-square) bundle.
-        map_h, map_w = (int(v) for v in detector.preprocess_config.input_hw)
+        # The map covers the graph input: crop×crop, input_size (pad/crop), or a tile bundle's canvas_size.
+        map_h, map_w = (int(v) for v in detector.preprocess_config.map_hw)
         if map_out != ffi.NULL and capacity < map_h * map_w:
             raise ApiError(
                 EC_ERR_BUFFER_TOO_SMALL,

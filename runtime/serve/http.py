@@ -109,7 +109,7 @@ class HttpApi:
     # --- protocol --------------------------------------------------------------------
     def metadata(self) -> dict:
         served = self.service.slot.current
-        map_h, map_w = served.detector.preprocess_config.input_hw
+        map_h, map_w = served.detector.preprocess_config.map_hw
         return {
             "name": served.name,
             "versions": [served.version],
