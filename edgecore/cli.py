@@ -69,6 +69,9 @@ def fit(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     batch_size: int = typer.Option(16, help="Images per backbone batch."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images with a warning instead of failing."),
+    roi: Optional[Path] = typer.Option(
+        None, help="Region of interest in the training frames' pixels: a mask image (white = inspect) or a JSON "
+        "polygon [[x, y], ...]. Patches outside it are left out of the coreset, the score and the map."),
     cluster: Optional[str] = typer.Option(
         None, help="Fit on a Ray cluster: auto (a running one, else a private local one) | HOST:PORT. "
         "Default: this machine alone. Needs edgecore[cluster]."),
@@ -81,6 +84,7 @@ def fit(
     from edgecore.data.datasets import ImageStream, train_samples
     from edgecore.denoise import parse_denoise
     from edgecore.model import FitConfig, fit as fit_model
+    from edgecore.roi import RoiSource
 
     if sensitivity is not None and false_alarm_rate is not None:
         raise ValueError("give --sensitivity (false alarms per 1 000 parts) or --false-alarm-rate, not both")
@@ -106,6 +110,8 @@ def fit(
     preprocess, preprocess_choice = resolve_preprocess(aspect, input_size, resize, crop, (s.path for s in samples),
                                                        tile_grid, tile_overlap)
     config = replace(config, preprocess=preprocess)
+    if cluster is not None and roi is not None:
+        raise ValueError("--roi is not available with --cluster yet (the workers build the bank unmasked)")
     if cluster is not None and config.denoise != "off":
         raise ValueError("--denoise is not available with --cluster yet (the driver never holds the bank)")
     if cluster is not None:  # workers read and decode the frames themselves (see edgecore.distributed.fit)
@@ -119,7 +125,8 @@ def fit(
         return
     stream = ImageStream(samples, skip_bad=skip_bad)
     sources: list[str] = []  # filled as the frames stream in (one decoded frame in memory at a time)
-    model = fit_model(stream.images(sources), config, progress=True, sources=sources)
+    roi_source = RoiSource(roi) if roi is not None else None  # read before any frame is decoded
+    model = fit_model(stream.images(sources), config, progress=True, sources=sources, roi=roi_source)
     if stream.skipped:
         _echo_err(f"skipped {len(stream.skipped)} unreadable file(s)")
     model.config["fit"]["preprocess_choice"] = preprocess_choice

@@ -10,6 +10,7 @@ Model directory (written atomically)::
                                 embed dim, coreset, scoring, thresholds, fit timings
       memory_bank.safetensors   memory_bank  M×D float32 (the coreset)
                                 neighbour_table  M×b int32 (Eq. 7 support sets)
+      roi.npy                   (with `fit --roi`) grid h×w uint8 0/1: inspected patches
 """
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ from edgecore.labelled import anomaly_scorer
 from edgecore.progress import step
 from edgecore.runtime.errors import ModelError
 from edgecore.runtime.fsutil import atomic_directory, write_json
+from edgecore.roi import RoiSource, fit_roi
 from edgecore.runtime.preprocess import PreprocessConfig, preprocess
+from edgecore.runtime.roi import RoiMask, load_roi
 from edgecore.runtime.scorer import Decision, ImageScorer, PatchScorer
 from edgecore.runtime.search import ExactSearch, neighbour_table
 from edgecore.runtime.tiles import cut_tiles
@@ -102,8 +105,10 @@ class PatchCoreModel(ImageScorer):
         neighbours: np.ndarray,
         device: torch.device,
         anomaly_bank: np.ndarray | None = None,
+        roi: RoiMask | None = None,
     ) -> None:
         self.config = config
+        self.roi = roi  # patches outside it are never searched or scored (edgecore.runtime.roi)
         self.features = features.to(device).eval()
         self.device = device
         self.memory_bank = np.ascontiguousarray(memory_bank, dtype=np.float32)
@@ -113,7 +118,7 @@ class PatchCoreModel(ImageScorer):
         self.anomaly_bank = anomaly_bank  # labelled defects (edgecore.labelled); None: plain PatchCore
         self.scorer = PatchScorer(
             ExactSearch(self.memory_bank), self.memory_bank, neighbours, self.grid, self.preprocess_config.input_hw,
-            config["scoring"]["blur_sigma"], anomaly=anomaly_scorer(config, anomaly_bank),
+            config["scoring"]["blur_sigma"], anomaly=anomaly_scorer(config, anomaly_bank), roi=roi,
         )
 
     # --- inference ---------------------------------------------------------
@@ -137,6 +142,8 @@ class PatchCoreModel(ImageScorer):
             if self.anomaly_bank is not None:
                 tensors["anomaly_bank"] = self.anomaly_bank
             save_file(tensors, str(staging / BANK_FILE))
+            if self.roi is not None:
+                self.roi.save(staging)
             write_json(staging / CONFIG_FILE, self.config)
         return directory
 
@@ -170,7 +177,8 @@ class PatchCoreModel(ImageScorer):
                 f"do not match config {expected}"
             )
         features = build_feature_module(config, weights=weights)
-        return cls(config, features, bank, table, resolve_device(device), anomaly_bank=tensors.get("anomaly_bank"))
+        return cls(config, features, bank, table, resolve_device(device), anomaly_bank=tensors.get("anomaly_bank"),
+                   roi=load_roi(directory, config.get("roi"), ModelError))
 
 
 def read_model_config(directory: Path) -> dict:
@@ -254,7 +262,8 @@ def base_model_config(config: FitConfig, backbone: Backbone, features: PatchCore
 
 
 def fit(
-    images: Iterable[np.ndarray], config: FitConfig, progress: bool = False, sources: Sequence[str] | None = None
+    images: Iterable[np.ndarray], config: FitConfig, progress: bool = False, sources: Sequence[str] | None = None,
+    roi: RoiSource | None = None,
 ) -> PatchCoreModel:
     """Fit PatchCore on normal images.
 
@@ -264,11 +273,16 @@ def fit(
         config: backbone, layers, coreset, threshold and preprocessing choices.
         progress: report each step (a rich bar on a terminal, plain lines otherwise).
         sources: the images' file names, recorded for the held-out split.
+        roi: region of interest in the frames' pixels (:mod:`edgecore.roi`); patches outside
+            it are left out of the coreset, the score and the map.
 
     Returns:
         the fitted model with its threshold set; ``model.save(DIR)`` writes it.
     """
-    all_crops = [preprocess(image, config.preprocess) for image in images]
+    all_crops, frame_sizes = [], []
+    for image in images:
+        frame_sizes.append(image.shape[:2])
+        all_crops.append(preprocess(image, config.preprocess))
     if not all_crops:
         raise ValueError("no training images")
     all_crops = np.stack(all_crops)
@@ -285,6 +299,7 @@ def fit(
     features = PatchCoreFeatures(backbone.module, backbone.channels, backbone.spec.mean, backbone.spec.std, config.embed_dim)
     grid = grid_shape(features, config.preprocess.input_hw)
     bank_idx, val_idx = split_validation(len(all_crops), config.val_ratio, config.seed)
+    roi_mask = fit_roi(roi, frame_sizes, config.preprocess, grid) if roi is not None else None
 
     model_config = base_model_config(config, backbone, features, grid)
     placeholder_bank = np.zeros((1, features.embed_dim), dtype=np.float32)
@@ -308,7 +323,8 @@ def fit(
                                        else None, config.seed)
         train_features = train_features[denoised.keep]
         timings["denoise_s"] = time.perf_counter() - start
-    bank_all = train_features.reshape(-1, train_features.shape[-1])
+    bank_all = (train_features if roi_mask is None else train_features[:, roi_mask.flat])  # ROI: before selection
+    bank_all = bank_all.reshape(-1, train_features.shape[-1])
 
     start = time.perf_counter()
     sampler = create_sampler(  # the sampler draws its own bar on a terminal; plain lines come from step()
@@ -334,7 +350,9 @@ def fit(
         "coverage_radius_projected": float(getattr(sampler, "coverage_radius_", float("nan"))),
         **({"denoise": denoised.record} if denoised else {}),
     }
-    model = PatchCoreModel(model_config, features, memory_bank, table, device)
+    if roi_mask is not None:
+        model_config["roi"] = roi_mask.to_manifest()
+    model = PatchCoreModel(model_config, features, memory_bank, table, device, roi=roi_mask)
 
     start = time.perf_counter()
     with step("fit: threshold", max(len(val_idx), 1), progress) as advance:

@@ -9,6 +9,7 @@ Bundle layout::
       model.onnx        backbone + patch pooling + reduction, uint8 NHWC in, N×P×D out
       index/            the quantized coreset index (its own format, see manifest.index)
       neighbours.npy    M×b int32: Eq. 7 support set of every coreset point
+      roi.npy           (fit --roi) grid h×w uint8 0/1: the inspected patches (manifest.roi)
       anomaly_bank.npy  (after `edgecore label`) K×D float32 labelled-defect patches (manifest.labelled)
       engines/…         compiled engines, added later by `edgecore compile`
 """
@@ -31,6 +32,7 @@ from edgecore.runtime.bundle import (
     ARCHIVE_SUFFIX, FORMAT, FORMAT_VERSION, MANIFEST, bundle_lock, contract_fields, file_entry, verify_bundle,
 )
 from edgecore.runtime.errors import BundleError
+from edgecore.runtime.roi import ROI_FILE
 from edgecore.runtime.fsutil import atomic_directory, atomic_write_bytes, write_json
 
 GRAPH_FILE = "model.onnx"
@@ -67,7 +69,9 @@ def export_bundle(
     log(f"export: building the {index_dtype} coreset index")
     grid = config["features"]["grid"]
     # HNSW certification re-checks each image's worst patches: it needs the per-image query count.
-    index = build_index(model.memory_bank, dtype=index_dtype, mode=search, patches_per_image=grid[0] * grid[1])
+    # With an ROI only its patches are queried, so that is the per-image block.
+    per_image = grid[0] * grid[1] if model.roi is None else len(model.roi.flat)
+    index = build_index(model.memory_bank, dtype=index_dtype, mode=search, patches_per_image=per_image)
     timings["index_s"] = time.perf_counter() - start
 
     embed_dim = config["features"]["embed_dim"]
@@ -76,6 +80,8 @@ def export_bundle(
         (staging / INDEX_DIR).mkdir()
         index_description = index.save(staging / INDEX_DIR)
         np.save(staging / NEIGHBOURS_FILE, model.neighbour_table.astype(np.int32), allow_pickle=False)
+        if model.roi is not None:
+            model.roi.save(staging)
         labelled = config.get("labelled")  # labelled defects (edgecore.labelled): the anomaly bank travels too
         if labelled is not None:
             np.save(staging / labelled["file"], model.anomaly_bank.astype(np.float32), allow_pickle=False)
@@ -83,7 +89,7 @@ def export_bundle(
             (staging / VALIDATION_FILE).parent.mkdir()
             np.save(staging / VALIDATION_FILE, validation, allow_pickle=False)
         files = [GRAPH_FILE, NEIGHBOURS_FILE] + ([VALIDATION_FILE] if validation is not None else []) + (
-            [labelled["file"]] if labelled is not None else []) + sorted(
+            [ROI_FILE] if model.roi is not None else []) + ([labelled["file"]] if labelled is not None else []) + sorted(
             p.relative_to(staging).as_posix() for p in (staging / INDEX_DIR).rglob("*") if p.is_file()
         )
         manifest = {
@@ -108,6 +114,7 @@ def export_bundle(
             "neighbour_table": {"file": NEIGHBOURS_FILE, "shape": list(model.neighbour_table.shape)},
             "coreset": {k: config["coreset"][k] for k in ("size", "ratio", "projection_dim", "seed")}
             | ({"denoise": config["coreset"]["denoise"]} if "denoise" in config["coreset"] else {}),  # fit --denoise
+            **({"roi": model.roi.to_manifest()} if model.roi is not None else {}),
             **({"labelled": labelled} if labelled is not None else {}),
             "engines": {},
             # The held-out images behind threshold.validation_scores: compile re-fits the threshold on its engine.

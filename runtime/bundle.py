@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from edgecore.runtime.errors import BundleError
+from edgecore.runtime.roi import validate_roi_section
 from edgecore.runtime.fsutil import (
     atomic_directory, locked_staging, release, remove_stale_staging, sha256_file, write_json,
 )
@@ -147,6 +148,7 @@ def validate_manifest(manifest: object, where: str = MANIFEST) -> dict:
     table = _require(manifest, "neighbour_table", dict, where)
     _safe_relative(_require(table, "file", str, f"{where}.neighbour_table"), f"{where}.neighbour_table.file")
     _validate_graph_io(manifest, where)
+    validate_roi_section(manifest, where)
     coreset = manifest.get("coreset")
     if isinstance(coreset, dict) and "denoise" in coreset:  # fit --denoise: the training images left out
         from edgecore.runtime.denoise_record import validate_denoise_record
@@ -420,6 +422,8 @@ def verify_bundle(bundle: str | Path) -> VerifiedBundle:
             raise BundleError(f"{path}: not listed in the manifest (unexpected file in the bundle)")
     # Every file the runtime opens must be one of the verified ones (never a path outside the bundle).
     referenced = {"graph": manifest["graph"]["file"], "neighbour_table": manifest["neighbour_table"]["file"]}
+    if "roi" in manifest:
+        referenced["roi"] = manifest["roi"]["file"]
     if "labelled" in manifest:
         referenced["labelled"] = manifest["labelled"]["file"]
     index = manifest["index"]

@@ -26,6 +26,7 @@ from edgecore.runtime.anomaly_bank import open_anomaly_bank
 from edgecore.runtime.errors import BundleError, NonFiniteError
 from edgecore.runtime.index import SEARCH_MODES, QuantizedIndex
 from edgecore.runtime.preprocess import PreprocessConfig
+from edgecore.runtime.roi import load_roi
 from edgecore.runtime.scorer import Decision, Detection, ImageScorer, PatchScorer
 
 __all__ = ["Detection", "Detector", "describe_index", "open_index"]
@@ -86,7 +87,7 @@ class Detector(ImageScorer):
                         engine.info.source)
         self.scorer = PatchScorer(
             self.index, self.index.points, self.neighbour_table, self.grid, self.preprocess_config.input_hw, self.blur_sigma,
-            anomaly=open_anomaly_bank(bundle.path, manifest),
+            roi=load_roi(bundle.path, manifest.get("roi")), anomaly=open_anomaly_bank(bundle.path, manifest),
         )
 
     @classmethod

@@ -73,9 +73,11 @@ class PatchScorer:
     """
 
     def __init__(
-        self, search, support_vectors, neighbour_table: np.ndarray, grid, crop, blur_sigma: float, anomaly=None
+        self, search, support_vectors, neighbour_table: np.ndarray, grid, crop, blur_sigma: float, anomaly=None,
+        roi=None,
     ) -> None:
         self.search = search
+        self.roi = roi  # a RoiMask (edgecore.runtime.roi): only its patches are searched and scored; None: all
         self.anomaly = anomaly  # an AnomalyBank (labelled defects) sharpens the distances; None: plain PatchCore
         self.support_vectors = support_vectors
         self.neighbour_table = neighbour_table
@@ -84,15 +86,23 @@ class PatchScorer:
         self.blur_sigma = float(blur_sigma)
 
     def search_patches(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        distances, nn_index = search_patches(features, self.search)
+        """N×P×D → (N×P distances, N×P coreset ids); with an ROI only its patches are searched
+        (the others read 0 / id 0 and are never scored)."""
+        queries = features if self.roi is None else features[:, self.roi.flat]
+        distances, nn_index = search_patches(queries, self.search)
         if self.anomaly is not None:
-            distances = self.anomaly.sharpen(distances, features)
-        return distances, nn_index
+            distances = self.anomaly.sharpen(distances, queries)
+        if self.roi is None:
+            return distances, nn_index
+        full_distances = np.zeros(features.shape[:2], distances.dtype)
+        full_index = np.zeros(features.shape[:2], nn_index.dtype)
+        full_distances[:, self.roi.flat], full_index[:, self.roi.flat] = distances, nn_index
+        return full_distances, full_index
 
     def score_search(self, patch_scores: np.ndarray, nn_index: np.ndarray, features: np.ndarray) -> Scores:
         return score_patches(
             patch_scores, nn_index, features, self.support_vectors, self.neighbour_table, self.grid, self.crop,
-            self.blur_sigma,
+            self.blur_sigma, roi=self.roi,
         )
 
     def score_features(self, features: np.ndarray) -> Scores:
@@ -143,6 +153,8 @@ class ImageScorer:
         """
         t0 = time.perf_counter()
         rgb = load_image(image)
+        if self.scorer.roi is not None:  # an ROI drawn on another frame geometry would inspect the wrong region
+            self.scorer.roi.check_frame(*rgb.shape[:2])
         t1 = time.perf_counter()
         crop = preprocess(rgb, self.preprocess_config)
         t2 = time.perf_counter()

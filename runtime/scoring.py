@@ -161,20 +161,31 @@ def score_patches(
     grid: tuple[int, int],
     crop: int,
     blur_sigma: float,
+    roi=None,
 ) -> Scores:
     """Search results → Scores (Eq. 7 image score + crop-size maps).
 
     ``support_vectors[ids]`` must return the coreset rows (float32) that Eq. 7
     compares against: the host passes its memory bank, the camera its index's
     dequantized rows. Together with :func:`search_patches` this is the single
-    scoring path both sides run.
+    scoring path both sides run. ``roi`` (:class:`~edgecore.runtime.roi.RoiMask`):
+    patches outside it are no part of the image score and 0 (not inspected) in the map.
     """
-    scores = image_scores(patch_scores, nn_index, features, support_vectors, neighbour_table)
+    if roi is not None:
+        inside = roi.flat
+        scores = image_scores(patch_scores[:, inside], nn_index[:, inside], features[:, inside], support_vectors,
+                              neighbour_table)
+        patch_scores = np.where(roi.inside.ravel()[None, :], patch_scores, 0).astype(patch_scores.dtype, copy=False)
+    else:
+        scores = image_scores(patch_scores, nn_index, features, support_vectors, neighbour_table)
     if not (np.isfinite(scores).all() and np.isfinite(patch_scores).all()):
         from edgecore.runtime.errors import NonFiniteError
 
         raise NonFiniteError("the anomaly score is NaN or infinite (engine, index or memory bank); no verdict given")
-    return Scores(image=scores, patches=patch_scores, maps=anomaly_maps(patch_scores, grid, crop, blur_sigma))
+    maps = anomaly_maps(patch_scores, grid, crop, blur_sigma)
+    if roi is not None:
+        maps *= roi.map_mask(maps.shape[1:])
+    return Scores(image=scores, patches=patch_scores, maps=maps)
 
 
 def score_features(features: np.ndarray, search, support_vectors, neighbour_table, grid, crop, blur_sigma) -> Scores:
