@@ -60,6 +60,9 @@ def fit(
         "off", help="Drop training images that look defective before the coreset: off | auto (robust z-score, "
         "no estimate needed) | FRACTION in (0, 0.5) (drop that share of the most outlying images). "
         "Flagged images are listed in config.json coreset.denoise."),
+    augment: str = typer.Option(
+        "off", help="Add turned/flipped training frames to the bank: off | comma list of rot90, rot180, rot270, "
+        "hflip, vflip (rotation-robust; the bank grows by 1 + N before the coreset). Recorded in coreset.augment."),
     false_alarm_rate: Optional[float] = typer.Option(
         None, help="Allowed false-alarm rate on held-out normal images (default 0.01; or give --sensitivity)."),
     sensitivity: Optional[float] = typer.Option(
@@ -81,6 +84,7 @@ def fit(
     from dataclasses import replace
 
     from edgecore.aspect import resolve_preprocess
+    from edgecore.augment import parse_augment
     from edgecore.data.datasets import ImageStream, train_samples
     from edgecore.denoise import parse_denoise
     from edgecore.model import FitConfig, fit as fit_model
@@ -101,6 +105,7 @@ def fit(
         num_neighbors=num_neighbors,
         val_ratio=val_ratio,
         denoise=parse_denoise(denoise),
+        augment=parse_augment(augment),
         false_alarm_rate=rate,
         seed=seed,
         device=device,
@@ -112,6 +117,8 @@ def fit(
     config = replace(config, preprocess=preprocess)
     if cluster is not None and roi is not None:
         raise ValueError("--roi is not available with --cluster yet (the workers build the bank unmasked)")
+    if cluster is not None and config.augment:
+        raise ValueError("--augment is not available with --cluster yet (the workers embed the frames as read)")
     if cluster is not None and config.denoise != "off":
         raise ValueError("--denoise is not available with --cluster yet (the driver never holds the bank)")
     if cluster is not None:  # workers read and decode the frames themselves (see edgecore.distributed.fit)
@@ -145,6 +152,31 @@ def fit(
         "skipped_files": len(stream.skipped),
     }
     typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command(hidden=_HIDDEN)
+@_friendly
+def label(
+    model_dir: Path = typer.Argument(..., help="Model directory written by `edgecore fit`."),
+    defects: Path = typer.Argument(..., help="Labelled defects, MVTec layout: test/<type>/*.png + ground_truth/<type>/*_mask.png."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Model directory to write (default: MODEL_DIR, atomically)."),
+    weight: float = typer.Option(1.0, help="λ in s = d_n + λ·max(0, d_n − d_a): push-up of patches nearer a labelled defect than any normal patch."),
+    per_type: Optional[int] = typer.Option(None, help="Use the first N images of each defect type (default: all)."),
+    max_patches: int = typer.Option(1024, help="Anomaly bank cap (k-center greedy); the camera searches it exactly."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+) -> None:
+    """Learn from a few labelled defects: an anomaly bank from their masked patches sharpens the score;
+    the threshold is re-fitted on the held-out normals at the model's false-alarm rate."""
+    _needs_host("label")
+    from edgecore.labelled import LabelConfig, label_model, load_defects
+    from edgecore.model import PatchCoreModel
+
+    config = LabelConfig(weight=weight, max_patches=max_patches)
+    model = PatchCoreModel.load(model_dir, device=device)
+    labelled = label_model(model, load_defects(defects, per_type=per_type), config, source=str(defects))
+    labelled.save(output or model_dir)
+    summary = {k: v for k, v in labelled.config["labelled"].items() if k not in ("file", "score")}
+    typer.echo(json.dumps({"model": str(output or model_dir), "threshold": labelled.threshold, **summary}, indent=2))
 
 
 @app.command(name="fit-many", hidden=_HIDDEN)

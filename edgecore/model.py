@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import edgecore
+from edgecore.augment import TRANSFORMS, augment_record, augmented_frames, parse_augment
 from edgecore.backbones import Backbone, create_backbone
 from edgecore.calibration.threshold import threshold_config
 from edgecore.denoise import parse_denoise, select_clean_images
@@ -55,6 +56,7 @@ class FitConfig:
     coreset_ratio: float = 0.1
     sampler: str = "k-center-greedy"
     denoise: str | float = "off"  # off | auto | fraction: drop outlier training images first (edgecore.denoise)
+    augment: tuple[str, ...] = ()  # rotations/flips added to the bank (edgecore.augment.TRANSFORMS)
     projection_dim: int = 128
     num_neighbors: int = 9
     blur_sigma: float = 4.0
@@ -76,6 +78,8 @@ class FitConfig:
             raise ValueError("num_neighbors, embed_dim and batch_size must be >= 1")
         if parse_denoise(self.denoise) != self.denoise:
             raise ValueError(f"denoise must be 'off', 'auto' or a fraction in (0, 0.5), got {self.denoise!r}")
+        if parse_augment(self.augment) != tuple(self.augment):
+            raise ValueError(f"augment must be distinct names from {', '.join(TRANSFORMS)}, got {self.augment!r}")
         if self.sampler not in SAMPLERS:  # before any feature is extracted
             raise ValueError(f"unknown sampler {self.sampler!r}; available: {', '.join(available_samplers())}")
 
@@ -279,10 +283,14 @@ def fit(
     Returns:
         the fitted model with its threshold set; ``model.save(DIR)`` writes it.
     """
-    all_crops, frame_sizes = [], []
+    if config.augment and roi is not None:  # the ROI is in the line's frame coordinates, a turned frame is not
+        raise ValueError("--augment is not available with --roi")
+    all_crops, frame_sizes, turned_crops = [], [], []
     for image in images:
         frame_sizes.append(image.shape[:2])
         all_crops.append(preprocess(image, config.preprocess))
+        # --augment: each transform turns the frame, then the one preprocessing (edgecore.augment)
+        turned_crops.append([preprocess(f, config.preprocess) for f in augmented_frames(image, config.augment)])
     if not all_crops:
         raise ValueError("no training images")
     all_crops = np.stack(all_crops)
@@ -325,6 +333,17 @@ def fit(
         timings["denoise_s"] = time.perf_counter() - start
     bank_all = (train_features if roi_mask is None else train_features[:, roi_mask.flat])  # ROI: before selection
     bank_all = bank_all.reshape(-1, train_features.shape[-1])
+    augmented = None
+    if config.augment:  # bank images only (after --denoise), never the validation split
+        start = time.perf_counter()
+        kept = bank_idx[denoised.keep] if denoised else bank_idx
+        extra = np.stack([c for i in kept for c in turned_crops[i]])
+        parts = [model.embed(cut_tiles(extra[i : i + config.batch_size], config.preprocess))
+                 for i in range(0, len(extra), config.batch_size)]
+        augmented = augment_record(config.augment, len(bank_all), len(bank_all) * (1 + len(config.augment)))
+        bank_all = np.concatenate([bank_all, np.concatenate(parts).reshape(-1, bank_all.shape[-1])])
+        timings["augment_features_s"] = time.perf_counter() - start
+    del turned_crops
 
     start = time.perf_counter()
     sampler = create_sampler(  # the sampler draws its own bar on a terminal; plain lines come from step()
@@ -349,6 +368,7 @@ def fit(
         "bank_patches": int(bank_all.shape[0]),
         "coverage_radius_projected": float(getattr(sampler, "coverage_radius_", float("nan"))),
         **({"denoise": denoised.record} if denoised else {}),
+        **({"augment": augmented} if augmented else {}),
     }
     if roi_mask is not None:
         model_config["roi"] = roi_mask.to_manifest()

@@ -9,8 +9,8 @@ Bundle layout::
       model.onnx        backbone + patch pooling + reduction, uint8 NHWC in, N×P×D out
       index/            the quantized coreset index (its own format, see manifest.index)
       neighbours.npy    M×b int32: Eq. 7 support set of every coreset point
-      roi.npy           (fit --roi) grid h×w uint8 0/1: the inspected patches (manifest.roi)
       anomaly_bank.npy  (after `edgecore label`) K×D float32 labelled-defect patches (manifest.labelled)
+      roi.npy           (fit --roi) grid h×w uint8 0/1: the inspected patches (manifest.roi)
       engines/…         compiled engines, added later by `edgecore compile`
 """
 from __future__ import annotations
@@ -80,11 +80,11 @@ def export_bundle(
         (staging / INDEX_DIR).mkdir()
         index_description = index.save(staging / INDEX_DIR)
         np.save(staging / NEIGHBOURS_FILE, model.neighbour_table.astype(np.int32), allow_pickle=False)
-        if model.roi is not None:
-            model.roi.save(staging)
         labelled = config.get("labelled")  # labelled defects (edgecore.labelled): the anomaly bank travels too
         if labelled is not None:
             np.save(staging / labelled["file"], model.anomaly_bank.astype(np.float32), allow_pickle=False)
+        if model.roi is not None:
+            model.roi.save(staging)
         if validation is not None:
             (staging / VALIDATION_FILE).parent.mkdir()
             np.save(staging / VALIDATION_FILE, validation, allow_pickle=False)
@@ -113,7 +113,8 @@ def export_bundle(
             "index": {"dir": INDEX_DIR, **index_description},
             "neighbour_table": {"file": NEIGHBOURS_FILE, "shape": list(model.neighbour_table.shape)},
             "coreset": {k: config["coreset"][k] for k in ("size", "ratio", "projection_dim", "seed")}
-            | ({"denoise": config["coreset"]["denoise"]} if "denoise" in config["coreset"] else {}),  # fit --denoise
+            | ({"denoise": config["coreset"]["denoise"]} if "denoise" in config["coreset"] else {})  # fit --denoise
+            | ({"augment": config["coreset"]["augment"]} if "augment" in config["coreset"] else {}),  # fit --augment
             **({"roi": model.roi.to_manifest()} if model.roi is not None else {}),
             **({"labelled": labelled} if labelled is not None else {}),
             "engines": {},

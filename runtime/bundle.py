@@ -148,12 +148,16 @@ def validate_manifest(manifest: object, where: str = MANIFEST) -> dict:
     table = _require(manifest, "neighbour_table", dict, where)
     _safe_relative(_require(table, "file", str, f"{where}.neighbour_table"), f"{where}.neighbour_table.file")
     _validate_graph_io(manifest, where)
-    validate_roi_section(manifest, where)
     coreset = manifest.get("coreset")
     if isinstance(coreset, dict) and "denoise" in coreset:  # fit --denoise: the training images left out
         from edgecore.runtime.denoise_record import validate_denoise_record
 
         validate_denoise_record(coreset["denoise"], f"{where}.coreset.denoise")
+    if isinstance(coreset, dict) and "augment" in coreset:  # fit --augment: rotations/flips in the bank
+        from edgecore.runtime.augment_record import validate_augment_record
+
+        validate_augment_record(coreset["augment"], f"{where}.coreset.augment")
+    validate_roi_section(manifest, where)
     if "labelled" in manifest:  # labelled defects: the anomaly bank's file, [K, embed_dim] shape and weight
         from edgecore.runtime.anomaly_bank import validate_labelled_section
 
