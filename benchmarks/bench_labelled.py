@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecore.data.dents import write_dents
+
 KS = (1, 3, 5)
 
 
@@ -113,22 +115,6 @@ def main() -> None:
 
         # Native 128 → 112 (as the tests): upsampled to 224 the dents are easy (image AUROC 1.0 normal-only).
         run("ring parts + faint dents", parts, work, PreprocessConfig(128, 112))
-
-
-def write_dents(good: list[Path], out: Path, delta: int = 35, radius: int = 8) -> None:
-    """Darker discs at one place on the ring of normal 128-px parts, with masks, as test/dent (MVTec layout)."""
-    from edgecore.data.synthetic import save_png
-    from edgecore.runtime.imageio import load_image
-
-    yy, xx = np.mgrid[0:128, 0:128]
-    for i, path in enumerate(good):
-        rgb = load_image(path).astype(np.int16)
-        angle = np.random.default_rng(i).uniform(0.5, 0.9)
-        cx, cy = 63.5 + 0.27 * 128 * np.cos(angle), 63.5 + 0.27 * 128 * np.sin(angle)
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
-        rgb[mask] -= delta
-        save_png(np.clip(rgb, 0, 255).astype(np.uint8), out / "test" / "dent" / f"{i:03d}.png")
-        save_png(mask.astype(np.uint8) * 255, out / "ground_truth" / "dent" / f"{i:03d}_mask.png")
 
 
 if __name__ == "__main__":

@@ -122,6 +122,19 @@ def direct_l2(queries: np.ndarray, rows: CodeRows, index: np.ndarray) -> np.ndar
     return np.sqrt(np.einsum("qkd,qkd->qk", diff, diff, dtype=np.float64)).astype(np.float32)
 
 
+def rerank(queries: np.ndarray, rows: CodeRows, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of each query's ``candidates``, ranked on the codes and measured by direct
+    difference (true L2 of the stored rows, not a GEMM expansion), ascending."""
+    order = np.argsort(rows.rank_keys(queries, candidates), axis=1, kind="stable")[:, :k]
+    indices = np.take_along_axis(candidates, order, axis=1)
+    distances = direct_l2(queries, rows, indices)
+    if k > 1:
+        order = np.argsort(distances, axis=1, kind="stable")
+        distances = np.take_along_axis(distances, order, axis=1)
+        indices = np.take_along_axis(indices, order, axis=1)
+    return distances, indices
+
+
 class CoarseSearch:
     """``NearestNeighbourSearch`` over :class:`CodeRows` with a projected hnswlib graph.
 
@@ -166,14 +179,7 @@ class CoarseSearch:
         projected = self.project(queries)
         labels, _ = self.graph.knn_query(projected, k=wanted)
         candidates = labels.astype(np.int64)
-        # Rank the candidates on the codes, then measure the winners by direct difference.
-        order = np.argsort(self.rows.rank_keys(queries, candidates), axis=1, kind="stable")[:, :k]
-        indices = np.take_along_axis(candidates, order, axis=1)
-        distances = direct_l2(queries, self.rows, indices)
-        if k > 1:
-            order = np.argsort(distances, axis=1, kind="stable")
-            distances = np.take_along_axis(distances, order, axis=1)
-            indices = np.take_along_axis(indices, order, axis=1)
+        distances, indices = rerank(queries, self.rows, candidates, k)
         for start in range(0, queries.shape[0], self.certify_block):
             stop = min(start + self.certify_block, queries.shape[0])
             self._certify_max(queries, projected, distances, indices, start, stop)

@@ -26,7 +26,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from edgecore.runtime.search_coarse import CodeRows, direct_l2
+from edgecore.runtime.search_coarse import CodeRows, rerank
 
 COMPILED_CANDIDATES = 4  # proposals re-ranked exactly per query (bottle, f32: recall@1 = exact int8's)
 QUERY_CHUNK = 196  # queries per engine call: bounds the Q×M key matrix (bottle Lite0: 38 ms/img vs 47 at 784)
@@ -186,14 +186,7 @@ class CompiledSearch:
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         k = min(int(k), self.shape[0])
         proposed = self.graph.candidates(queries, max(self.candidates, k))
-        order = np.argsort(self.rows.rank_keys(queries, proposed), axis=1, kind="stable")[:, :k]
-        indices = np.take_along_axis(proposed, order, axis=1)
-        distances = direct_l2(queries, self.rows, indices)
-        if k > 1:
-            order = np.argsort(distances, axis=1, kind="stable")
-            distances = np.take_along_axis(distances, order, axis=1)
-            indices = np.take_along_axis(indices, order, axis=1)
-        return distances, indices
+        return rerank(queries, self.rows, proposed, k)
 
     def memory_bytes(self) -> int:
         return self.rows.table_bytes() + self.operands.coords.nbytes + self.graph.memory_bytes()

@@ -8,27 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgecore.data.dents import write_dents
 from tests.conftest import recompute_hashes
 
 DENT_DELTA, DENT_RADIUS, DENTS, LABELLED = 35, 8, 10, 3
-
-
-def _write_dents(good: list[Path], out: Path) -> Path:
-    """Faint recurring dents (darker discs at one place on the ring) on normal images, MVTec layout:
-    the normal-only model misses most of them at its threshold."""
-    from edgecore.data.synthetic import save_png
-    from edgecore.runtime.imageio import load_image
-
-    yy, xx = np.mgrid[0:128, 0:128]
-    for i, path in enumerate(good):
-        rgb = load_image(path).astype(np.int16)
-        angle = np.random.default_rng(i).uniform(0.5, 0.9)
-        cx, cy = 63.5 + 0.27 * 128 * np.cos(angle), 63.5 + 0.27 * 128 * np.sin(angle)
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= DENT_RADIUS**2
-        rgb[mask] -= DENT_DELTA
-        save_png(np.clip(rgb, 0, 255).astype(np.uint8), out / "test" / "dent" / f"{i:03d}.png")
-        save_png(mask.astype(np.uint8) * 255, out / "ground_truth" / "dent" / f"{i:03d}_mask.png")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +27,7 @@ def case(tmp_path_factory):
     root = tmp_path_factory.mktemp("labelled")
     category = make_synthetic_dataset(root, n_train=16, n_test_good=6 + DENTS, n_test_per_defect=1, size=128, seed=0)
     goods = sorted((category / "test" / "good").glob("*.png"))
-    dents = _write_dents(goods[6:], root / "dents")
+    dents = write_dents(goods[6:], root / "dents", delta=DENT_DELTA, radius=DENT_RADIUS)
     samples = train_samples(category)
     config = FitConfig(device="cpu", preprocess=PreprocessConfig(128, 112), val_ratio=0.25)
     model = fit([rgb for _, rgb in ImageStream(samples)], config, sources=[str(s.path) for s in samples])
