@@ -88,7 +88,9 @@ def main() -> None:
             result, _ = evaluate(model, test_set)
             record = model.config["coreset"].get("denoise", {})
             flagged = [Path(f["source"]).name for f in record.get("flagged", [])]
-            in_bank = {Path(s).name for s in sources} - {Path(s).name for s in model.config["fit"]["validation_sources"]}
+            screened = [Path(f["source"]).name for f in model.config["fit"].get("validation_screened", [])]
+            held_out = {Path(s).name for s in model.config["fit"]["validation_sources"]} | set(screened)
+            in_bank = {Path(s).name for s in sources} - held_out
             poison_in_bank = [n for n in poison_names if n in in_bank]
             row = {
                 "contamination": rate, "denoise": denoise,
@@ -98,6 +100,8 @@ def main() -> None:
                 "poison_in_bank": len(poison_in_bank),
                 "flagged": len(flagged), "flagged_poison": sum(n in poison_in_bank for n in flagged),
                 "flagged_normal": [n for n in flagged if not n.startswith("poison_")],
+                "poison_held_out": sum(n in held_out for n in poison_names),
+                "validation_screened": len(screened), "screened_poison": sum(n.startswith("poison_") for n in screened),
                 "fit_s": round(fit_s, 1), "denoise_s": model.config["fit"]["timings"].get("denoise_s", 0.0),
                 "coreset_s": model.config["fit"]["timings"]["coreset_s"],
                 "test_images": result["images"], "load_average": round(os.getloadavg()[0], 2),

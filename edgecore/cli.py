@@ -145,6 +145,8 @@ def fit(
         "coreset_size": model.config["coreset"]["size"],
         **({"denoise_flagged": [f["source"] for f in model.config["coreset"]["denoise"]["flagged"]]}
            if "denoise" in model.config["coreset"] else {}),
+        **({"validation_screened": [f["source"] for f in model.config["fit"]["validation_screened"]]}
+           if "validation_screened" in model.config["fit"] else {}),
         "embed_dim": model.config["features"]["embed_dim"],
         "preprocess": preprocess_choice,
         "threshold": model.threshold,

@@ -27,7 +27,7 @@ import edgecore
 from edgecore.augment import TRANSFORMS, augment_record, augmented_frames, parse_augment
 from edgecore.backbones import Backbone, create_backbone
 from edgecore.calibration.threshold import threshold_config
-from edgecore.denoise import parse_denoise, select_clean_images
+from edgecore.denoise import parse_denoise, screen_validation, select_clean_images
 from edgecore.features import PatchCoreFeatures, grid_shape
 from edgecore.labelled import anomaly_scorer
 from edgecore.progress import step
@@ -382,11 +382,18 @@ def fit(
             val_scores = model.score_features(train_features[:64].reshape(-1, grid[0] * grid[1], features.embed_dim)).image
         advance(max(len(val_idx), 1))
     timings["threshold_s"] = time.perf_counter() - start
+    val_sources = [sources[i] for i in val_idx] if sources else []
+    screened: list[dict] = []
+    if config.denoise != "off" and len(val_idx):  # a defect held out would set the threshold (edgecore.denoise)
+        kept, screened = screen_validation(val_scores, val_sources or None)
+        val_scores, val_idx = val_scores[kept], val_idx[kept]
+        val_sources = [name for name, keep in zip(val_sources, kept) if keep]
     model.config["threshold"] = threshold_config(val_scores, config.false_alarm_rate, held_out=len(val_idx) > 0)
     model.config["fit"] = {
         "train_images": int(len(bank_idx)),
         "validation_images": int(len(val_idx)),
-        "validation_sources": [sources[i] for i in val_idx] if sources else [],
+        "validation_sources": val_sources,
+        **({"validation_screened": screened} if config.denoise != "off" else {}),
         "device": device.type,
         "timings": {key: round(value, 3) for key, value in timings.items()},
     }

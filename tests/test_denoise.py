@@ -14,7 +14,7 @@ import pytest
 
 from edgecore.data.datasets import ImageStream, test_samples, train_samples
 from edgecore.data.synthetic import make_synthetic_dataset, save_png
-from edgecore.denoise import parse_denoise, select_clean_images
+from edgecore.denoise import parse_denoise, screen_validation, select_clean_images
 from edgecore.evaluation import evaluate, load_test_set
 from edgecore.model import FitConfig, fit
 from edgecore.runtime.errors import BundleError
@@ -145,3 +145,29 @@ def test_cli_refuses_a_bad_denoise_value(contaminated, tmp_path):
     result = CliRunner().invoke(app, ["fit", str(contaminated[1]), "-o", str(tmp_path / "m"), "--random-init",
                                       "--denoise", "0.7"])
     assert result.exit_code != 0 and not (tmp_path / "m").exists()
+
+
+def test_screen_validation_flags_only_planted_outliers():
+    normal = 20.0 + np.linspace(-2.0, 2.0, 20)  # a normal-looking spread: nothing beyond 2 sigma
+    keep, flagged = screen_validation(np.concatenate([normal, [35.0, 40.0]]), [f"v{i}" for i in range(22)])
+    assert [entry["source"] for entry in flagged] == ["v21", "v20"]
+    assert keep.sum() == 20 and not keep[20:].any()
+    assert screen_validation(normal)[1] == []  # clean held-out scores: nothing screened
+    assert screen_validation(np.array([1.0, 2.0, 99.0]))[1] == []  # too few to judge
+
+
+def test_a_defect_held_out_for_the_threshold_is_screened_before_the_threshold(contaminated):
+    """Cleaning the bank is not enough: a contaminating image in the validation split would set
+    the threshold at a defect's score. With --denoise it is screened out and listed."""
+    _, folder, names = contaminated
+    config = FitConfig(random_init=True, device="cpu", preprocess=PreprocessConfig(128, 112), val_ratio=0.5,
+                       denoise="auto")
+    sources: list[str] = []
+    model = fit(ImageStream(train_samples(folder)).images(sources), config, sources=sources)
+    screened = model.config["fit"]["validation_screened"]
+    kept = [Path(source).name for source in model.config["fit"]["validation_sources"]]
+    assert screened, "a contaminating image should have landed in the validation split with this seed"
+    assert {Path(entry["source"]).name for entry in screened} <= set(names)
+    assert not set(kept) & set(names)
+    assert len(model.config["threshold"]["validation_scores"]) == len(kept)
+    assert model.threshold < min(entry["score"] for entry in screened)
