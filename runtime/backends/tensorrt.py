@@ -356,7 +356,31 @@ def compile_tensorrt(
 
 
 # --- running ------------------------------------------------------------------
-class TensorRTBackend:
+class _PlanResources:
+    """``close()`` of an object that holds a TensorRT runtime/engine/context, pinned host buffers and
+    CUDA buffers (``_device_buffers``) in one :class:`_Gpu` context, under ``_lock``: the engine
+    backend and the compiled-search graph (``tensorrt_search``) free them the same way."""
+
+    def close(self) -> None:
+        """Free the TensorRT objects and CUDA buffers (inside the context that owns them); idempotent."""
+        with self._lock:
+            if self._gpu is None:
+                return
+            if self._gpu.context is not None:
+                with self._gpu.active():
+                    # TensorRT objects first, context before engine before runtime: they use the buffers
+                    self._context = None
+                    self._engine = None
+                    self._runtime = None
+                    for memory in self._device_buffers:
+                        memory.free()
+                    self._device_buffers = []
+                    self._stream = self._host_in = self._host_out = None
+            self._gpu.release()
+            self._gpu = None
+
+
+class TensorRTBackend(_PlanResources):
     """Runs the bundle's TensorRT engine built for this GPU; see the module docstring for threads."""
 
     def __init__(self, bundle, device: str = "cuda:0", precision: str | None = None) -> None:
@@ -449,20 +473,3 @@ class TensorRTBackend:
                 self._stream.synchronize()
                 return np.array(self._host_out, dtype=np.float32, copy=True)
 
-    def close(self) -> None:
-        """Free the TensorRT objects and CUDA buffers (inside the context that owns them); idempotent."""
-        with self._lock:
-            if self._gpu is None:
-                return
-            if self._gpu.context is not None:
-                with self._gpu.active():
-                    # TensorRT objects first, context before engine before runtime: they use the buffers
-                    self._context = None
-                    self._engine = None
-                    self._runtime = None
-                    for memory in self._device_buffers:
-                        memory.free()
-                    self._device_buffers = []
-                    self._stream = self._host_in = self._host_out = None
-            self._gpu.release()
-            self._gpu = None

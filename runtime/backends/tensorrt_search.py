@@ -16,7 +16,7 @@ import threading
 
 import numpy as np
 
-from edgecore.runtime.backends.tensorrt import _Gpu, _libraries, _network_flags
+from edgecore.runtime.backends.tensorrt import _Gpu, _libraries, _network_flags, _PlanResources
 from edgecore.runtime.errors import EdgecoreError
 
 MAX_QUERIES = 4096  # optimization profile: queries per call (one image's patches: 784 at 224 px)
@@ -52,7 +52,7 @@ def build_key_network(trt, builder, operands, k: int):
     return network, keep
 
 
-class TensorRTSearchGraph:
+class TensorRTSearchGraph(_PlanResources):
     """The key graph as a TensorRT engine on one CUDA device (a ``runtime.search_compiled.SearchGraph``).
 
     Args:
@@ -66,7 +66,7 @@ class TensorRTSearchGraph:
         self.size, self.dim = operands.codes.shape
         self.k = min(int(k), self.size, MAX_TOPK)
         self._gpu: _Gpu | None = _Gpu(cuda, device)
-        self._buffers: list = []
+        self._device_buffers: list = []
         try:
             with self._gpu.active():
                 self._build(trt, operands, workspace_mb)
@@ -96,7 +96,7 @@ class TensorRTSearchGraph:
         self._host_out = cuda.pagelocked_empty((MAX_QUERIES, self.k), np.int32)
         for name, host in (("queries", self._host_in), ("candidates", self._host_out)):
             memory = cuda.mem_alloc(host.nbytes)
-            self._buffers.append(memory)
+            self._device_buffers.append(memory)
             self._context.set_tensor_address(name, int(memory))
         self._stream = cuda.Stream()
 
@@ -113,10 +113,10 @@ class TensorRTSearchGraph:
                     rows = len(chunk)
                     self._host_in[:rows] = chunk
                     self._context.set_input_shape("queries", (rows, self.dim))
-                    cuda.memcpy_htod_async(self._buffers[0], self._host_in[:rows], self._stream)
+                    cuda.memcpy_htod_async(self._device_buffers[0], self._host_in[:rows], self._stream)
                     if not self._context.execute_async_v3(self._stream.handle):
                         raise EdgecoreError("TensorRT failed to enqueue the search (see its log above)")
-                    cuda.memcpy_dtoh_async(self._host_out[:rows], self._buffers[1], self._stream)
+                    cuda.memcpy_dtoh_async(self._host_out[:rows], self._device_buffers[1], self._stream)
                     self._stream.synchronize()
                     out[start : start + rows] = self._host_out[:rows, :k]
         return out
@@ -125,16 +125,3 @@ class TensorRTSearchGraph:
         """Host side only (pinned buffers); the plan's weights live in GPU memory."""
         return int(self._host_in.nbytes + self._host_out.nbytes)
 
-    def close(self) -> None:
-        """Free the TensorRT objects and CUDA buffers inside their context; idempotent."""
-        with self._lock:
-            if self._gpu is None:
-                return
-            if self._gpu.context is not None:
-                with self._gpu.active():
-                    self._context = self._engine = self._runtime = None
-                    for memory in self._buffers:
-                        memory.free()
-                    self._buffers = []
-            self._gpu.release()
-            self._gpu = None
