@@ -16,10 +16,15 @@ Camera side, torch-free (numpy + hnswlib). Design, measured in
   save float32 vectors (4× the int8 codes), so we rebuild its state from the
   links plus the decoded vectors at load. ``mode="exact"`` is ``ExactSearch`` over
   the decoded vectors (the faster choice for small coresets).
-* ``mode="coarse"`` (int8 only) holds no fp32 copy at all: a small hnswlib graph over
-  a PCA projection of the coreset proposes candidates, which are re-ranked exactly
-  on the int8 codes (``runtime.search_coarse``). Its graph arrays add the projection
-  (``proj_basis``, ``proj_center``) to the hnsw links.
+* ``mode="coarse"`` (int8 only) holds no fp32 copy at all: a PCA projection of the
+  coreset proposes candidates, which are re-ranked exactly on the int8 codes
+  (``runtime.search_coarse``). Its graph arrays add the projection (``proj_basis``,
+  ``proj_center``) to the hnsw links; where the native kernel loads
+  (``runtime.native``) the candidates come from its int8 brute force over the
+  projections instead, and the stored graph is only the fallback.
+* ``mode="int8"`` (int8 only, no graph) is the native kernel's brute force over the
+  full-D codes themselves, with an exact re-rank and a certified image maximum
+  (``runtime.native.search``); without the kernel it falls back to exact mode.
 * HNSW is least reliable far from the data, which is exactly where the image
   score comes from (the farthest patch). So hnsw mode certifies, per block of
   ``certify_block`` consecutive queries (one image's patches), that the largest
@@ -40,10 +45,12 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from edgecore.runtime import native
 from edgecore.runtime.errors import BundleError, NonFiniteError
 from edgecore.runtime.fsutil import sha256_file
+from edgecore.runtime.native.search import INT8_CANDIDATES, Int8Search, ProjectedCandidates
 from edgecore.runtime.search import ExactSearch, exact_l2
-from edgecore.runtime.search_coarse import CodeRows, CoarseSearch
+from edgecore.runtime.search_coarse import CodeRows, CoarseSearch, GraphProposer
 from edgecore.runtime.search_compiled import CompiledSearch
 
 DTYPES = ("int8", "fp16", "fp32")
@@ -78,6 +85,8 @@ _COARSE_ARRAYS = {
 _PARAM_RANGES = {"m": (2, 1024), "ef_construction": (1, 1 << 20), "ef_search": (1, 1 << 16),
                  "certify_block": (1, 1 << 24), "max_level": (0, 255), "seed": (0, 1 << 62),
                  "candidates": (1, 4096), "proj_dim": (1, 4096)}
+# Parameters of a mode without a graph (the description's "search_params"), range-checked the same way.
+_SEARCH_PARAM_KEYS = ("candidates", "certify_block")
 
 
 class QuantizedIndex:
@@ -100,6 +109,7 @@ class QuantizedIndex:
         graph: dict[str, np.ndarray] | None = None,
         hnsw: dict | None = None,
         choice: dict | None = None,
+        search_params: dict | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -116,7 +126,9 @@ class QuantizedIndex:
         self.arrays = arrays
         self.graph = graph if entry.graph_arrays else None
         self.hnsw = dict(hnsw) if entry.graph_arrays and hnsw is not None else None
-        self.searcher: Searcher = entry.open(dtype, arrays, self.graph, self.hnsw)
+        self.search_params = dict(search_params) if entry.has_params and search_params is not None else None
+        params = self.hnsw if entry.graph_arrays else self.search_params
+        self.searcher: Searcher = entry.open(dtype, arrays, self.graph, params)
         self.size, self.dim = self.searcher.shape
 
     # --- search -------------------------------------------------------------
@@ -172,6 +184,8 @@ class QuantizedIndex:
         }
         if self.hnsw is not None:
             description["hnsw"] = dict(self.hnsw)
+        if self.search_params is not None:
+            description["search_params"] = dict(self.search_params)
         description["choice"] = dict(self.choice)
         return description
 
@@ -199,6 +213,11 @@ class QuantizedIndex:
             hnsw = description.get("hnsw") if entry.graph_arrays else None
             if entry.graph_arrays and not isinstance(hnsw, dict):
                 raise BundleError(f"index mode {mode!r} but the description has no 'hnsw' parameters")
+            search_params = description.get("search_params") if entry.has_params else None
+            if search_params is not None:  # absent when another mode's bundle is opened with --search
+                if not isinstance(search_params, dict):
+                    raise BundleError("index field 'search_params' must be an object")
+                search_params = {key: _int_field(search_params, key, *_PARAM_RANGES[key]) for key in _SEARCH_PARAM_KEYS}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"{directory}: malformed index description: {exc!r}") from exc
         arrays = {key: _read(directory, files, f"vectors.{key}", dt) for key, dt in _VECTOR_ARRAYS[dtype].items()}
@@ -210,7 +229,7 @@ class QuantizedIndex:
         if graph is not None:
             _check_graph(directory, graph, hnsw, entry.extra_params, size, dim)
         try:
-            return cls(dtype, arrays, mode, graph, hnsw)
+            return cls(dtype, arrays, mode, graph, hnsw, search_params=search_params)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise BundleError(f"{directory}: inconsistent index files: {exc}") from exc
 
@@ -471,7 +490,8 @@ class SearchMode:
         graph_arrays: graph arrays the mode stores, with their dtypes ({} = vectors only).
         extra_params: hnsw-section parameters beyond the graph's own, range-checked at load.
         int8_only: the mode searches the int8 codes themselves.
-        open: (dtype, vector arrays, graph arrays, hnsw parameters) → the in-memory searcher.
+        has_params: a mode without a graph that keeps ``search_params`` (candidates, certify_block).
+        open: (dtype, vector arrays, graph arrays, hnsw parameters or search_params) → the in-memory searcher.
     """
 
     name: str
@@ -479,6 +499,7 @@ class SearchMode:
     open: Callable[[str, dict, dict | None, dict | None], Searcher]
     extra_params: tuple[str, ...] = ()
     int8_only: bool = False
+    has_params: bool = False
 
 
 SEARCH_MODES: dict[str, SearchMode] = {}
@@ -558,14 +579,21 @@ class _HnswSearcher(_ExactSearcher):
 
 
 class _CoarseSearcher(CoarseSearch):
-    """``CoarseSearch`` over the int8 codes (no fp32 copy), with the registry's accounting."""
+    """``CoarseSearch`` over the int8 codes (no fp32 copy), with the registry's accounting. Candidates from
+    the native int8 brute force over the projections; hnswlib's stored graph only without the kernel."""
 
     def __init__(self, arrays: dict[str, np.ndarray], graph: dict[str, np.ndarray], params: dict) -> None:
-        super().__init__(
-            CodeRows(arrays), graph["proj_basis"], graph["proj_center"],
-            lambda projected: _hnswlib_index(graph, projected, params),
-            candidates=params["candidates"], ef_search=params["ef_search"], certify_block=params["certify_block"],
-        )
+        kernel = native.kernel_or_warn("coarse mode's stored hnswlib graph")
+        size = arrays["codes"].shape[0]
+
+        def proposer(projected: np.ndarray):
+            if kernel is not None:
+                return ProjectedCandidates(projected, kernel)
+            return GraphProposer(_hnswlib_index(graph, projected, params), params["ef_search"],
+                                 lambda index: _hnswlib_bytes(index, size))
+
+        super().__init__(CodeRows(arrays), graph["proj_basis"], graph["proj_center"], proposer,
+                         candidates=params["candidates"], certify_block=params["certify_block"])
         self.shape = self.rows.shape
 
     @property
@@ -573,7 +601,18 @@ class _CoarseSearcher(CoarseSearch):
         return self.rows
 
     def memory_bytes(self) -> int:
-        return self.nbytes() + self.rows.table_bytes() + _hnswlib_bytes(self.graph, self.shape[0])
+        return self.nbytes() + self.rows.table_bytes()
+
+
+def _open_int8(dtype: str, arrays: dict[str, np.ndarray], params: dict | None) -> Searcher:
+    """'int8' mode: the native brute force, or (no kernel) exact search over the decoded codes."""
+    kernel = native.kernel_or_warn("exact search over the decoded codes")
+    if kernel is None:
+        return _ExactSearcher(decode(dtype, arrays))
+    params = params or {}
+    # Without stored parameters (another mode's bundle opened with --search int8) the whole call is one block.
+    return Int8Search(arrays, kernel, candidates=params.get("candidates", INT8_CANDIDATES),
+                      certify_block=params.get("certify_block", _PARAM_RANGES["certify_block"][1]))
 
 
 def _hnswlib_bytes(index, size: int) -> int:
@@ -592,6 +631,10 @@ register_search_mode(SearchMode(
 register_search_mode(SearchMode(
     "coarse", graph_arrays=_COARSE_ARRAYS, extra_params=("candidates",), int8_only=True,
     open=lambda dtype, arrays, graph, params: _CoarseSearcher(arrays, graph, params),
+))
+register_search_mode(SearchMode(
+    "int8", graph_arrays={}, int8_only=True, has_params=True,  # no graph: the kernel scans the codes
+    open=lambda dtype, arrays, graph, params: _open_int8(dtype, arrays, params),
 ))
 register_search_mode(SearchMode(
     "compiled", graph_arrays={}, int8_only=True,  # the engine's graph is built from the codes at load

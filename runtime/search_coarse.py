@@ -1,12 +1,14 @@
-"""Two-stage search that holds only the quantized coreset: coarse graph + exact re-rank + certified max.
+"""Two-stage search that holds only the quantized coreset: coarse candidates + exact re-rank + certified max.
 
 Camera side, torch-free (numpy + hnswlib). Measured in ``benchmarks/INDEX_STUDY.md`` (§ "Search at the
 hardware limit"):
 
-* **Coarse.** An hnswlib graph over a ``proj_dim``-dimensional PCA projection of the decoded coreset
-  proposes ``candidates`` points per query. hnswlib keeps its own float32 copy of what it indexes, so at
-  32 dims that copy is 1/32 of the fp32 coreset instead of all of it, and every graph hop costs 32
-  multiply-adds instead of 1024 (hnswlib's SSE build: no AVX-512 needed, see ``.ci/install``).
+* **Coarse.** A ``proj_dim``-dimensional PCA projection of the decoded coreset proposes ``candidates``
+  points per query: by the native int8 brute force over the projections (``runtime.native.search``,
+  see benchmarks/RESULTS.md) where the kernel loads, else by the stored hnswlib graph over them.
+  hnswlib keeps its own float32 copy of what it indexes, so at 32 dims that copy is 1/32 of the fp32
+  coreset, and every graph hop costs 32 multiply-adds instead of 1024 (hnswlib's SSE build: no
+  AVX-512 needed, see ``.ci/install``).
 * **Re-rank.** The candidates' true L2 distances are computed on the int8 codes themselves
   (:class:`CodeRows`): no fp32 copy of the coreset exists in memory, rows are decoded on demand.
 * **Certified maximum.** The image score is the largest nearest-neighbour distance, which is where an
@@ -17,7 +19,7 @@ hardware limit"):
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -135,29 +137,52 @@ def rerank(queries: np.ndarray, rows: CodeRows, candidates: np.ndarray, k: int) 
     return distances, indices
 
 
+class Proposer(Protocol):
+    """Coarse mode's candidate stage over the projected coreset: projected queries → Q×k rows."""
+
+    def propose(self, projected: np.ndarray, k: int) -> np.ndarray: ...
+
+    def memory_bytes(self) -> int: ...
+
+
+class GraphProposer:
+    """hnswlib's graph over the projections (what coarse bundles store; the search without the native
+    kernel). ``ef_search``: hnswlib's beam; ``nbytes``: the graph's resident bytes."""
+
+    def __init__(self, graph, ef_search: int, nbytes: Callable[[object], int]) -> None:
+        self.graph, self.ef_search, self._nbytes = graph, int(ef_search), nbytes
+
+    def propose(self, projected: np.ndarray, k: int) -> np.ndarray:
+        self.graph.set_ef(max(self.ef_search, k))
+        labels, _ = self.graph.knn_query(projected, k=k)
+        return labels.astype(np.int64)
+
+    def memory_bytes(self) -> int:
+        return self._nbytes(self.graph)
+
+
 class CoarseSearch:
-    """``NearestNeighbourSearch`` over :class:`CodeRows` with a projected hnswlib graph.
+    """``NearestNeighbourSearch`` over :class:`CodeRows` with a projected candidate stage.
 
     Args:
         rows: the quantized coreset.
         basis: p×D orthonormal projection; ``center``: D vector subtracted first.
-        make_graph: projected M×p float32 points → a ready hnswlib index over them (labels = rows).
-        candidates: points re-ranked exactly per query; ``ef_search``: hnswlib's beam.
+        make_proposer: projected M×p float32 points → the candidate stage over them (the native int8
+            brute force, or hnswlib's graph: :class:`GraphProposer`).
+        candidates: points re-ranked exactly per query.
         certify_block: queries per image (the block whose maximum is made exact).
     """
 
     def __init__(self, rows: CodeRows, basis: np.ndarray, center: np.ndarray,
-                 make_graph: Callable[[np.ndarray], object], candidates: int, ef_search: int,
-                 certify_block: int) -> None:
+                 make_proposer: Callable[[np.ndarray], Proposer], candidates: int, certify_block: int) -> None:
         self.rows = rows
         self.size, self.dim = rows.shape
         self._basis_t = np.ascontiguousarray(basis.T, dtype=np.float32)  # D×p
         self._center = center.astype(np.float32)
         self.candidates = min(int(candidates), self.size)
-        self.ef_search = int(ef_search)
         self.certify_block = int(certify_block)
         self._projected = self.project_rows()  # M×p float32: the lower bounds' side of the coreset
-        self.graph = make_graph(self._projected)
+        self.proposer = make_proposer(self._projected)
         rows.prepare_ranking()
 
     def project(self, vectors: np.ndarray) -> np.ndarray:
@@ -170,15 +195,12 @@ class CoarseSearch:
         return out
 
     def nbytes(self) -> int:
-        return self._projected.nbytes + self._basis_t.nbytes + self._center.nbytes
+        return self._projected.nbytes + self._basis_t.nbytes + self._center.nbytes + self.proposer.memory_bytes()
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         k = min(int(k), self.size)
-        wanted = max(self.candidates, k)
-        self.graph.set_ef(max(self.ef_search, wanted))
         projected = self.project(queries)
-        labels, _ = self.graph.knn_query(projected, k=wanted)
-        candidates = labels.astype(np.int64)
+        candidates = self.proposer.propose(projected, max(self.candidates, k))
         distances, indices = rerank(queries, self.rows, candidates, k)
         for start in range(0, queries.shape[0], self.certify_block):
             stop = min(start + self.certify_block, queries.shape[0])

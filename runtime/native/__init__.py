@@ -1,0 +1,176 @@
+"""The portable native int8 search kernel (``int8search.c``), loaded with ctypes.
+
+Why native: the camera's nearest-neighbour search over the int8 coreset is the latency bottleneck
+(issue #11), and numpy has no exact int8 GEMM. The library is plain C (no Python C-API), compiled for
+the baseline ISA when the package is installed (``setup.py``); it picks AVX-512 VNNI, AVX-VNNI, AVX2,
+NEON dot product or plain C at run time, and every path returns bit-identical results (exact int32
+dots, the same two float32 operations per key).
+
+``EDGECORE_NATIVE_ISA`` forces a path (``scalar``, ``avx2``, ``avxvnni``, ``avx512vnni``, ``neon``) or
+turns the library off (``off``: the search modes fall back to numpy/hnswlib, with a warning).
+``EDGECORE_SEARCH_THREADS`` sets the kernel's thread count (default: the CPUs this process may use).
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "neon")
+ENV_ISA = "EDGECORE_NATIVE_ISA"
+ENV_THREADS = "EDGECORE_SEARCH_THREADS"
+_ERRORS = {-1: "bad arguments or unsupported ISA", -2: "out of memory", -3: "a search thread failed"}
+
+_i8 = np.ctypeslib.ndpointer(np.int8, flags="C_CONTIGUOUS")
+_f32 = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
+_i32 = np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS")
+_i64 = ctypes.c_int64
+
+
+class NativeUnavailable(RuntimeError):
+    """The library is missing, unloadable, or switched off (``EDGECORE_NATIVE_ISA=off``)."""
+
+
+def library_path() -> Path | None:
+    """The built ``_int8search`` shared object next to this file (None when not built)."""
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_int8search{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+class Int8Kernel:
+    """Fused brute-force top-k over int8 rows: key[q, m] = bias[m] − cq[q] · dot(query_q, row_m).
+
+    Rows are the caller's M×W int8 array (W a multiple of 4, zero-padded; any row stride), used in place.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, isa: str | None = None) -> None:
+        self._lib = lib
+        lib.ecs_isa_name.restype = ctypes.c_char_p
+        lib.ecs_isa_name.argtypes = [ctypes.c_int]
+        lib.ecs_isa_supported.argtypes = [ctypes.c_int]
+        lib.ecs_best_isa.argtypes = []
+        common = [_i8, _i64, _i64, ctypes.c_void_p, _i64, _i64, _f32, _i32, _f32]
+        lib.ecs_topk.argtypes = common + [_i64, _i32, _f32, ctypes.c_int, ctypes.c_int]
+        lib.ecs_keys.argtypes = common + [_f32, ctypes.c_int, ctypes.c_int]
+        self.available = tuple(name for i, name in enumerate(ISAS) if lib.ecs_isa_supported(i))
+        best = ISAS[lib.ecs_best_isa()]
+        self.isa = best if isa in (None, "", "auto") else isa
+        if self.isa not in self.available:
+            raise NativeUnavailable(f"{ENV_ISA}={isa!r}: this CPU/build runs only {', '.join(self.available)}")
+        self.threads = _default_threads()
+
+    def topk(self, queries: np.ndarray, rows: np.ndarray, bias: np.ndarray, corr: np.ndarray, cq: np.ndarray,
+             k: int, isa: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` smallest keys per query, ascending by (key, row).
+
+        Args:
+            queries: Q×W int8 query codes (W = rows' width).
+            rows: M×W int8 row codes (rows may be a strided view; each row contiguous).
+            bias: M float32; corr: M int32, 128 · the sum of each row's codes; cq: Q float32.
+            k: candidates per query (1 ≤ k ≤ M); isa: force a path (default: this kernel's).
+
+        Returns:
+            (Q×k float32 keys, Q×k int64 row indices).
+        """
+        queries, g, m = self._check(queries, rows, bias, corr, cq)
+        if not 1 <= k <= m:
+            raise ValueError(f"k must be in [1, {m}], got {k}")
+        keys = np.empty((queries.shape[0], k), np.float32)
+        idx = np.empty((queries.shape[0], k), np.int32)
+        rc = self._lib.ecs_topk(queries, queries.shape[0], g, rows.ctypes.data, rows.strides[0], m, bias, corr,
+                                cq, k, idx, keys, self._isa_id(isa), self.threads)
+        self._raise(rc)
+        return keys, idx.astype(np.int64)
+
+    def keys(self, queries: np.ndarray, rows: np.ndarray, bias: np.ndarray, corr: np.ndarray, cq: np.ndarray,
+             isa: str | None = None) -> np.ndarray:
+        """Every key, Q×M float32 (for a few queries: the certification of the image maximum)."""
+        queries, g, m = self._check(queries, rows, bias, corr, cq)
+        out = np.empty((queries.shape[0], m), np.float32)
+        rc = self._lib.ecs_keys(queries, queries.shape[0], g, rows.ctypes.data, rows.strides[0], m, bias, corr, cq,
+                                out, self._isa_id(isa), self.threads)
+        self._raise(rc)
+        return out
+
+    def _isa_id(self, isa: str | None) -> int:
+        name = self.isa if isa is None else isa
+        if name not in self.available:
+            raise NativeUnavailable(f"ISA path {name!r} is not available here ({', '.join(self.available)})")
+        return ISAS.index(name)
+
+    @staticmethod
+    def _check(queries, rows, bias, corr, cq) -> tuple[np.ndarray, int, int]:
+        queries = np.ascontiguousarray(queries, dtype=np.int8)
+        if rows.dtype != np.int8 or rows.ndim != 2 or rows.strides[1] != 1 or rows.shape[1] % 4:
+            raise ValueError("rows must be M×W int8 with contiguous rows and W a multiple of 4")
+        m, width = rows.shape
+        if queries.ndim != 2 or queries.shape[1] != width:
+            raise ValueError(f"queries must be Q×{width} int8, got {queries.shape}")
+        for name, array, dtype, size in (("bias", bias, np.float32, m), ("corr", corr, np.int32, m),
+                                         ("cq", cq, np.float32, queries.shape[0])):
+            if array.dtype != dtype or array.shape != (size,) or not array.flags.c_contiguous:
+                raise ValueError(f"{name} must be a contiguous {np.dtype(dtype).name} vector of {size}")
+        return queries, width // 4, m
+
+    @staticmethod
+    def _raise(rc: int) -> None:
+        if rc != 0:
+            raise RuntimeError(f"native int8 search failed: {_ERRORS.get(rc, rc)}")
+
+
+def _default_threads() -> int:
+    value = os.environ.get(ENV_THREADS)
+    if value:
+        return max(1, int(value))
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@lru_cache(maxsize=None)
+def _load(isa: str | None) -> Int8Kernel:
+    if isa == "off":
+        raise NativeUnavailable(f"switched off ({ENV_ISA}=off)")
+    path = library_path()
+    if path is None:
+        raise NativeUnavailable(f"{Path(__file__).parent}/_int8search*.so is not built (reinstall the package)")
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise NativeUnavailable(f"cannot load {path}: {exc}") from exc
+    return Int8Kernel(lib, isa)
+
+
+def kernel() -> Int8Kernel:
+    """The process's kernel (ISA from ``EDGECORE_NATIVE_ISA``); NativeUnavailable when there is none."""
+    return _load(os.environ.get(ENV_ISA) or None)
+
+
+def kernel_or_warn(fallback: str) -> Int8Kernel | None:
+    """The kernel, or None with a warning naming the ``fallback`` the caller searches with instead."""
+    try:
+        return kernel()
+    except NativeUnavailable as exc:
+        warnings.warn(f"native int8 search unavailable ({exc}); searching with {fallback} instead", RuntimeWarning,
+                      stacklevel=2)
+        return None
+
+
+def quantize_queries(z: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q×n float query weights → (Q×width int8 codes, zero-padded; Q float32 steps): z ≈ step · code.
+
+    Symmetric per-query scale (max |z| → 127), so the row side needs no query-dependent offset.
+    """
+    z = np.asarray(z, dtype=np.float32)
+    peak = np.max(np.abs(z), axis=1)
+    step = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    codes = np.zeros((z.shape[0], width), np.int8)
+    codes[:, : z.shape[1]] = np.clip(np.rint(z / step[:, None]), -127, 127).astype(np.int8)
+    return codes, step

@@ -1,0 +1,419 @@
+/* Fused brute-force top-k over int8 rows, for the camera runtime's coreset search (issue #11).
+ *
+ * key[q, m] = bias[m] - cq[q] * dot(query_q, row_m), the k smallest per query, ascending by (key, row).
+ * dot is the EXACT int32 product of the int8 query codes and the int8 row codes on every ISA path, and
+ * the key is then formed with the same two float32 operations (multiply, subtract; the file is compiled
+ * with -ffp-contract=off so no path fuses them), so every path returns bit-identical candidates.
+ *
+ * Layout. Rows stay row-major as stored (no second copy of the coreset): width 4*g bytes, zero-padded by
+ * the caller. Queries are packed here into blocks of 16 queries x 4 bytes per dword column, stored as
+ * u8 = code + 128 (x86 VNNI multiplies u8 x s8), so the SIMD lanes are queries and each row dword is
+ * broadcast: dot_u8 = dot + 128 * rowsum(row), corrected by the caller's corr[m] = 128 * rowsum(row_m).
+ *
+ * Paths, chosen at run time (the file itself is compiled for the baseline ISA, no -march):
+ *   avx512vnni  vpdpbusd zmm with an embedded row-dword broadcast
+ *   avxvnni     vpdpbusd ymm (VEX)
+ *   avx2        u8/s8 widened to int16 + vpmaddwd (never the saturating vpmaddubsw)
+ *   neon        sdot (vdotq_s32) on aarch64 with the dot-product extension (HWCAP_ASIMDDP)
+ *   scalar      plain C
+ * The keys are never materialised as a Q x M matrix: a vector compare against each query's current
+ * k-th key, and a scalar insertion on the (rare, after warm-up) hits.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define ECS_X86 1
+#include <immintrin.h>
+#endif
+#if defined(__aarch64__)
+#define ECS_ARM 1
+#include <arm_neon.h>
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
+
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVXVNNI = 2, ISA_AVX512VNNI = 3, ISA_NEON = 4, ISA_COUNT = 5 };
+static const char *ISA_NAMES[ISA_COUNT] = {"scalar", "avx2", "avxvnni", "avx512vnni", "neon"};
+
+#define QB 16        /* queries per packed block (the lane count of one zmm of dwords) */
+#define ROW_TILE 4   /* rows sharing one pass over a query block's dwords */
+#define CHUNK_BYTES (192 * 1024) /* rows scanned by every query block before moving on (stays in L2) */
+
+typedef struct {
+    const uint8_t *qpack; /* nqb x g x QB x 4 */
+    int64_t nq, g;
+    const int8_t *rows;
+    int64_t stride, m;
+    const float *bias;
+    const int32_t *corr;
+    const float *cq;      /* nq, padded to nqb*QB */
+    int64_t k;
+    int32_t *out_idx;     /* nq x k (top-k mode) */
+    float *out_key;       /* nq x k (top-k mode) or nq x m (all-keys mode) */
+    int all_keys;
+    const int8_t *zero_row;
+} Ctx;
+
+/* One tile: ROW_TILE rows x one block of QB queries. A path's tile function computes the exact int32
+ * dots, the keys (key = b - cq * (float)dot: float multiply, then subtract) into keys[r * QB + lane],
+ * and returns the bit mask (bit r * QB + lane) of keys below the lane's current k-th key. */
+typedef struct {
+    const int8_t *rp[ROW_TILE]; /* row pointers (a zero row past the end) */
+    float bias[ROW_TILE];       /* +inf past the end: never a hit */
+    int32_t corr[ROW_TILE];     /* 128 * rowsum, for the u8-query paths */
+} Tile;
+
+typedef uint64_t (*TileFn)(const Ctx *, int64_t, const Tile *, const float *, const float *, float *);
+
+/* Insert (key, row) into one query's ascending list; equal keys keep the smaller row first. */
+static void insert(float *keys, int32_t *idx, int64_t k, float key, int32_t row) {
+    int64_t pos = k - 1;
+    while (pos > 0 && keys[pos - 1] > key) {
+        keys[pos] = keys[pos - 1];
+        idx[pos] = idx[pos - 1];
+        pos--;
+    }
+    keys[pos] = key;
+    idx[pos] = row;
+}
+
+/* ---- scalar ---------------------------------------------------------------------------------- */
+
+static uint64_t tile_scalar(const Ctx *c, int64_t qb, const Tile *t, const float *cq, const float *kth, float *keys) {
+    const uint8_t *qp = c->qpack + qb * c->g * QB * 4;
+    uint64_t mask = 0;
+    for (int r = 0; r < ROW_TILE; r++) {
+        for (int l = 0; l < QB; l++) {
+            int32_t acc = 0;
+            for (int64_t j = 0; j < c->g; j++) {
+                const uint8_t *qd = qp + (j * QB + l) * 4;
+                const int8_t *rd = t->rp[r] + j * 4;
+                for (int b = 0; b < 4; b++) acc += ((int32_t)qd[b] - 128) * (int32_t)rd[b];
+            }
+            float prod = cq[l] * (float)acc;
+            float key = t->bias[r] - prod;
+            keys[r * QB + l] = key;
+            if (key < kth[l]) mask |= (uint64_t)1 << (r * QB + l);
+        }
+    }
+    return mask;
+}
+
+/* ---- x86 ------------------------------------------------------------------------------------- */
+#ifdef ECS_X86
+static inline int32_t load_dword(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static uint64_t tile_avx512vnni(const Ctx *c, int64_t qb, const Tile *t, const float *cq, const float *kth,
+                                float *keys) {
+    const uint8_t *qp = c->qpack + qb * c->g * QB * 4;
+    __m512i acc[ROW_TILE];
+    for (int r = 0; r < ROW_TILE; r++) acc[r] = _mm512_setzero_si512();
+    const int8_t *r0 = t->rp[0], *r1 = t->rp[1], *r2 = t->rp[2], *r3 = t->rp[3];
+    for (int64_t j = 0; j < c->g; j++) {
+        __m512i q = _mm512_loadu_si512((const void *)(qp + j * QB * 4));
+        acc[0] = _mm512_dpbusd_epi32(acc[0], q, _mm512_set1_epi32(load_dword(r0 + 4 * j)));
+        acc[1] = _mm512_dpbusd_epi32(acc[1], q, _mm512_set1_epi32(load_dword(r1 + 4 * j)));
+        acc[2] = _mm512_dpbusd_epi32(acc[2], q, _mm512_set1_epi32(load_dword(r2 + 4 * j)));
+        acc[3] = _mm512_dpbusd_epi32(acc[3], q, _mm512_set1_epi32(load_dword(r3 + 4 * j)));
+    }
+    __m512 vcq = _mm512_loadu_ps(cq), vkth = _mm512_loadu_ps(kth);
+    uint64_t mask = 0;
+    for (int r = 0; r < ROW_TILE; r++) {
+        __m512i dot = _mm512_sub_epi32(acc[r], _mm512_set1_epi32(t->corr[r]));
+        __m512 key = _mm512_sub_ps(_mm512_set1_ps(t->bias[r]), _mm512_mul_ps(vcq, _mm512_cvtepi32_ps(dot)));
+        _mm512_storeu_ps(keys + r * QB, key);
+        mask |= (uint64_t)_mm512_cmp_ps_mask(key, vkth, _CMP_LT_OQ) << (r * QB);
+    }
+    return mask;
+}
+
+/* keys + hit mask of 8 query lanes (AVX2 float ops, shared by the two ymm paths) */
+__attribute__((target("avx2")))
+static inline uint64_t keys_avx2(__m256i acc, int32_t corr, float bias, const float *cq, const float *kth,
+                                 float *keys) {
+    __m256i dot = _mm256_sub_epi32(acc, _mm256_set1_epi32(corr));
+    __m256 key = _mm256_sub_ps(_mm256_set1_ps(bias), _mm256_mul_ps(_mm256_loadu_ps(cq), _mm256_cvtepi32_ps(dot)));
+    _mm256_storeu_ps(keys, key);
+    return (uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(key, _mm256_loadu_ps(kth), _CMP_LT_OQ));
+}
+
+__attribute__((target("avxvnni,avx2")))
+static uint64_t tile_avxvnni(const Ctx *c, int64_t qb, const Tile *t, const float *cq, const float *kth,
+                             float *keys) {
+    const uint8_t *qp = c->qpack + qb * c->g * QB * 4;
+    __m256i acc[ROW_TILE][2];
+    for (int r = 0; r < ROW_TILE; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    for (int64_t j = 0; j < c->g; j++) {
+        __m256i lo = _mm256_loadu_si256((const __m256i *)(qp + j * QB * 4));
+        __m256i hi = _mm256_loadu_si256((const __m256i *)(qp + j * QB * 4 + 32));
+        for (int r = 0; r < ROW_TILE; r++) {
+            __m256i w = _mm256_set1_epi32(load_dword(t->rp[r] + 4 * j));
+            acc[r][0] = _mm256_dpbusd_avx_epi32(acc[r][0], lo, w);
+            acc[r][1] = _mm256_dpbusd_avx_epi32(acc[r][1], hi, w);
+        }
+    }
+    uint64_t mask = 0;
+    for (int r = 0; r < ROW_TILE; r++)
+        for (int h = 0; h < 2; h++)
+            mask |= keys_avx2(acc[r][h], t->corr[r], t->bias[r], cq + 8 * h, kth + 8 * h, keys + r * QB + 8 * h)
+                    << (r * QB + 8 * h);
+    return mask;
+}
+
+/* 4 query dwords (u8) x one row dword (s8) per ymm: both widened to int16, vpmaddwd gives two exact
+ * int32 partial sums per query (|u8 x s8 pair| <= 65280, no saturation); folded into one at the end. */
+__attribute__((target("avx2,fma")))
+static uint64_t tile_avx2(const Ctx *c, int64_t qb, const Tile *t, const float *cq, const float *kth, float *keys) {
+    const uint8_t *qp = c->qpack + qb * c->g * QB * 4;
+    __m256i acc[ROW_TILE][4]; /* per row: queries 0-3, 4-7, 8-11, 12-15, two partials each */
+    for (int r = 0; r < ROW_TILE; r++)
+        for (int h = 0; h < 4; h++) acc[r][h] = _mm256_setzero_si256();
+    for (int64_t j = 0; j < c->g; j++) {
+        const uint8_t *qd = qp + j * QB * 4;
+        __m256i q[4];
+        for (int h = 0; h < 4; h++) q[h] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qd + 16 * h)));
+        for (int r = 0; r < ROW_TILE; r++) {
+            __m256i w = _mm256_cvtepi8_epi16(_mm_set1_epi32(load_dword(t->rp[r] + 4 * j)));
+            for (int h = 0; h < 4; h++) acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(q[h], w));
+        }
+    }
+    uint64_t mask = 0;
+    for (int r = 0; r < ROW_TILE; r++) {
+        for (int h = 0; h < 4; h += 2) { /* hadd pairs: [q0 q1 q4 q5 | q2 q3 q6 q7] -> q0..q7 */
+            __m256i s = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][h], acc[r][h + 1]), 0xD8);
+            mask |= keys_avx2(s, t->corr[r], t->bias[r], cq + 4 * h, kth + 4 * h, keys + r * QB + 4 * h)
+                    << (r * QB + 4 * h);
+        }
+    }
+    return mask;
+}
+#endif
+
+/* ---- aarch64 --------------------------------------------------------------------------------- */
+#ifdef ECS_ARM
+__attribute__((target("+dotprod")))
+static uint64_t tile_neon(const Ctx *c, int64_t qb, const Tile *t, const float *cq, const float *kth, float *keys) {
+    const uint8_t *qp = c->qpack + qb * c->g * QB * 4;
+    int32x4_t acc[ROW_TILE][4];
+    const uint8x16_t flip = vdupq_n_u8(0x80);
+    for (int r = 0; r < ROW_TILE; r++)
+        for (int h = 0; h < 4; h++) acc[r][h] = vdupq_n_s32(0);
+    for (int64_t j = 0; j < c->g; j++) {
+        const uint8_t *qd = qp + j * QB * 4;
+        int8x16_t q[4];
+        for (int h = 0; h < 4; h++) q[h] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(qd + 16 * h), flip)); /* u8 -> s8 */
+        for (int r = 0; r < ROW_TILE; r++) {
+            int32_t dw;
+            memcpy(&dw, t->rp[r] + 4 * j, 4);
+            int8x16_t w = vreinterpretq_s8_s32(vdupq_n_s32(dw));
+            for (int h = 0; h < 4; h++) acc[r][h] = vdotq_s32(acc[r][h], q[h], w);
+        }
+    }
+    uint64_t mask = 0; /* sdot of the signed codes is the true dot: no 128 * rowsum correction */
+    for (int r = 0; r < ROW_TILE; r++) {
+        for (int h = 0; h < 4; h++) {
+            float32x4_t key = vsubq_f32(vdupq_n_f32(t->bias[r]), vmulq_f32(vld1q_f32(cq + 4 * h), vcvtq_f32_s32(acc[r][h])));
+            vst1q_f32(keys + r * QB + 4 * h, key);
+            uint32x4_t lt = vcltq_f32(key, vld1q_f32(kth + 4 * h));
+            uint32_t bits[4];
+            vst1q_u32(bits, lt);
+            for (int e = 0; e < 4; e++)
+                if (bits[e]) mask |= (uint64_t)1 << (r * QB + 4 * h + e);
+        }
+    }
+    return mask;
+}
+#endif
+
+static int isa_supported(int isa) {
+    switch (isa) {
+    case ISA_SCALAR: return 1;
+#ifdef ECS_X86
+    case ISA_AVX2: __builtin_cpu_init(); return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case ISA_AVXVNNI: __builtin_cpu_init(); return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
+    case ISA_AVX512VNNI:
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vnni");
+#endif
+#ifdef ECS_ARM
+    case ISA_NEON: return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#endif
+    default: return 0;
+    }
+}
+
+static TileFn tile_fn(int isa) {
+    switch (isa) {
+#ifdef ECS_X86
+    case ISA_AVX2: return tile_avx2;
+    case ISA_AVXVNNI: return tile_avxvnni;
+    case ISA_AVX512VNNI: return tile_avx512vnni;
+#endif
+#ifdef ECS_ARM
+    case ISA_NEON: return tile_neon;
+#endif
+    default: return tile_scalar;
+    }
+}
+
+/* ---- driver: query blocks split over threads, rows in L2-sized chunks -------------------------- */
+
+typedef struct {
+    const Ctx *c;
+    int isa;
+    int64_t qb0, qb1;
+} Job;
+
+static void *run_job(void *arg) {
+    const Job *job = (const Job *)arg;
+    const Ctx *c = job->c;
+    TileFn tile = tile_fn(job->isa);
+    int64_t nblocks = job->qb1 - job->qb0;
+    float *kth = (float *)malloc(sizeof(float) * (size_t)(nblocks > 0 ? nblocks : 1) * QB);
+    if (!kth) return (void *)1;
+    for (int64_t i = 0; i < nblocks * QB; i++) /* padded lanes (and the all-keys mode) never hit */
+        kth[i] = c->all_keys || (job->qb0 * QB + i) >= c->nq ? -INFINITY : INFINITY;
+    int64_t chunk = CHUNK_BYTES / (c->g * 4);
+    chunk = chunk < ROW_TILE ? ROW_TILE : chunk - chunk % ROW_TILE;
+    float keys[ROW_TILE * QB];
+    Tile t;
+    for (int64_t c0 = 0; c0 < c->m; c0 += chunk) {
+        int64_t c1 = c0 + chunk < c->m ? c0 + chunk : c->m;
+        for (int64_t qb = job->qb0; qb < job->qb1; qb++) {
+            int64_t q0 = qb * QB;
+            int lanes = (int)(c->nq - q0 < QB ? c->nq - q0 : QB);
+            float *bkth = kth + (qb - job->qb0) * QB;
+            for (int64_t m0 = c0; m0 < c1; m0 += ROW_TILE) {
+                int valid = (int)(c1 - m0 < ROW_TILE ? c1 - m0 : ROW_TILE);
+                for (int r = 0; r < ROW_TILE; r++) {
+                    int ok = r < valid;
+                    t.rp[r] = ok ? c->rows + (m0 + r) * c->stride : c->zero_row;
+                    t.bias[r] = ok ? c->bias[m0 + r] : INFINITY;
+                    t.corr[r] = ok ? c->corr[m0 + r] : 0;
+                }
+                uint64_t hits = tile(c, qb, &t, c->cq + q0, bkth, keys);
+                if (c->all_keys) {
+                    for (int r = 0; r < valid; r++)
+                        for (int l = 0; l < lanes; l++) c->out_key[(q0 + l) * c->m + m0 + r] = keys[r * QB + l];
+                    continue;
+                }
+                while (hits) { /* ascending bit = ascending row per lane: ties keep the smaller row */
+                    int bit = __builtin_ctzll(hits);
+                    hits &= hits - 1;
+                    int r = bit / QB, l = bit % QB;
+                    float key = keys[bit];
+                    if (l >= lanes || !(key < bkth[l])) continue; /* k-th moved down since the compare */
+                    float *qkeys = c->out_key + (q0 + l) * c->k;
+                    insert(qkeys, c->out_idx + (q0 + l) * c->k, c->k, key, (int32_t)(m0 + r));
+                    bkth[l] = qkeys[c->k - 1];
+                }
+            }
+        }
+    }
+    free(kth);
+    return NULL;
+}
+
+/* ---- public entry points --------------------------------------------------------------------- */
+
+/* Name of an ISA id ("scalar", "avx2", ...), or NULL when out of range. */
+const char *ecs_isa_name(int isa) { return isa >= 0 && isa < ISA_COUNT ? ISA_NAMES[isa] : NULL; }
+
+/* 1 when this build has the path and the CPU runs it. */
+int ecs_isa_supported(int isa) { return isa >= 0 && isa < ISA_COUNT && isa_supported(isa); }
+
+/* The fastest supported path. */
+int ecs_best_isa(void) {
+    static const int order[] = {ISA_AVX512VNNI, ISA_AVXVNNI, ISA_AVX2, ISA_NEON};
+    for (size_t i = 0; i < sizeof(order) / sizeof(order[0]); i++)
+        if (isa_supported(order[i])) return order[i];
+    return ISA_SCALAR;
+}
+
+/* Top-k (all_keys == 0: out_idx/out_key are nq x k, ascending) or every key (all_keys == 1: out_key is
+ * nq x m). queries: nq x 4g int8 codes; rows: m rows of 4g int8 codes, `stride` bytes apart; corr[m] =
+ * 128 * sum of row m's codes. Returns 0, or -1 (bad arguments / unsupported isa), -2 (out of memory),
+ * -3 (a thread failed). */
+static int run(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows, int64_t stride, int64_t m,
+               const float *bias, const int32_t *corr, const float *cq, int64_t k, int32_t *out_idx,
+               float *out_key, int all_keys, int isa, int threads) {
+    if (nq < 0 || g < 1 || m < 1 || stride < 4 * g || !ecs_isa_supported(isa)) return -1;
+    if (!all_keys && (k < 1 || k > m)) return -1;
+    if (nq == 0) return 0;
+    int64_t nqb = (nq + QB - 1) / QB;
+    uint8_t *qpack = (uint8_t *)calloc((size_t)(nqb * g * QB * 4), 1);
+    float *cqp = (float *)calloc((size_t)(nqb * QB), sizeof(float));
+    int8_t *zero = (int8_t *)calloc((size_t)(g * 4), 1);
+    if (!qpack || !cqp || !zero) {
+        free(qpack); free(cqp); free(zero);
+        return -2;
+    }
+    for (int64_t q = 0; q < nq; q++) {
+        int64_t b = q / QB, l = q % QB;
+        for (int64_t j = 0; j < g; j++)
+            for (int e = 0; e < 4; e++)
+                qpack[((b * g + j) * QB + l) * 4 + e] = (uint8_t)(queries[q * 4 * g + 4 * j + e] ^ 0x80);
+        cqp[q] = cq[q];
+    }
+    for (int64_t q = nq; q < nqb * QB; q++) /* padded lanes: u8 128 = code 0 */
+        for (int64_t j = 0; j < g; j++) memset(qpack + ((q / QB * g + j) * QB + q % QB) * 4, 0x80, 4);
+    if (!all_keys) {
+        for (int64_t i = 0; i < nq * k; i++) {
+            out_key[i] = INFINITY;
+            out_idx[i] = -1;
+        }
+    }
+    Ctx c = {qpack, nq, g, rows, stride, m, bias, corr, cqp, k, out_idx, out_key, all_keys, zero};
+    if (threads < 1) threads = 1;
+    if (threads > nqb) threads = (int)nqb;
+    Job jobs[64];
+    pthread_t tids[64];
+    if (threads > 64) threads = 64;
+    int rc = 0;
+    for (int t = 0; t < threads; t++) {
+        jobs[t].c = &c;
+        jobs[t].isa = isa;
+        jobs[t].qb0 = nqb * t / threads;
+        jobs[t].qb1 = nqb * (t + 1) / threads;
+    }
+    int started = 0;
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&tids[t], NULL, run_job, &jobs[t]) != 0) break;
+        started = t;
+    }
+    if (run_job(&jobs[0]) != NULL) rc = -3;
+    for (int t = 1; t <= started; t++) {
+        void *res = NULL;
+        pthread_join(tids[t], &res);
+        if (res != NULL) rc = -3;
+    }
+    for (int t = started + 1; t < threads; t++) /* threads that could not start: run their share here */
+        if (run_job(&jobs[t]) != NULL) rc = -3;
+    free(qpack); free(cqp); free(zero);
+    return rc;
+}
+
+int ecs_topk(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows, int64_t stride, int64_t m,
+             const float *bias, const int32_t *corr, const float *cq, int64_t k, int32_t *out_idx,
+             float *out_key, int isa, int threads) {
+    if (!out_idx || !out_key) return -1;
+    return run(queries, nq, g, rows, stride, m, bias, corr, cq, k, out_idx, out_key, 0, isa, threads);
+}
+
+int ecs_keys(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows, int64_t stride, int64_t m,
+             const float *bias, const int32_t *corr, const float *cq, float *out_key, int isa, int threads) {
+    if (!out_key) return -1;
+    return run(queries, nq, g, rows, stride, m, bias, corr, cq, 0, NULL, out_key, 1, isa, threads);
+}

@@ -1,0 +1,21 @@
+"""Builds the native int8 search kernel (edgecore.runtime.native); all metadata lives in pyproject.toml.
+
+Plain C loaded with ctypes (no Python C-API). Compiled for the baseline ISA only: the AVX2 / AVX-VNNI /
+AVX-512 VNNI / NEON paths are per-function targets chosen at run time, so a wheel built on a workstation
+runs on an AVX2-only or aarch64 camera. Never add -march here. -ffp-contract=off keeps every path's key
+arithmetic identical (no fused multiply-add on one path and not another). Optional: without a compiler
+the package installs and the search falls back to numpy/hnswlib with a warning.
+"""
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "edgecore.runtime.native._int8search",
+            sources=["runtime/native/int8search.c"],
+            extra_compile_args=["-O3", "-ffp-contract=off", "-std=gnu11"],
+            extra_link_args=["-pthread"],
+            optional=True,
+        )
+    ]
+)
