@@ -122,6 +122,7 @@ def validate_manifest(manifest: object, where: str = MANIFEST) -> dict:
             f"resize {pre['resize']}"
         )
     in_h, in_w = _validate_aspect(pre, where)
+    _validate_resample(pre, where)
     feats = _require(manifest, "features", dict, where)
     grid = _require(feats, "grid", list, f"{where}.features")
     if len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid):
@@ -235,6 +236,18 @@ def _validate_tiles(pre: dict, where: str) -> None:
         raise BundleError(
             f"{where}.preprocess.canvas_size: {canvas} disagrees with {tiles} tiles of the graph input "
             f"{pre['input_size']} overlapping by {overlap} ({expected}, at most {MAX_RESIZE})"
+        )
+
+
+def _validate_resample(pre: dict, where: str) -> None:
+    """preprocess.resample: a version this runtime implements (absent: v1, every bundle before v2).
+    An unknown one would give the engine other pixels than the model was fitted on: refused."""
+    from edgecore.runtime.preprocess import RESAMPLERS
+
+    if "resample" in pre and pre["resample"] not in RESAMPLERS:
+        raise BundleError(
+            f"{where}.preprocess.resample: {pre['resample']!r}, but this runtime implements only "
+            f"{', '.join(RESAMPLERS)}; refused (upgrade edgecore on the camera)"
         )
 
 

@@ -55,16 +55,20 @@ _ACCEPTED_ARRAYS = (
 )
 
 
-def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, copy: bool = True) -> np.ndarray:
     """Return ``source`` as a C-contiguous uint8 H x W x 3 RGB array (a fresh copy).
 
     ``source`` is a path, the bytes of an encoded file, or a numpy array.
     ``max_pixels`` bounds encoded input only (checked from the header, before
     decoding); an array is already in memory, so there is nothing to guard.
+    ``copy=False`` (for readers that never write, like ``detect``): an array that is
+    already C-contiguous uint8 RGB comes back as it is, validated but not copied.
     """
     if isinstance(source, np.ndarray):
         if source.ndim in (2, 3) and source.size:
             check_geometry("<array>", source.shape[1], source.shape[0], max_pixels=None)
+            if not copy and source.dtype == np.uint8 and source.shape[2:] == (3,) and source.flags.c_contiguous:
+                return source
         return _array_to_rgb(source)
     name, opener = _opener(source)
     return _decode(name, opener, max_pixels, _pil_to_rgb)
@@ -233,7 +237,7 @@ def _pil_to_rgb(img: Image.Image, name: str) -> np.ndarray:
         # Via RGBA: Pillow warns (and may mishandle) P -> RGB with an alpha table.
         img = img.convert("RGBA")
     try:
-        rgb = img.convert("RGB")
+        rgb = img if mode == "RGB" else img.convert("RGB")  # convert() of an RGB image is one more copy
     except (ValueError, OSError) as exc:
         raise ImageError(f"{name}: unsupported image mode {mode!r} ({exc})") from exc
     return np.array(rgb, dtype=np.uint8, order="C")

@@ -110,14 +110,17 @@ def map_operator(grid: int, crop: int, sigma: float) -> np.ndarray:
 
 
 def anomaly_maps(patch_scores: np.ndarray, grid: tuple[int, int], crop, sigma: float) -> np.ndarray:
-    """N×(h·w) patch distances → N×H×W maps (``crop``: the input side, or (H, W) for a
-    non-square input): bilinear upsample + Gaussian blur σ."""
+    """N×(h·w) patch distances → N×H×W float32 maps (``crop``: the input side, or (H, W) for a
+    non-square input): bilinear upsample + Gaussian blur σ.
+
+    Both are linear and separable, so they are one cached float32 operator per axis and two
+    small matrix products per frame (H×h · h×w · w×W), never an H×W convolution."""
     h, w = grid
     out_h, out_w = (crop, crop) if np.isscalar(crop) else (int(crop[0]), int(crop[1]))
     rows = map_operator(h, int(out_h), sigma)
     cols = map_operator(w, int(out_w), sigma)
-    patches = patch_scores.reshape(-1, h, w).astype(np.float32)
-    return np.einsum("ih,nhw,jw->nij", rows, patches, cols, optimize=True)
+    patches = patch_scores.reshape(-1, h, w).astype(np.float32, copy=False)
+    return np.matmul(np.matmul(rows, patches), cols.T)
 
 
 @dataclass(frozen=True)

@@ -106,3 +106,60 @@ def test_neighbour_table_starts_with_self_even_with_duplicates():
     assert table.shape == (4, 3) and table.dtype == np.int32
     np.testing.assert_array_equal(table[:, 0], np.arange(4))
     assert set(table[0, 1:2]) == {1} and table[2, 1] == 3
+
+
+# --------------------------------------------------------------------------- map cost (#11)
+def _slow_reference_maps(patch_scores, grid, out_hw, sigma):
+    """The map by its definition, pixel by pixel in float64: bilinear upsample (half-pixel centres,
+    edge clamp), then a 1-D Gaussian along each axis with 'dcb|abcd|cba' reflection."""
+    (h, w), (out_h, out_w) = grid, out_hw
+
+    def upsample_axis(values, size_out):
+        size_in, out = values.shape[0], np.empty((size_out, *values.shape[1:]))
+        for i in range(size_out):
+            src = max((i + 0.5) * size_in / size_out - 0.5, 0.0)
+            lo = min(int(math.floor(src)), size_in - 1)
+            hi, frac = min(lo + 1, size_in - 1), src - lo
+            out[i] = values[lo] * (1 - frac) + values[hi] * frac
+        return out
+
+    def blur_axis(values):
+        kernel, size = gaussian_kernel(sigma), values.shape[0]
+        radius, out = len(kernel) // 2, np.zeros_like(values)
+        for i in range(size):
+            for offset, weight in zip(range(-radius, radius + 1), kernel):
+                j = i + offset
+                while j < 0 or j >= size:
+                    j = -j if j < 0 else 2 * (size - 1) - j
+                out[i] += weight * values[j]
+        return out
+
+    maps = []
+    for scores in patch_scores.reshape(-1, h, w).astype(np.float64):
+        up = upsample_axis(upsample_axis(scores, out_h).T, out_w).T
+        maps.append(blur_axis(blur_axis(up).T).T if sigma > 0 else up)
+    return np.stack(maps)
+
+
+@pytest.mark.parametrize("grid,out_hw,sigma", [((28, 28), (224, 224), 4.0), ((14, 20), (112, 160), 4.0),
+                                               ((7, 7), (56, 56), 0.0), ((28, 8), (224, 64), 2.5)])
+def test_maps_match_the_slow_definition_within_float32_rounding(grid, out_hw, sigma):
+    scores = np.random.default_rng(1).gamma(2.0, 1.5, (2, grid[0] * grid[1])).astype(np.float32)
+    ours = anomaly_maps(scores, grid, out_hw if out_hw[0] != out_hw[1] else out_hw[0], sigma)
+    assert ours.dtype == np.float32 and ours.shape == (2, *out_hw) and ours.flags.writeable
+    np.testing.assert_allclose(ours, _slow_reference_maps(scores, grid, out_hw, sigma), rtol=0, atol=2e-6 * scores.max())
+
+
+def test_full_size_map_is_made_on_first_access_only_and_equals_the_eager_one():
+    from edgecore.runtime.preprocess import PreprocessConfig, crop_map_to_original
+    from edgecore.runtime.scorer import Detection
+
+    config = PreprocessConfig(256, 224)
+    crop_map = np.random.default_rng(2).random((224, 224)).astype(np.float32)
+    detection = Detection(score=1.0, normalized_score=0.5, is_anomalous=False, map=crop_map, frame_hw=(900, 700),
+                          preprocess_config=config)
+    assert detection._map_original is None  # detect() never paid for it
+    full = detection.map_original
+    assert full.shape == (900, 700) and detection.map_original is full  # once, then cached
+    np.testing.assert_array_equal(full, crop_map_to_original(crop_map, (900, 700), config))
+    assert "map_original" not in detection.to_json()
