@@ -4,6 +4,8 @@ qemu-user (Debian's ``qemu-user``) emulates a Haswell CPU: CPUID reports no AVX-
 instruction is an illegal instruction (SIGILL). A real bundle is opened with every index mode the
 exporter may choose (numpy, hnswlib, OpenVINO's CPU plugin all load) and scores the same frames as the
 native run. Fails on a hnswlib built with ``-march=native`` on an AVX-512 machine; see ``.ci/install``.
+The native int8 kernel (``runtime/native``, 'int8' mode and coarse mode's candidates) picks its AVX2 path
+there and returns the same candidates as the AVX-512/AMX path natively (exact int32 dots on every path).
 """
 from __future__ import annotations
 
@@ -30,9 +32,10 @@ pytestmark = pytest.mark.skipif(
 CHILD = r"""
 import json, sys
 from numpy._core._multiarray_umath import __cpu_features__ as cpu
+from edgecore.runtime import native
 from edgecore.runtime.detector import Detector
 runs, frames = json.loads(sys.argv[1]), sys.argv[2:]
-report = {"avx512f": bool(cpu["AVX512F"]), "avx2": bool(cpu["AVX2"]), "runs": {}}
+report = {"avx512f": bool(cpu["AVX512F"]), "avx2": bool(cpu["AVX2"]), "native_isa": native.kernel().isa, "runs": {}}
 for bundle, search in runs:
     with Detector.open(bundle, precision="fp32", search=search) as detector:
         report["runs"][search] = {"mode": detector.index.mode, "scores": [detector.detect(f).score for f in frames]}
@@ -55,12 +58,17 @@ def _run(command: list[str]) -> dict:
 
 
 def test_camera_runtime_on_haswell_gives_the_native_scores(bundles, synthetic_category):
-    runs = json.dumps([[str(bundles["coarse"]), "exact"], [str(bundles["hnsw"]), "hnsw"], [str(bundles["coarse"]), "coarse"]])
+    runs = json.dumps([[str(bundles["coarse"]), "exact"], [str(bundles["hnsw"]), "hnsw"], [str(bundles["coarse"]), "coarse"],
+                       [str(bundles["coarse"]), "int8"]])
     frames = [str(p) for p in sorted((synthetic_category / "test").rglob("*.png"))[:3]]
     native = _run([sys.executable, "-c", CHILD, runs, *frames])
     emulated = _run([QEMU, "-cpu", "Haswell", sys.executable, "-c", CHILD, runs, *frames])
     assert emulated["avx2"] and not emulated["avx512f"], emulated  # the emulated CPU really lacks AVX-512
-    for search in ("exact", "hnsw", "coarse"):
+    assert emulated["native_isa"] == "avx2", emulated["native_isa"]  # the kernel's AVX2 path, no AVX-512/AMX
+    for search in ("exact", "hnsw", "coarse", "int8"):
         assert native["runs"][search]["mode"] == emulated["runs"][search]["mode"] == search
         # Same bundle, same frames: only the engine's kernels differ (AVX2 vs AVX-512 rounding).
         np.testing.assert_allclose(emulated["runs"][search]["scores"], native["runs"][search]["scores"], rtol=1e-4)
+    # the int8 kernel's candidates are the exact int8 search's: its scores are exact mode's on both CPUs
+    for run in (native, emulated):
+        np.testing.assert_allclose(run["runs"]["int8"]["scores"], run["runs"]["exact"]["scores"], rtol=1e-5)

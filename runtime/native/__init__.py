@@ -6,7 +6,7 @@ the baseline ISA when the package is installed (``setup.py``); it picks AVX-512 
 NEON dot product or plain C at run time, and every path returns bit-identical results (exact int32
 dots, the same two float32 operations per key).
 
-``EDGECORE_NATIVE_ISA`` forces a path (``scalar``, ``avx2``, ``avxvnni``, ``avx512vnni``, ``neon``) or
+``EDGECORE_NATIVE_ISA`` forces a path (``scalar``, ``avx2``, ``avxvnni``, ``avx512vnni``, ``amx``, ``neon``) or
 turns the library off (``off``: the search modes fall back to numpy/hnswlib, with a warning).
 ``EDGECORE_SEARCH_THREADS`` sets the kernel's thread count (default: the CPUs this process may use).
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "neon")
+ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "neon", "amx")
 ENV_ISA = "EDGECORE_NATIVE_ISA"
 ENV_THREADS = "EDGECORE_SEARCH_THREADS"
 _ERRORS = {-1: "bad arguments or unsupported ISA", -2: "out of memory", -3: "a search thread failed"}

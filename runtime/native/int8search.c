@@ -11,13 +11,14 @@
  * broadcast: dot_u8 = dot + 128 * rowsum(row), corrected by the caller's corr[m] = 128 * rowsum(row_m).
  *
  * Paths, chosen at run time (the file itself is compiled for the baseline ISA, no -march):
- *   avx512vnni  vpdpbusd zmm with an embedded row-dword broadcast
+ *   amx         AMX-INT8 tdpbsud: 16 rows x 32 queries per step, K in 64-byte tiles (Sapphire Rapids+)
+ *   avx512vnni  vpdpbusd zmm with a row-dword broadcast
  *   avxvnni     vpdpbusd ymm (VEX)
  *   avx2        u8/s8 widened to int16 + vpmaddwd (never the saturating vpmaddubsw)
  *   neon        sdot (vdotq_s32) on aarch64 with the dot-product extension (HWCAP_ASIMDDP)
  *   scalar      plain C
  * The keys are never materialised as a Q x M matrix: a vector compare against each query's current
- * k-th key, and a scalar insertion on the (rare, after warm-up) hits.
+ * k-th key, and a scalar insertion on the (rare, after warm-up) hits. Ties: (key, row) order.
  */
 #include <math.h>
 #include <pthread.h>
@@ -25,9 +26,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__x86_64__)
 #define ECS_X86 1
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 #if defined(__aarch64__)
 #define ECS_ARM 1
@@ -38,8 +41,8 @@
 #endif
 #endif
 
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVXVNNI = 2, ISA_AVX512VNNI = 3, ISA_NEON = 4, ISA_COUNT = 5 };
-static const char *ISA_NAMES[ISA_COUNT] = {"scalar", "avx2", "avxvnni", "avx512vnni", "neon"};
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVXVNNI = 2, ISA_AVX512VNNI = 3, ISA_NEON = 4, ISA_AMX = 5, ISA_COUNT = 6 };
+static const char *ISA_NAMES[ISA_COUNT] = {"scalar", "avx2", "avxvnni", "avx512vnni", "neon", "amx"};
 
 #define QB 16        /* queries per packed block (the lane count of one zmm of dwords) */
 #define ROW_TILE 4   /* rows sharing one pass over a query block's dwords */
@@ -58,11 +61,12 @@ typedef struct {
     float *out_key;       /* nq x k (top-k mode) or nq x m (all-keys mode) */
     int all_keys;
     const int8_t *zero_row;
+    int64_t row_start;    /* rows before it are done (the AMX driver's AVX-512 tail) */
 } Ctx;
 
 /* One tile: ROW_TILE rows x one block of QB queries. A path's tile function computes the exact int32
  * dots, the keys (key = b - cq * (float)dot: float multiply, then subtract) into keys[r * QB + lane],
- * and returns the bit mask (bit r * QB + lane) of keys below the lane's current k-th key. */
+ * and returns the bit mask (bit r * QB + lane) of keys at or below the lane's current k-th key. */
 typedef struct {
     const int8_t *rp[ROW_TILE]; /* row pointers (a zero row past the end) */
     float bias[ROW_TILE];       /* +inf past the end: never a hit */
@@ -71,16 +75,45 @@ typedef struct {
 
 typedef uint64_t (*TileFn)(const Ctx *, int64_t, const Tile *, const float *, const float *, float *);
 
-/* Insert (key, row) into one query's ascending list; equal keys keep the smaller row first. */
+/* (key, row) before the list's k-th entry, in (key, row) order: equal keys keep the smaller row. */
+static inline int beats(float key, int32_t row, float kkey, int32_t krow) {
+    return key < kkey || (key == kkey && (krow < 0 || row < krow));
+}
+
+/* Insert (key, row) into one query's list, ascending by (key, row); the last entry drops out. */
 static void insert(float *keys, int32_t *idx, int64_t k, float key, int32_t row) {
     int64_t pos = k - 1;
-    while (pos > 0 && keys[pos - 1] > key) {
+    while (pos > 0 && beats(key, row, keys[pos - 1], idx[pos - 1])) {
         keys[pos] = keys[pos - 1];
         idx[pos] = idx[pos - 1];
         pos--;
     }
     keys[pos] = key;
     idx[pos] = row;
+}
+
+/* Hits of one tile (bit r * QB + lane: key <= the lane's k-th): insert those that beat the k-th entry.
+ * Chunks are scanned last first (a farthest-first coreset puts its outliers first), so ties are
+ * settled by row here, not by scan order. */
+static void take_hits(const Ctx *c, int64_t q0, int lanes, int64_t m0, int valid, uint64_t hits, const float *keys,
+                      float *kth) {
+    while (hits) {
+        int bit = __builtin_ctzll(hits);
+        hits &= hits - 1;
+        int r = bit / QB, l = bit % QB;
+        float key = keys[bit];
+        if (l >= lanes || r >= valid) continue;
+        float *qkeys = c->out_key + (q0 + l) * c->k;
+        int32_t *qidx = c->out_idx + (q0 + l) * c->k;
+        if (!beats(key, (int32_t)(m0 + r), qkeys[c->k - 1], qidx[c->k - 1])) continue; /* the k-th moved */
+        insert(qkeys, qidx, c->k, key, (int32_t)(m0 + r));
+        kth[l] = qkeys[c->k - 1];
+    }
+}
+
+static void store_keys(const Ctx *c, int64_t q0, int lanes, int64_t m0, int valid, const float *keys) {
+    for (int r = 0; r < valid; r++)
+        for (int l = 0; l < lanes; l++) c->out_key[(q0 + l) * c->m + m0 + r] = keys[r * QB + l];
 }
 
 /* ---- scalar ---------------------------------------------------------------------------------- */
@@ -99,7 +132,7 @@ static uint64_t tile_scalar(const Ctx *c, int64_t qb, const Tile *t, const float
             float prod = cq[l] * (float)acc;
             float key = t->bias[r] - prod;
             keys[r * QB + l] = key;
-            if (key < kth[l]) mask |= (uint64_t)1 << (r * QB + l);
+            if (key <= kth[l]) mask |= (uint64_t)1 << (r * QB + l);
         }
     }
     return mask;
@@ -133,7 +166,7 @@ static uint64_t tile_avx512vnni(const Ctx *c, int64_t qb, const Tile *t, const f
         __m512i dot = _mm512_sub_epi32(acc[r], _mm512_set1_epi32(t->corr[r]));
         __m512 key = _mm512_sub_ps(_mm512_set1_ps(t->bias[r]), _mm512_mul_ps(vcq, _mm512_cvtepi32_ps(dot)));
         _mm512_storeu_ps(keys + r * QB, key);
-        mask |= (uint64_t)_mm512_cmp_ps_mask(key, vkth, _CMP_LT_OQ) << (r * QB);
+        mask |= (uint64_t)_mm512_cmp_ps_mask(key, vkth, _CMP_LE_OQ) << (r * QB);
     }
     return mask;
 }
@@ -145,7 +178,7 @@ static inline uint64_t keys_avx2(__m256i acc, int32_t corr, float bias, const fl
     __m256i dot = _mm256_sub_epi32(acc, _mm256_set1_epi32(corr));
     __m256 key = _mm256_sub_ps(_mm256_set1_ps(bias), _mm256_mul_ps(_mm256_loadu_ps(cq), _mm256_cvtepi32_ps(dot)));
     _mm256_storeu_ps(keys, key);
-    return (uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(key, _mm256_loadu_ps(kth), _CMP_LT_OQ));
+    return (uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(key, _mm256_loadu_ps(kth), _CMP_LE_OQ));
 }
 
 __attribute__((target("avxvnni,avx2")))
@@ -198,6 +231,93 @@ static uint64_t tile_avx2(const Ctx *c, int64_t qb, const Tile *t, const float *
     }
     return mask;
 }
+
+/* ---- AMX-INT8 ----
+ * C[16 rows x 16 queries] += A[16 rows x 64 code bytes] . B[16 dwords x 16 queries x 4 bytes]: A is the
+ * row-major table itself (stride = row stride), B is exactly one packed query block (u8, VNNI layout),
+ * so tdpbsud (s8 x u8) gives the same u8-biased dots as vpdpbusd. Tiles: 0,1 C (two query blocks), 2 A,
+ * 3,4 B, 5-7 the K tail (width % 64). Rows past the last multiple of 16 go through the AVX-512 tile. */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define AMX_ROWS 16
+
+typedef struct __attribute__((packed)) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static int amx_cpu(void) {
+    unsigned a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    return (d >> 24 & 1) && (d >> 25 & 1); /* AMX-TILE, AMX-INT8 */
+}
+
+static int amx_permitted(void) { /* the kernel must grant this process the tile state (Linux >= 5.16) */
+    static int state = -1;
+    if (state < 0) {
+        state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    }
+    return state;
+}
+
+__attribute__((target("amx-tile,amx-int8")))
+static void amx_configure(int64_t width) {
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.palette = 1;
+    for (int t = 0; t < 5; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    int tail = (int)(width % 64);
+    if (tail) {
+        cfg.rows[5] = 16;
+        cfg.colsb[5] = (uint16_t)tail;
+        cfg.rows[6] = cfg.rows[7] = (uint8_t)(tail / 4);
+        cfg.colsb[6] = cfg.colsb[7] = 64;
+    }
+    /* not _tile_loadconfig: GCC 12 declares it reads only the first 8 bytes, and drops the other stores */
+    __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
+}
+
+__attribute__((target("amx-tile")))
+static void amx_release(void) { _tile_release(); }
+
+/* dots[2][16 rows][16 queries] (u8-biased) of rows m0..m0+15 and query blocks qb, qb+1 */
+__attribute__((target("amx-tile,amx-int8")))
+static void amx_block(const Ctx *c, int64_t qb, int64_t m0, int32_t *dots) {
+    const int8_t *a = c->rows + m0 * c->stride;
+    const uint8_t *b0 = c->qpack + qb * c->g * QB * 4, *b1 = b0 + c->g * QB * 4;
+    int64_t full = c->g / 16, tail = c->g % 16;
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t t = 0; t < full; t++) {
+        _tile_loadd(2, a + 64 * t, c->stride);
+        _tile_loadd(3, b0 + 1024 * t, 64);
+        _tile_loadd(4, b1 + 1024 * t, 64);
+        _tile_dpbsud(0, 2, 3);
+        _tile_dpbsud(1, 2, 4);
+    }
+    if (tail) {
+        _tile_loadd(5, a + 64 * full, c->stride);
+        _tile_loadd(6, b0 + 1024 * full, 64);
+        _tile_loadd(7, b1 + 1024 * full, 64);
+        _tile_dpbsud(0, 5, 6);
+        _tile_dpbsud(1, 5, 7);
+    }
+    _tile_stored(0, dots, 64);
+    _tile_stored(1, dots + AMX_ROWS * QB, 64);
+}
+
+/* keys + hit mask of one row's 16 query lanes from its AMX dots */
+__attribute__((target("avx512f")))
+static uint32_t amx_keys(const int32_t *dot, int32_t corr, float bias, const float *cq, const float *kth, float *keys) {
+    __m512i d = _mm512_sub_epi32(_mm512_loadu_si512((const void *)dot), _mm512_set1_epi32(corr));
+    __m512 key = _mm512_sub_ps(_mm512_set1_ps(bias), _mm512_mul_ps(_mm512_loadu_ps(cq), _mm512_cvtepi32_ps(d)));
+    _mm512_storeu_ps(keys, key);
+    return (uint32_t)_mm512_cmp_ps_mask(key, _mm512_loadu_ps(kth), _CMP_LE_OQ);
+}
 #endif
 
 /* ---- aarch64 --------------------------------------------------------------------------------- */
@@ -225,7 +345,7 @@ static uint64_t tile_neon(const Ctx *c, int64_t qb, const Tile *t, const float *
         for (int h = 0; h < 4; h++) {
             float32x4_t key = vsubq_f32(vdupq_n_f32(t->bias[r]), vmulq_f32(vld1q_f32(cq + 4 * h), vcvtq_f32_s32(acc[r][h])));
             vst1q_f32(keys + r * QB + 4 * h, key);
-            uint32x4_t lt = vcltq_f32(key, vld1q_f32(kth + 4 * h));
+            uint32x4_t lt = vcleq_f32(key, vld1q_f32(kth + 4 * h));
             uint32_t bits[4];
             vst1q_u32(bits, lt);
             for (int e = 0; e < 4; e++)
@@ -246,6 +366,7 @@ static int isa_supported(int isa) {
         __builtin_cpu_init();
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vnni");
+    case ISA_AMX: return isa_supported(ISA_AVX512VNNI) && amx_cpu() && amx_permitted();
 #endif
 #ifdef ECS_ARM
     case ISA_NEON: return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
@@ -276,6 +397,14 @@ typedef struct {
     int64_t qb0, qb1;
 } Job;
 
+/* Each lane's current k-th key (from the lists so far); padded lanes and the all-keys mode never hit. */
+static void init_kth(const Ctx *c, int64_t qb0, int64_t nblocks, float *kth) {
+    for (int64_t i = 0; i < nblocks * QB; i++) {
+        int64_t q = qb0 * QB + i;
+        kth[i] = c->all_keys || q >= c->nq ? -INFINITY : c->out_key[q * c->k + c->k - 1];
+    }
+}
+
 static void *run_job(void *arg) {
     const Job *job = (const Job *)arg;
     const Ctx *c = job->c;
@@ -283,14 +412,13 @@ static void *run_job(void *arg) {
     int64_t nblocks = job->qb1 - job->qb0;
     float *kth = (float *)malloc(sizeof(float) * (size_t)(nblocks > 0 ? nblocks : 1) * QB);
     if (!kth) return (void *)1;
-    for (int64_t i = 0; i < nblocks * QB; i++) /* padded lanes (and the all-keys mode) never hit */
-        kth[i] = c->all_keys || (job->qb0 * QB + i) >= c->nq ? -INFINITY : INFINITY;
+    init_kth(c, job->qb0, nblocks, kth);
     int64_t chunk = CHUNK_BYTES / (c->g * 4);
     chunk = chunk < ROW_TILE ? ROW_TILE : chunk - chunk % ROW_TILE;
     float keys[ROW_TILE * QB];
     Tile t;
-    for (int64_t c0 = 0; c0 < c->m; c0 += chunk) {
-        int64_t c1 = c0 + chunk < c->m ? c0 + chunk : c->m;
+    for (int64_t c0 = c->row_start + (c->m - 1 - c->row_start) / chunk * chunk; c0 >= c->row_start; c0 -= chunk) {
+        int64_t c1 = c0 + chunk < c->m ? c0 + chunk : c->m; /* chunks last first (see take_hits) */
         for (int64_t qb = job->qb0; qb < job->qb1; qb++) {
             int64_t q0 = qb * QB;
             int lanes = (int)(c->nq - q0 < QB ? c->nq - q0 : QB);
@@ -304,27 +432,76 @@ static void *run_job(void *arg) {
                     t.corr[r] = ok ? c->corr[m0 + r] : 0;
                 }
                 uint64_t hits = tile(c, qb, &t, c->cq + q0, bkth, keys);
-                if (c->all_keys) {
-                    for (int r = 0; r < valid; r++)
-                        for (int l = 0; l < lanes; l++) c->out_key[(q0 + l) * c->m + m0 + r] = keys[r * QB + l];
-                    continue;
-                }
-                while (hits) { /* ascending bit = ascending row per lane: ties keep the smaller row */
-                    int bit = __builtin_ctzll(hits);
-                    hits &= hits - 1;
-                    int r = bit / QB, l = bit % QB;
-                    float key = keys[bit];
-                    if (l >= lanes || !(key < bkth[l])) continue; /* k-th moved down since the compare */
-                    float *qkeys = c->out_key + (q0 + l) * c->k;
-                    insert(qkeys, c->out_idx + (q0 + l) * c->k, c->k, key, (int32_t)(m0 + r));
-                    bkth[l] = qkeys[c->k - 1];
-                }
+                if (c->all_keys)
+                    store_keys(c, q0, lanes, m0, valid, keys);
+                else
+                    take_hits(c, q0, lanes, m0, valid, hits, keys, bkth);
             }
         }
     }
     free(kth);
     return NULL;
 }
+
+#ifdef ECS_X86
+/* The AMX driver: whole 16-row blocks by tiles, two query blocks at a time (the caller pads the block
+ * count to even); the rows past the last multiple of 16 by the AVX-512 tile. */
+static void *run_job_amx(void *arg) {
+    const Job *job = (const Job *)arg;
+    const Ctx *c = job->c;
+    int64_t nblocks = job->qb1 - job->qb0;
+    float *kth = (float *)malloc(sizeof(float) * (size_t)(nblocks > 0 ? nblocks : 1) * QB);
+    int32_t *dots = (int32_t *)malloc(sizeof(int32_t) * 2 * AMX_ROWS * QB);
+    if (!kth || !dots) {
+        free(kth); free(dots);
+        return (void *)1;
+    }
+    init_kth(c, job->qb0, nblocks, kth);
+    amx_configure(c->g * 4);
+    int64_t chunk = CHUNK_BYTES / (c->g * 4);
+    chunk = chunk < AMX_ROWS ? AMX_ROWS : chunk - chunk % AMX_ROWS;
+    int64_t whole = c->m - c->m % AMX_ROWS;
+    float keys[AMX_ROWS * QB];
+    for (int64_t c0 = whole > 0 ? (whole - 1) / chunk * chunk : -1; c0 >= 0; c0 -= chunk) {
+        int64_t c1 = c0 + chunk < whole ? c0 + chunk : whole; /* chunks last first (see take_hits) */
+        for (int64_t qb = job->qb0; qb < job->qb1; qb += 2) {
+            for (int64_t m0 = c0; m0 < c1; m0 += AMX_ROWS) {
+                amx_block(c, qb, m0, dots);
+                for (int h = 0; h < 2; h++) {
+                    int64_t q0 = (qb + h) * QB;
+                    if (q0 >= c->nq) continue;
+                    int lanes = (int)(c->nq - q0 < QB ? c->nq - q0 : QB);
+                    float *bkth = kth + (qb + h - job->qb0) * QB;
+                    for (int r0 = 0; r0 < AMX_ROWS; r0 += ROW_TILE) { /* take_hits handles 64-bit masks */
+                        uint64_t hits = 0;
+                        for (int r = 0; r < ROW_TILE; r++) {
+                            int64_t row = m0 + r0 + r;
+                            hits |= (uint64_t)amx_keys(dots + (h * AMX_ROWS + r0 + r) * QB, c->corr[row], c->bias[row],
+                                                       c->cq + q0, bkth, keys + (r0 + r) * QB) << (r * QB);
+                        }
+                        if (c->all_keys)
+                            store_keys(c, q0, lanes, m0 + r0, ROW_TILE, keys + r0 * QB);
+                        else
+                            take_hits(c, q0, lanes, m0 + r0, ROW_TILE, hits, keys + r0 * QB, bkth);
+                    }
+                }
+            }
+        }
+    }
+    amx_release();
+    free(dots);
+    free(kth);
+    if (whole < c->m) { /* the last m % 16 rows */
+        Ctx rest = *c;
+        Job tail = *job;
+        tail.isa = ISA_AVX512VNNI;
+        tail.c = &rest;
+        rest.row_start = whole;
+        return run_job(&tail);
+    }
+    return NULL;
+}
+#endif
 
 /* ---- public entry points --------------------------------------------------------------------- */
 
@@ -336,7 +513,7 @@ int ecs_isa_supported(int isa) { return isa >= 0 && isa < ISA_COUNT && isa_suppo
 
 /* The fastest supported path. */
 int ecs_best_isa(void) {
-    static const int order[] = {ISA_AVX512VNNI, ISA_AVXVNNI, ISA_AVX2, ISA_NEON};
+    static const int order[] = {ISA_AMX, ISA_AVX512VNNI, ISA_AVXVNNI, ISA_AVX2, ISA_NEON};
     for (size_t i = 0; i < sizeof(order) / sizeof(order[0]); i++)
         if (isa_supported(order[i])) return order[i];
     return ISA_SCALAR;
@@ -352,7 +529,9 @@ static int run(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows,
     if (nq < 0 || g < 1 || m < 1 || stride < 4 * g || !ecs_isa_supported(isa)) return -1;
     if (!all_keys && (k < 1 || k > m)) return -1;
     if (nq == 0) return 0;
+    int unit = isa == ISA_AMX ? 2 : 1; /* query blocks per step (the AMX driver pairs them) */
     int64_t nqb = (nq + QB - 1) / QB;
+    nqb = (nqb + unit - 1) / unit * unit;
     uint8_t *qpack = (uint8_t *)calloc((size_t)(nqb * g * QB * 4), 1);
     float *cqp = (float *)calloc((size_t)(nqb * QB), sizeof(float));
     int8_t *zero = (int8_t *)calloc((size_t)(g * 4), 1);
@@ -375,9 +554,10 @@ static int run(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows,
             out_idx[i] = -1;
         }
     }
-    Ctx c = {qpack, nq, g, rows, stride, m, bias, corr, cqp, k, out_idx, out_key, all_keys, zero};
+    Ctx c = {qpack, nq, g, rows, stride, m, bias, corr, cqp, k, out_idx, out_key, all_keys, zero, 0};
+    int64_t units = nqb / unit;
     if (threads < 1) threads = 1;
-    if (threads > nqb) threads = (int)nqb;
+    if (threads > units) threads = (int)units;
     Job jobs[64];
     pthread_t tids[64];
     if (threads > 64) threads = 64;
@@ -385,22 +565,26 @@ static int run(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows,
     for (int t = 0; t < threads; t++) {
         jobs[t].c = &c;
         jobs[t].isa = isa;
-        jobs[t].qb0 = nqb * t / threads;
-        jobs[t].qb1 = nqb * (t + 1) / threads;
+        jobs[t].qb0 = units * t / threads * unit;
+        jobs[t].qb1 = units * (t + 1) / threads * unit;
     }
+    void *(*job_fn)(void *) = run_job;
+#ifdef ECS_X86
+    if (isa == ISA_AMX) job_fn = run_job_amx;
+#endif
     int started = 0;
     for (int t = 1; t < threads; t++) {
-        if (pthread_create(&tids[t], NULL, run_job, &jobs[t]) != 0) break;
+        if (pthread_create(&tids[t], NULL, job_fn, &jobs[t]) != 0) break;
         started = t;
     }
-    if (run_job(&jobs[0]) != NULL) rc = -3;
+    if (job_fn(&jobs[0]) != NULL) rc = -3;
     for (int t = 1; t <= started; t++) {
         void *res = NULL;
         pthread_join(tids[t], &res);
         if (res != NULL) rc = -3;
     }
     for (int t = started + 1; t < threads; t++) /* threads that could not start: run their share here */
-        if (run_job(&jobs[t]) != NULL) rc = -3;
+        if (job_fn(&jobs[t]) != NULL) rc = -3;
     free(qpack); free(cqp); free(zero);
     return rc;
 }

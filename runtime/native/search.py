@@ -28,6 +28,7 @@ from edgecore.runtime.native import Int8Kernel, quantize_queries
 from edgecore.runtime.search_coarse import CodeRows, direct_l2, rerank
 
 INT8_CANDIDATES = 16  # bottle Lite0: see benchmarks/RESULTS.md (#11, native int8 search)
+PROJECTED_WIDEN = 4  # coarse mode: int8 keys pick 4·k, float32 projected distances the k proposed
 _COORD_STEP = 257  # uint16 coordinate code ≈ 257 · (int8 + 128): 0..65535 onto 0..255
 _KEY_SLACK = 1e-4  # relative float32 rounding allowance on the key bounds (float32 norms summed over D terms)
 
@@ -147,10 +148,14 @@ class ProjectedCandidates:
     hnswlib graph query; the re-rank and the certified maximum stay ``CoarseSearch``'s).
 
     Per-dimension symmetric codes of the projected rows, ŷ = mid + step ⊙ r; key = ‖ŷ_m‖² − 2 (x̂ ⊙ step) · r_m
-    orders the rows like ‖x̂ − ŷ_m‖² up to the query's int8 rounding.
+    orders the rows like ‖x̂ − ŷ_m‖² up to the query's int8 rounding. That rounding is coarse on the
+    low-variance directions (one scale per query), so ``PROJECTED_WIDEN`` × k are taken by key and the
+    k nearest of them in float32 projected distance proposed — the candidates an exact search over the
+    projections (hnswlib's graph, when it finds them) would propose.
     """
 
     def __init__(self, projected: np.ndarray, kernel: Int8Kernel) -> None:
+        self._projected = projected  # CoarseSearch's own M×p float32 (its lower bounds): no copy
         lo, hi = projected.min(axis=0), projected.max(axis=0)
         self._mid = ((lo.astype(np.float64) + hi) / 2).astype(np.float32)
         half = (hi.astype(np.float64) - lo) / 2
@@ -170,8 +175,14 @@ class ProjectedCandidates:
     def propose(self, projected: np.ndarray, k: int) -> np.ndarray:
         """Q×k candidate rows for Q projected queries."""
         codes, step = quantize_queries(projected * self._step, self._table.shape[1])
-        _, idx = self.kernel.topk(codes, self._table, self._bias, self._corr, (2.0 * step).astype(np.float32), k)
-        return idx
+        wide = min(PROJECTED_WIDEN * k, self._table.shape[0])
+        _, idx = self.kernel.topk(codes, self._table, self._bias, self._corr, (2.0 * step).astype(np.float32), wide)
+        if wide == k:
+            return idx
+        diff = self._projected[idx] - projected[:, None, :]
+        order = np.argsort(np.einsum("qkp,qkp->qk", diff, diff), axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(idx, order, axis=1)
 
     def memory_bytes(self) -> int:
         return self._table.nbytes + self._bias.nbytes + self._corr.nbytes + self._mid.nbytes + self._step.nbytes
+        # (self._projected is CoarseSearch's, counted there)

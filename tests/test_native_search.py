@@ -1,0 +1,265 @@
+"""The native int8 kernel (runtime/native) and the searches built on it ('int8' mode, coarse candidates).
+
+Real compiled library, every ISA path this CPU runs; the numpy reference computes the same keys
+(exact int64 dots, then the same two float32 operations) and the same (key, row) order. The fidelity
+contract is checked as in test_search_compiled.py; the bottle numbers are in benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from edgecore.export.index_build import build_index
+from edgecore.metrics import auroc
+from edgecore.runtime import native
+from edgecore.runtime.index import QuantizedIndex
+from edgecore.runtime.native.search import Int8Search
+from edgecore.runtime.search import ExactSearch
+from edgecore.runtime.search_coarse import GraphProposer
+
+kernel = native.kernel()  # the package install builds it: a missing library fails here, loudly
+DIM, BLOCK, IMAGES = 256, 50, 40  # the int8 table: 256 codes + the PCA columns, not a multiple of 64
+
+
+def reference_topk(queries, rows, bias, cq, k):
+    """Keys in numpy (float32 multiply, then subtract, as the kernel) and the k smallest by (key, row)."""
+    dots = queries.astype(np.int64) @ rows.astype(np.int64).T
+    keys = bias[None, :] - cq[:, None] * dots.astype(np.float32)
+    order = np.argsort(keys, axis=1, kind="stable")[:, :k]  # stable: equal keys keep the smaller row first
+    return np.take_along_axis(keys, order, axis=1), order
+
+
+def problem(rng, nq, m, width, ties=False):
+    rows = rng.integers(-128, 128, (m, width), dtype=np.int8)
+    queries = rng.integers(-127, 128, (nq, width), dtype=np.int8)
+    bias = rng.normal(0.0, 3000.0, m).astype(np.float32)
+    if ties:  # duplicated rows with equal bias: equal keys, settled by the row index
+        rows[m // 2 :: 3] = rows[1]
+        bias[m // 2 :: 3] = bias[1]
+        rows[-1], bias[-1] = rows[0], bias[0]
+    corr = (128 * rows.astype(np.int32).sum(axis=1)).astype(np.int32)
+    cq = rng.uniform(1e-3, 1e-2, nq).astype(np.float32)
+    return queries, rows, bias, corr, cq
+
+
+@pytest.mark.parametrize("isa", kernel.available)
+@pytest.mark.parametrize("nq,m,width,k,ties", [
+    (1, 1, 4, 1, False), (37, 101, 12, 1, False), (16, 16, 4, 16, True), (50, 1003, 160, 8, True),
+    (5, 33, 36, 5, False), (33, 517, 68, 33, True), (70, 2000, 1028, 3, False),
+])
+def test_kernel_topk_equals_the_numpy_reference(isa, nq, m, width, k, ties):
+    queries, rows, bias, corr, cq = problem(np.random.default_rng(nq * m + width), nq, m, width, ties)
+    want_keys, want_idx = reference_topk(queries, rows, bias, cq, k)
+    keys, idx = kernel.topk(queries, rows, bias, corr, cq, k, isa=isa)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(keys, want_keys)
+    dots = queries.astype(np.int64) @ rows.astype(np.int64).T
+    all_keys = kernel.keys(queries, rows, bias, corr, cq, isa=isa)
+    np.testing.assert_array_equal(all_keys, bias[None, :] - cq[:, None] * dots.astype(np.float32))
+
+
+def test_every_isa_path_gives_bit_identical_results_on_strided_rows():
+    rng = np.random.default_rng(3)
+    queries, table, bias, corr, cq = problem(rng, 200, 3001, 164, ties=True)
+    rows = table[:, :152]  # a strided view, as the int8 mode's codes inside its wider table
+    corr = (128 * rows.astype(np.int32).sum(axis=1)).astype(np.int32)
+    results = {isa: kernel.topk(queries[:, :152], rows, bias, corr, cq, 12, isa=isa) for isa in kernel.available}
+    first = results[kernel.available[0]]
+    for isa, (keys, idx) in results.items():
+        np.testing.assert_array_equal(idx, first[1], err_msg=isa)
+        np.testing.assert_array_equal(keys, first[0], err_msg=isa)
+    assert len(kernel.available) >= 2 or kernel.available == ("scalar",)
+
+
+def test_thread_count_does_not_change_results():
+    queries, rows, bias, corr, cq = problem(np.random.default_rng(4), 100, 777, 40)
+    saved = kernel.threads
+    try:
+        kernel.threads = 1
+        one = kernel.topk(queries, rows, bias, corr, cq, 4)
+        kernel.threads = 3
+        three = kernel.topk(queries, rows, bias, corr, cq, 4)
+    finally:
+        kernel.threads = saved
+    for a, b in zip(one, three):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_isa_is_forced_by_the_environment_and_unknown_paths_are_refused():
+    code = "from edgecore.runtime import native; print(native.kernel().isa)"
+    for isa in kernel.available:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**_env(), native.ENV_ISA: isa}).stdout.strip()
+        assert out == isa
+    with pytest.raises(native.NativeUnavailable):
+        native.Int8Kernel(kernel._lib, "sse9")
+    with pytest.raises(ValueError, match="k must be"):
+        kernel.topk(*problem(np.random.default_rng(0), 2, 10, 8)[:5], 11)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        q, rows, bias, corr, cq = problem(np.random.default_rng(0), 2, 10, 8)
+        kernel.topk(q[:, :6], rows[:, :6], bias, corr, cq, 1)
+
+
+def _env() -> dict:
+    import os
+
+    return {key: value for key, value in os.environ.items() if key != native.ENV_ISA}
+
+
+# --- the search modes -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data() -> dict[str, np.ndarray]:
+    """CNN-like features (clusters in a low-dimensional subspace + isotropic noise), defect patches."""
+    rng = np.random.default_rng(5)
+    subspace = np.linalg.qr(rng.normal(size=(DIM, 24)))[0].T
+    centers = rng.normal(0.0, 4.0, (60, 24)) * np.linspace(3.0, 0.5, 24)
+
+    def sample(n: int) -> np.ndarray:
+        latent = centers[rng.integers(0, 60, n)] + rng.normal(0.0, 1.0, (n, 24)) * np.linspace(2.0, 0.3, 24)
+        return latent @ subspace + rng.normal(0.0, 0.15, (n, DIM))
+
+    queries = sample(IMAGES * BLOCK)
+    defect = np.zeros(IMAGES * BLOCK, bool)
+    for image in range(1, IMAGES, 2):
+        rows = image * BLOCK + rng.choice(BLOCK, 6, replace=False)
+        queries[rows] += rng.normal(0.0, rng.uniform(0.3, 1.5), (6, DIM))
+        defect[rows] = True
+    return {"points": sample(3000).astype(np.float32), "queries": queries.astype(np.float32),
+            "defect": defect, "labels": (np.arange(IMAGES) % 2).astype(int)}
+
+
+@pytest.fixture(scope="module")
+def int8(data) -> QuantizedIndex:
+    return build_index(data["points"], "int8", "int8", patches_per_image=BLOCK)
+
+
+def fidelity(data: dict, distances: np.ndarray, indices: np.ndarray) -> dict[str, float]:
+    """The contract's four numbers against exact fp32 search (patch scores stand in for pixels)."""
+    ref_d, ref_i = ExactSearch(data["points"]).search(data["queries"], 1)
+    ref_img, img = ref_d[:, 0].reshape(IMAGES, BLOCK).max(1), distances[:, 0].reshape(IMAGES, BLOCK).max(1)
+    return {
+        "recall": float(np.mean(indices[:, 0] == ref_i[:, 0])),
+        "spearman": float(spearmanr(ref_img, img).statistic),
+        "image_pt": 100 * abs(auroc(ref_img, data["labels"]) - auroc(img, data["labels"])),
+        "pixel_pt": 100 * abs(auroc(ref_d[:, 0], data["defect"]) - auroc(distances[:, 0], data["defect"])),
+    }
+
+
+def meets_contract(report: dict[str, float]) -> bool:
+    return (report["recall"] >= 0.99 and report["spearman"] >= 0.999
+            and report["image_pt"] <= 0.2 and report["pixel_pt"] <= 0.2)
+
+
+def test_int8_mode_meets_the_fidelity_contract(int8, data):
+    assert int8.searcher.isa == kernel.isa
+    assert int8.searcher._table.shape[1] % 64  # the AMX path's K tail is exercised
+    dist, idx = int8.search(data["queries"], 1)
+    report = fidelity(data, dist, idx)
+    assert meets_contract(report), report
+    _, want = build_index(data["points"], "int8", "exact").search(data["queries"], 1)
+    assert np.mean(idx[:, 0] == want[:, 0]) >= 0.999  # what the int8 codes allow, nearly always
+
+
+def test_int8_mode_certifies_each_blocks_max_even_with_one_candidate(data):
+    """One candidate per query misses often; the image maximum (and its row) is still exact int8 search's."""
+    crippled = build_index(data["points"], "int8", "int8", patches_per_image=BLOCK)
+    crippled.searcher.candidates = 1
+    exact = build_index(data["points"], "int8", "exact")
+    ref_d, ref_i = exact.search(data["queries"], 1)
+    dist, idx = crippled.search(data["queries"], 1)
+    report = fidelity(data, dist, idx)
+    assert report["recall"] < 0.99, report  # the re-rank alone is not enough here ...
+    for start in range(0, len(dist), BLOCK):  # ... the certification is
+        rows = slice(start, start + BLOCK)
+        assert dist[rows, 0].max() == pytest.approx(ref_d[rows, 0].max(), rel=1e-5)
+        assert idx[rows, 0][np.argmax(dist[rows, 0])] == ref_i[rows, 0][np.argmax(ref_d[rows, 0])]
+
+
+def test_int8_exact_query_equals_exact_search_for_k_neighbours(int8, data):
+    searcher: Int8Search = int8.searcher
+    exact = build_index(data["points"], "int8", "exact")
+    queries = data["queries"][[0, 7, 51, 99]]
+    codes, cq, constant, coord_w = searcher._weights(queries)
+    want_d, want_i = exact.search(queries, 5)
+    for row in range(len(queries)):
+        d, i = searcher.exact(queries[row], codes[row], cq[row], constant[row], coord_w[row], np.inf, k=5)
+        np.testing.assert_array_equal(i, want_i[row])
+        np.testing.assert_allclose(d, want_d[row], rtol=1e-5)
+
+
+def test_int8_distances_are_true_l2_and_the_index_holds_one_copy(int8, data):
+    dist, idx = int8.search(data["queries"][:200], 3)
+    assert dist.dtype == np.float32 and idx.dtype == np.int64 and np.all(np.diff(dist, axis=1) >= 0)
+    direct = np.linalg.norm(int8.points[idx].astype(np.float64) - data["queries"][:200, None, :], axis=2)
+    np.testing.assert_allclose(dist, direct, rtol=1e-5)
+    # the stored codes are a view of the kernel's table: the int8 coreset exists once in memory
+    assert np.shares_memory(int8.arrays["codes"], int8.searcher._table)
+    assert int8.memory_bytes() <= 0.35 * data["points"].nbytes, int8.memory_bytes() / data["points"].nbytes
+
+
+def test_int8_round_trip_is_byte_identical_and_searches_the_same(int8, data, tmp_path):
+    (tmp_path / "a").mkdir()
+    description = json.loads(json.dumps(int8.save(tmp_path / "a")))
+    assert description["mode"] == "int8" and description["search_params"] == {"candidates": 16, "certify_block": BLOCK}
+    loaded = QuantizedIndex.load(tmp_path / "a", description)
+    for got, want in zip(loaded.search(data["queries"], 2), int8.search(data["queries"], 2)):
+        np.testing.assert_array_equal(got, want)
+    (tmp_path / "b").mkdir()
+    build_index(data["points"], "int8", "exact").save(tmp_path / "b")  # same codes, whatever the mode
+    for name in ("index_vectors_codes.npy", "index_vectors_coord_codes.npy"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_int8_mode_needs_int8_codes(data):
+    with pytest.raises(ValueError, match="int8"):
+        build_index(data["points"], "fp16", "int8")
+
+
+def test_coarse_candidates_come_from_the_kernel_and_match_the_graph_fallback(data, monkeypatch):
+    native_coarse = build_index(data["points"], "int8", "coarse", patches_per_image=BLOCK)
+    assert native_coarse.searcher.proposer.isa == kernel.isa
+    monkeypatch.setenv(native.ENV_ISA, "off")
+    with pytest.warns(RuntimeWarning, match="hnswlib graph"):
+        graph_coarse = build_index(data["points"], "int8", "coarse", patches_per_image=BLOCK)
+    assert isinstance(graph_coarse.searcher.proposer, GraphProposer)
+    for index in (native_coarse, graph_coarse):
+        assert meets_contract(fidelity(data, *index.search(data["queries"], 1)))
+    assert native_coarse.memory_bytes() < graph_coarse.memory_bytes()  # no hnswlib copy of the projections
+
+
+def test_without_the_library_int8_mode_falls_back_to_exact_search(int8, data, tmp_path, monkeypatch):
+    description = json.loads(json.dumps(int8.save(tmp_path)))
+    monkeypatch.setattr(native, "library_path", lambda: None)  # as a package installed without a compiler
+    native._load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="not built.*exact search"):
+            loaded = QuantizedIndex.load(tmp_path, description)
+        assert loaded.mode == "int8" and not isinstance(loaded.searcher, Int8Search)
+        exact = build_index(data["points"], "int8", "exact")
+        for got, want in zip(loaded.search(data["queries"], 1), exact.search(data["queries"], 1)):
+            np.testing.assert_array_equal(got, want)
+    finally:
+        monkeypatch.undo()
+        native._load.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the library is back: no warning
+        assert isinstance(QuantizedIndex.load(tmp_path, description).searcher, Int8Search)
+
+
+def test_detector_scores_with_int8_search_as_with_exact(exported_bundle, synthetic_category):
+    """Camera path end to end: an int8 bundle opened with --search int8 scores as exact search over the codes."""
+    from edgecore.runtime.detector import Detector
+
+    frames = sorted((synthetic_category / "test").rglob("*.png"))
+    results = {}
+    for mode in ("exact", "int8"):
+        with Detector.open(exported_bundle, precision="fp32", search=mode) as detector:
+            assert detector.index.mode == mode
+            results[mode] = np.array([detector.detect(path).score for path in frames])
+    np.testing.assert_allclose(results["int8"], results["exact"], rtol=1e-5)
