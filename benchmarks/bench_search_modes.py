@@ -12,6 +12,9 @@ Two parts, both written as Markdown to stdout (benchmarks/RESULTS.md § "Search 
     python benchmarks/bench_search_modes.py latency --bundle /tmp/wrn_coarse.edgecore:coarse,exact \\
         --bundle /tmp/wrn_hnsw.edgecore:hnsw --precision int8 --images ../shared/data/mvtec_bottle/test
     python benchmarks/bench_search_modes.py fidelity --backbone wide_resnet50_2
+
+Both report which path the native int8 kernel ran (``edgecore.runtime.native``: amx, avx512vnni, avx2, ...);
+``EDGECORE_NATIVE_ISA`` forces one.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ def latency(args: argparse.Namespace) -> None:
             configs.append(BenchConfig(precision=args.precision, search=mode, bundle=path))
     frames = [path.read_bytes() for path in sorted(args.images.rglob("*.png"))][: args.frames]  # every defect folder
     report = run_bench(configs[0].bundle, configs, frames=frames, iterations=args.iterations, warmup=3)
-    print(f"load average before/after: {args.load_before} / {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+    print(f"load average before/after: {args.load_before} / {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+          f"{_native_path()}\n")
     print(render_markdown(report))
     print("| config | search p50 | engine p50 | search / engine | total − decode p50 | total p99 | index in memory / fp32 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -80,7 +84,8 @@ def fidelity(args: argparse.Namespace) -> None:
     ref_auroc = auroc(ref_scores, data.labels)
     ref_pixel = pixel_auroc(ref_maps[usable], data.masks[usable])
     print(f"{args.backbone}: coreset {data.coreset.shape[0]}×{d}, {n} test images × {p} patches; "
-          f"exact fp32 image AUROC {ref_auroc:.4f}, pixel AUROC {ref_pixel:.4f}; load {os.getloadavg()[0]:.2f}\n")
+          f"exact fp32 image AUROC {ref_auroc:.4f}, pixel AUROC {ref_pixel:.4f}; load {os.getloadavg()[0]:.2f}; "
+          f"{_native_path()}\n")
     print("| mode (int8 codes) | recall@1 vs exact fp32 | image Spearman | Δ image AUROC (pt) | Δ pixel AUROC (pt) "
           "| search ms / image (1 thread) | index in memory / fp32 | chosen by export |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
@@ -103,11 +108,21 @@ def fidelity(args: argparse.Namespace) -> None:
     print(f"\nexport's automatic choice: {json.dumps(chosen, ensure_ascii=False)}")
 
 
+def _native_path() -> str:
+    from edgecore.runtime import native
+
+    try:
+        k = native.kernel()
+    except native.NativeUnavailable as exc:
+        return f"native int8 kernel: unavailable ({exc})"
+    return f"native int8 kernel: {k.isa} path, {k.threads} threads"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="part", required=True)
     lat = sub.add_parser("latency")
-    lat.add_argument("--bundle", action="append", required=True, help="PATH[:mode,mode] (modes: exact,hnsw,coarse,compiled)")
+    lat.add_argument("--bundle", action="append", required=True, help="PATH[:mode,mode] (modes: exact,hnsw,coarse,int8,compiled)")
     lat.add_argument("--precision", default="int8")
     lat.add_argument("--images", type=Path, required=True)
     lat.add_argument("--frames", type=int, default=83)
@@ -118,7 +133,7 @@ def main() -> None:
     fid.add_argument("--data", type=Path, default=Path("/work/shared/data/mvtec_bottle"))
     fid.add_argument("--backbone", default="wide_resnet50_2")
     fid.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "edgecore_index_bench")
-    fid.add_argument("--modes", nargs="+", default=["exact", "hnsw", "coarse", "compiled"])
+    fid.add_argument("--modes", nargs="+", default=["exact", "hnsw", "coarse", "int8", "compiled"])
     args = parser.parse_args()
     latency(args) if args.part == "latency" else fidelity(args)
 

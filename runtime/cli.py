@@ -126,7 +126,7 @@ def infer(
     backend: str = typer.Option("openvino", help="openvino | tensorrt"),
     device: Optional[str] = typer.Option(None, help="Backend device (OpenVINO: CPU)."),
     precision: Optional[str] = typer.Option(None, help="Engine precision (default: best engine this CPU runs, else ONNX)."),
-    search: Optional[str] = typer.Option(None, help="exact | hnsw | coarse | compiled (default: the bundle's choice)."),
+    search: Optional[str] = typer.Option(None, help="exact | hnsw | coarse | int8 | compiled (default: the bundle's choice; int8 and compiled open any int8 bundle)."),
     fail_on_anomaly: bool = typer.Option(False, "--fail-on-anomaly", help="Exit 1 if any image is anomalous."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images with a warning."),
 ) -> None:
@@ -154,7 +154,7 @@ def bench(
     backend: str = typer.Option("openvino", help="openvino | tensorrt"),
     device: Optional[str] = typer.Option(None, help="Backend device."),
     precision: list[str] = typer.Option([], help="Engine precision; repeat to compare several, interleaved."),
-    search: list[str] = typer.Option([], help="exact | hnsw | coarse | compiled; repeat to compare."),
+    search: list[str] = typer.Option([], help="exact | hnsw | coarse | int8 | compiled; repeat to compare."),
     images: Optional[Path] = typer.Option(None, help="Folder of real frames (default: synthetic; decode then under-counted)."),
     iterations: int = typer.Option(50, help="Timed frames per configuration (>= 1)."),
     warmup: int = typer.Option(5, help="Untimed frames first."),

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from edgecore.export.index_build import build_index
+from edgecore.export.index_build import INT8_CANDIDATE_STEPS, build_index
 from edgecore.metrics import auroc
 from edgecore.runtime import native
 from edgecore.runtime.index import QuantizedIndex
@@ -206,7 +206,9 @@ def test_int8_distances_are_true_l2_and_the_index_holds_one_copy(int8, data):
 def test_int8_round_trip_is_byte_identical_and_searches_the_same(int8, data, tmp_path):
     (tmp_path / "a").mkdir()
     description = json.loads(json.dumps(int8.save(tmp_path / "a")))
-    assert description["mode"] == "int8" and description["search_params"] == {"candidates": 16, "certify_block": BLOCK}
+    assert description["mode"] == "int8" and description["search_params"] == {"candidates": int8.searcher.candidates,
+                                                                            "certify_block": BLOCK}
+    assert int8.searcher.candidates in INT8_CANDIDATE_STEPS  # tuned on the coreset at export
     loaded = QuantizedIndex.load(tmp_path / "a", description)
     for got, want in zip(loaded.search(data["queries"], 2), int8.search(data["queries"], 2)):
         np.testing.assert_array_equal(got, want)

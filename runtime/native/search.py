@@ -27,7 +27,7 @@ import numpy as np
 from edgecore.runtime.native import Int8Kernel, quantize_queries
 from edgecore.runtime.search_coarse import CodeRows, direct_l2, rerank
 
-INT8_CANDIDATES = 16  # bottle Lite0: see benchmarks/RESULTS.md (#11, native int8 search)
+INT8_CANDIDATES = 16  # untuned default (--search int8 on another mode's bundle); export tunes it per coreset
 PROJECTED_WIDEN = 4  # coarse mode: int8 keys pick 4·k, float32 projected distances the k proposed
 _COORD_STEP = 257  # uint16 coordinate code ≈ 257 · (int8 + 128): 0..65535 onto 0..255
 _KEY_SLACK = 1e-4  # relative float32 rounding allowance on the key bounds (float32 norms summed over D terms)
