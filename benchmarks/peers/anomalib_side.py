@@ -2,6 +2,8 @@
 
     anomalib_side.py fit    --root R --category C --work W     # Engine.fit, phase timings, bank dump
     anomalib_side.py export --work W                            # Engine.export(openvino) from the checkpoint
+    anomalib_side.py export --work W --input-size 900 [--compression int8_ptq --root R]
+                                                                # static input; NNCF INT8_PTQ on its datamodule
     anomalib_side.py serve  --xml X                             # stdin/stdout worker for interleaved latency
     anomalib_side.py rss    --xml X --images I... [--bare]      # fresh inference-only process: ru_maxrss
     anomalib_side.py kcenter --bank B.npy --ratio 0.1           # anomalib's KCenterGreedy alone, on any bank
@@ -241,6 +243,47 @@ def _ir_input_shape(xml: Path) -> str:
     return str(ov.Core().read_model(str(xml)).input(0).get_partial_shape())
 
 
+def _dynamic_hw(torch) -> dict:
+    """The export work-around (see cmd_export): batch 1, height and width dynamic."""
+    return {"dynamic_shapes": ({2: torch.export.Dim("height", min=2), 3: torch.export.Dim("width", min=2)},)}
+
+
+def export_static(args, engine, model) -> dict:
+    """``Engine.export(openvino, input_size=(H, W))`` with a fully static batch-1 input, optionally
+    ``compression_type=CompressionType.INT8_PTQ`` (anomalib's post-training quantization:
+    ``nncf.quantize`` of the converted IR, calibrated on the datamodule's ``val_dataloader()``;
+    with ``val_split_mode="from_train"`` that is the 10 % of train/good held out at fit, as in
+    ``cmd_fit``).
+
+    Why static: anomalib 2.7's INT8_PTQ reads ``model.input(0).shape[0]``, which OpenVINO refuses
+    on any dynamic input ("to_shape was called on a dynamic shape"), so the dynamic-H/W IR of
+    the fp32 work-around cannot be quantized; and its default (dynamic batch) gives a batch-2
+    IR. ``input_size`` = the frames' size (bottle: 900 x 900; resize/crop stay in the graph) and
+    ``dynamic_shapes=None`` give [1,3,H,W], which both its quantizer and its inferencer accept
+    (anomalib's own CLI example for INT8_PTQ passes ``--input_size`` too). The datamodule's
+    eval batch is 1 to match that IR (anomalib adapts only the *train* batch size).
+    """
+    from anomalib.data import MVTecAD
+    from anomalib.deploy import CompressionType, ExportType
+
+    size = (args.input_size, args.input_size)
+    kwargs: dict = {}
+    datamodule = None
+    if args.compression == "int8_ptq":
+        datamodule = MVTecAD(root=args.root, category=args.category, train_batch_size=1, eval_batch_size=1,
+                             num_workers=0, val_split_mode="from_train", val_split_ratio=args.val_ratio, seed=args.seed)
+        kwargs = {"compression_type": CompressionType.INT8_PTQ, "datamodule": datamodule}
+    start = time.perf_counter()
+    xml = Path(engine.export(model=model, export_type=ExportType.OPENVINO, input_size=size,
+                             export_root=str(Path(args.work) / f"export_{args.compression}_{args.input_size}"),
+                             onnx_kwargs={"dynamic_shapes": None}, **kwargs))
+    result = {"compression": args.compression, "export_s": time.perf_counter() - start, "input_size": list(size),
+              "workaround": f"input_size={size}, onnx_kwargs dynamic_shapes=None -> static [1,3,H,W]", "xml": xml}
+    if datamodule is not None:
+        result["calibration_images"] = len(datamodule.val_data)
+    return result
+
+
 def cmd_export(args) -> None:
     """Engine.export(export_type="openvino") from the fit checkpoint, as anomalib documents it.
 
@@ -265,6 +308,14 @@ def cmd_export(args) -> None:
     load_s = time.perf_counter() - start
     engine = Engine(default_root_dir=str(Path(args.work) / "results"), accelerator="cpu", devices=1, enable_progress_bar=False)
 
+    if args.input_size or args.compression != "none":
+        if not args.input_size:
+            raise SystemExit("--compression int8_ptq needs --input-size (anomalib's quantizer needs a static input)")
+        result = export_static(args, engine, model)
+        xml = result.pop("xml")
+        emit(_export_payload(result, xml, model, load_s, t_imported, torch))
+        return
+
     start = time.perf_counter()
     xml = Path(engine.export(model=model, export_type="openvino", export_root=str(Path(args.work) / "export_default")))
     default_s = time.perf_counter() - start
@@ -283,33 +334,28 @@ def cmd_export(args) -> None:
             except Exception as exc:  # noqa: BLE001 - reported verbatim
                 lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
                 result["default_inferencer_error"] = f"{type(exc).__name__}: " + " ".join(lines[-2:])
-        dims = {2: torch.export.Dim("height", min=2), 3: torch.export.Dim("width", min=2)}
         start = time.perf_counter()
-        xml = Path(
-            engine.export(
-                model=model,
-                export_type="openvino",
-                export_root=str(Path(args.work) / "export"),
-                onnx_kwargs={"dynamic_shapes": (dims,)},
-            )
-        )
+        xml = Path(engine.export(model=model, export_type="openvino", export_root=str(Path(args.work) / "export"),
+                                 onnx_kwargs=_dynamic_hw(torch)))
         result["export_s"] = time.perf_counter() - start
         result["workaround"] = "onnx_kwargs dynamic_shapes=({2: Dim('height'), 3: Dim('width')},) -> batch 1"
-    result["input_shape"] = _ir_input_shape(xml)
-    emit(
-        {
-            "side": "anomalib",
-            "cmd": "export",
-            **result,
-            "load_ckpt_s": load_s,
-            "import_s": t_imported - T_PROCESS,
-            "xml": str(xml),
-            "ir_bytes": xml.stat().st_size + xml.with_suffix(".bin").stat().st_size,
-            "memory_bank": list(model.model.memory_bank.shape),
-            "threads": torch.get_num_threads(),
-            "cpu_s": _cpu_seconds(),
-        }
-    )
+    emit(_export_payload(result, xml, model, load_s, t_imported, torch))
+
+
+def _export_payload(result: dict, xml: Path, model, load_s: float, t_imported: float, torch) -> dict:
+    return {
+        "side": "anomalib",
+        "cmd": "export",
+        **result,
+        "input_shape": _ir_input_shape(xml),
+        "load_ckpt_s": load_s,
+        "import_s": t_imported - T_PROCESS,
+        "xml": str(xml),
+        "ir_bytes": xml.stat().st_size + xml.with_suffix(".bin").stat().st_size,
+        "memory_bank": list(model.model.memory_bank.shape),
+        "threads": torch.get_num_threads(),
+        "cpu_s": _cpu_seconds(),
+    }
 
 
 # --------------------------------------------------------------------------- inference
@@ -338,6 +384,24 @@ class BareOpenVINO:
         return {next(iter(k.names)): v for k, v in result.items()}
 
 
+_COMPUTE_LAYERS = {"Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution"}
+
+
+def executed_precisions(compiled) -> dict[str, int]:
+    """Runtime precision per executed compute layer (the hint alone does not say whether the
+    INT8_PTQ IR's convolutions really run in i8/u8); same rule as edgecore's OpenVINO backend."""
+    counts: dict[str, int] = {}
+    try:
+        for op in compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            if "runtimePrecision" in info and "layerType" in info and str(info["layerType"].astype(str)) in _COMPUTE_LAYERS:
+                key = str(info["runtimePrecision"].astype(str))
+                counts[key] = counts.get(key, 0) + 1
+    except Exception:  # noqa: BLE001 - reporting only
+        return {}
+    return counts
+
+
 def open_inferencer(xml: str, bare: bool):
     if bare:
         return BareOpenVINO(xml)
@@ -359,7 +423,8 @@ def cmd_serve(args) -> None:
         hint = str(inferencer.model.get_property("INFERENCE_PRECISION_HINT"))
     except Exception:  # noqa: BLE001
         hint = "unknown"
-    emit({"ready": True, "rss_mib": vm_hwm_mib(), "inference_precision_hint": hint})
+    emit({"ready": True, "rss_mib": vm_hwm_mib(), "inference_precision_hint": hint,
+          "executed": executed_precisions(inferencer.model)})
     for line in sys.stdin:
         path = line.strip()
         if not path:
@@ -434,6 +499,13 @@ def main() -> None:
     p.add_argument("--work", required=True)
     p.add_argument("--fit-json", required=True)
     p.add_argument("--probe-image", default="", help="score this with the default export to record its error")
+    p.add_argument("--compression", choices=("none", "int8_ptq"), default="none",
+                   help="int8_ptq: CompressionType.INT8_PTQ, NNCF calibration on the datamodule (needs --root)")
+    p.add_argument("--root", default="", help="MVTec root (int8_ptq calibration data)")
+    p.add_argument("--input-size", type=int, default=0, help="static square input H = W (0: the dynamic-H/W export)")
+    p.add_argument("--category", default="bottle")
+    p.add_argument("--val-ratio", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_export)
 
     for name, func in (("serve", cmd_serve), ("rss", cmd_rss)):
