@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precision", default=None, help="engine precision (default: the best compiled)")
+    parser.add_argument("--frame-size", help="HxW: scale the frames to this size first (e.g. 1080x1920, a camera's)")
     parser.add_argument("--fidelity", type=Path, help="MVTec category: fit v1 and v2, print AUROC")
     args = parser.parse_args()
     report: dict = {"load_before": os.getloadavg()}
@@ -145,6 +146,9 @@ def main() -> None:
         paths = expand_images(folders)
         step = max(1, len(paths) // args.frames)
         frames = [load_image(p) for p in paths[::step][: args.frames]]
+        if args.frame_size:
+            height, width = (int(v) for v in args.frame_size.lower().split("x"))
+            frames = [np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BICUBIC)) for rgb in frames]
         report["frame_shape"] = list(frames[0].shape)
         detectors = {Path(b).name: Detector.open(b, precision=args.precision) for b in args.bundle}
         try:

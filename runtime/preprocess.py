@@ -42,8 +42,8 @@ ASPECT_MODES = ("squash", "pad", "crop", "tile")
 #: ``preprocess.resample`` → its reduction gap (None: no reduction). ``v1``: bilinear antialiased
 #: over the full-resolution frame — every model fitted before v2, and any config without the field.
 #: ``v2``: first a whole-factor box reduction of the visible part (``Image.reduce``) while it stays
-#: at least ``gap`` times the output, then the same bilinear antialiased resize (900×900 → 224:
-#: 4.7x cheaper than before #11; bottle AUROC unchanged, benchmarks/RESULTS.md § Frame overhead).
+#: at least ``gap`` times the output, then the same bilinear antialiased resize (2.1x cheaper than
+#: before #11 at 900×900, 3.3x at 1080p; bottle AUROC unchanged, benchmarks/RESULTS.md § Frame overhead).
 RESAMPLERS: dict[str, float | None] = {"v1": None, "v2": 1.0}
 RESAMPLE_DEFAULT = "v2"  # what a new fit records
 RESAMPLE_LEGACY = "v1"  # what a config without the field was fitted with
