@@ -310,13 +310,30 @@ static void amx_block(const Ctx *c, int64_t qb, int64_t m0, int32_t *dots) {
     _tile_stored(1, dots + AMX_ROWS * QB, 64);
 }
 
-/* keys + hit mask of one row's 16 query lanes from its AMX dots */
+static void take_hits(const Ctx *c, int64_t q0, int lanes, int64_t m0, int valid, uint64_t hits, const float *keys,
+                      float *kth);
+static void store_keys(const Ctx *c, int64_t q0, int lanes, int64_t m0, int valid, const float *keys);
+
+/* Keys of 16 rows x one block's 16 query lanes from their AMX dots; keys are stored only for rows
+ * with a hit (the common case after warm-up is a compare and nothing else). */
 __attribute__((target("avx512f")))
-static uint32_t amx_keys(const int32_t *dot, int32_t corr, float bias, const float *cq, const float *kth, float *keys) {
-    __m512i d = _mm512_sub_epi32(_mm512_loadu_si512((const void *)dot), _mm512_set1_epi32(corr));
-    __m512 key = _mm512_sub_ps(_mm512_set1_ps(bias), _mm512_mul_ps(_mm512_loadu_ps(cq), _mm512_cvtepi32_ps(d)));
-    _mm512_storeu_ps(keys, key);
-    return (uint32_t)_mm512_cmp_ps_mask(key, _mm512_loadu_ps(kth), _CMP_LE_OQ);
+static void amx_consume(const Ctx *c, int64_t q0, int lanes, int64_t m0, const int32_t *dots, float *kth, float *keys) {
+    __m512 vcq = _mm512_loadu_ps(c->cq + q0), vkth = _mm512_loadu_ps(kth);
+    for (int r = 0; r < AMX_ROWS; r++) {
+        __m512i d = _mm512_sub_epi32(_mm512_loadu_si512((const void *)(dots + r * QB)), _mm512_set1_epi32(c->corr[m0 + r]));
+        __m512 key = _mm512_sub_ps(_mm512_set1_ps(c->bias[m0 + r]), _mm512_mul_ps(vcq, _mm512_cvtepi32_ps(d)));
+        if (c->all_keys) {
+            _mm512_storeu_ps(keys, key);
+            store_keys(c, q0, lanes, m0 + r, 1, keys);
+            continue;
+        }
+        __mmask16 hit = _mm512_cmp_ps_mask(key, vkth, _CMP_LE_OQ);
+        if (hit) {
+            _mm512_storeu_ps(keys, key);
+            take_hits(c, q0, lanes, m0 + r, 1, hit, keys, kth);
+            vkth = _mm512_loadu_ps(kth);
+        }
+    }
 }
 #endif
 
@@ -471,19 +488,7 @@ static void *run_job_amx(void *arg) {
                     int64_t q0 = (qb + h) * QB;
                     if (q0 >= c->nq) continue;
                     int lanes = (int)(c->nq - q0 < QB ? c->nq - q0 : QB);
-                    float *bkth = kth + (qb + h - job->qb0) * QB;
-                    for (int r0 = 0; r0 < AMX_ROWS; r0 += ROW_TILE) { /* take_hits handles 64-bit masks */
-                        uint64_t hits = 0;
-                        for (int r = 0; r < ROW_TILE; r++) {
-                            int64_t row = m0 + r0 + r;
-                            hits |= (uint64_t)amx_keys(dots + (h * AMX_ROWS + r0 + r) * QB, c->corr[row], c->bias[row],
-                                                       c->cq + q0, bkth, keys + (r0 + r) * QB) << (r * QB);
-                        }
-                        if (c->all_keys)
-                            store_keys(c, q0, lanes, m0 + r0, ROW_TILE, keys + r0 * QB);
-                        else
-                            take_hits(c, q0, lanes, m0 + r0, ROW_TILE, hits, keys + r0 * QB, bkth);
-                    }
+                    amx_consume(c, q0, lanes, m0, dots + h * AMX_ROWS * QB, kth + (qb + h - job->qb0) * QB, keys);
                 }
             }
         }
