@@ -479,6 +479,9 @@ def main() -> None:
                         help="comma list: also run edgecore's sampler at these projection dims ('anomalib' = its JL dim)")
     parser.add_argument("--compile-int8", action="store_true",
                         help="also compile + measure edgecore's VNNI int8 engine (compile --precision int8, not --portable)")
+    parser.add_argument("--flash-search", default="",
+                        help="comma list of search modes: also measure the flash bundle with Detector.open(search=MODE) "
+                             "(not the default path; e.g. int8 to see a mode the exporter did not choose)")
     parser.add_argument("--reuse", action="store_true", help="reuse fit/export/coreset results already in WORK")
     parser.add_argument("--redo-edgecore-export", action="store_true",
                         help="with --reuse: export + compile the edgecore bundles again from the same fitted model with "
@@ -618,6 +621,9 @@ def main() -> None:
     if ec_int8.exists() and r.get("edgecore_compile_int8"):
         configs.append(("edgecore-int8", "edgecore Detector, VNNI int8 engine (compile --precision int8, not --portable)",
                         [*edgecore_side, "serve", "--bundle", str(ec_int8), "--precision", "int8"]))
+    for mode in filter(None, args.flash_search.split(",")):
+        configs.append((f"edgecore-flash-{mode}", f"edgecore flash bundle, search {mode} forced (Detector.open(search=...), not the default)",
+                        [*edgecore_side, "serve", "--bundle", str(ec_flash), "--search", mode]))
     log(f"latency: {len(configs)} workers × {len(latency_images)} images, interleaved")
     uptime_before = uptime()
     workers = []
