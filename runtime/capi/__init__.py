@@ -117,9 +117,10 @@ def frame_view(
 
     Only after validating every number do we wrap the pointer, and the wrapped
     span is exactly what the documented layout says is readable. The view is
-    not copied here: ``load_image`` (called by ``Detector.detect``) always makes
-    one fresh C-contiguous RGB copy, so BGR→RGB and GRAY→RGB cost that single
-    copy, and nothing keeps the caller's memory after the call.
+    not copied here: ``load_image`` (called by ``Detector.detect``) reads a
+    C-contiguous RGB frame in place during the call and makes one RGB copy of any
+    other layout (BGR→RGB, GRAY→RGB, padded strides); nothing keeps the caller's
+    memory after the call returns.
     """
     if fmt not in _CHANNELS:
         raise ApiError(EC_ERR_INVALID_ARGUMENT, f"unknown pixel format {fmt} (expected {_FORMAT_NAMES})")

@@ -135,7 +135,7 @@ class Service:
                 result.rgb = load_image(frame.image)
                 decode_ms = (time.perf_counter() - t0) * 1e3
                 detection = detector.detect(result.rgb)
-                if not (np.isfinite(detection.score) and np.isfinite(detection.map_original).all()):
+                if not (np.isfinite(detection.score) and np.isfinite(detection.map).all()):
                     raise EdgecoreError(f"{frame.id}: the score is not finite; the frame is not called good")
                 detection.timings_ms["decode"] += decode_ms
                 detection.timings_ms["total"] += decode_ms
