@@ -68,7 +68,8 @@ def choose_search_mode(size: int, dim: int, dtype: str = "int8") -> tuple[str, s
         return "exact", f"{size} points is below the measured exact/graph crossover ({crossover:.0f} at D={dim})"
     if dtype == "int8" and dim >= COARSE_MIN_DIM:
         return "coarse", (f"{size} points ≥ crossover {crossover:.0f} and D={dim} ≥ {COARSE_MIN_DIM}: "
-                          f"{COARSE_PROJ_DIM}-d graph + exact re-rank on the codes was fastest on bottle WRN50")
+                          f"{COARSE_PROJ_DIM}-d projection (native int8 candidates, hnswlib graph as fallback) + exact "
+                          "re-rank on the codes was fastest on bottle WRN50")
     return "hnsw", (f"{size} points ≥ crossover {crossover:.0f}; D={dim} < {COARSE_MIN_DIM} or dtype {dtype}: "
                     "a 32-d projection misses too many neighbours, full-D graph")
 

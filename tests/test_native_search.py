@@ -157,7 +157,7 @@ def meets_contract(report: dict[str, float]) -> bool:
 
 
 def test_int8_mode_meets_the_fidelity_contract(int8, data):
-    assert int8.searcher.isa == kernel.isa
+    assert int8.searcher.isa == kernel.path_for(int8.searcher._table.shape[1]) == kernel.isa
     assert int8.searcher._table.shape[1] % 64  # the AMX path's K tail is exercised
     dist, idx = int8.search(data["queries"], 1)
     report = fidelity(data, dist, idx)
@@ -225,7 +225,7 @@ def test_int8_mode_needs_int8_codes(data):
 
 def test_coarse_candidates_come_from_the_kernel_and_match_the_graph_fallback(data, monkeypatch):
     native_coarse = build_index(data["points"], "int8", "coarse", patches_per_image=BLOCK)
-    assert native_coarse.searcher.proposer.isa == kernel.isa
+    assert native_coarse.searcher.proposer.isa == kernel.path_for(32)  # 32-d projections: 32-byte rows
     monkeypatch.setenv(native.ENV_ISA, "off")
     with pytest.warns(RuntimeWarning, match="hnswlib graph"):
         graph_coarse = build_index(data["points"], "int8", "coarse", patches_per_image=BLOCK)

@@ -58,6 +58,7 @@ class Int8Kernel:
         lib.ecs_isa_name.argtypes = [ctypes.c_int]
         lib.ecs_isa_supported.argtypes = [ctypes.c_int]
         lib.ecs_best_isa.argtypes = []
+        lib.ecs_effective_isa.argtypes = [ctypes.c_int, ctypes.c_int64]
         common = [_i8, _i64, _i64, ctypes.c_void_p, _i64, _i64, _f32, _i32, _f32]
         lib.ecs_topk.argtypes = common + [_i64, _i32, _f32, ctypes.c_int, ctypes.c_int]
         lib.ecs_keys.argtypes = common + [_f32, ctypes.c_int, ctypes.c_int]
@@ -100,6 +101,10 @@ class Int8Kernel:
                                 out, self._isa_id(isa), self.threads)
         self._raise(rc)
         return out
+
+    def path_for(self, width: int, isa: str | None = None) -> str:
+        """The path that runs rows of ``width`` bytes (AMX hands tables narrower than 64 bytes to AVX-512)."""
+        return ISAS[self._lib.ecs_effective_isa(self._isa_id(isa), width)]
 
     def _isa_id(self, isa: str | None) -> int:
         name = self.isa if isa is None else isa

@@ -86,7 +86,7 @@ class Int8Search:
 
     @property
     def isa(self) -> str:
-        return self.kernel.isa
+        return self.kernel.path_for(self._table.shape[1])
 
     def memory_bytes(self) -> int:
         """Beyond the stored arrays (whose codes are a view of the table): the appended columns and padding,
@@ -170,7 +170,7 @@ class ProjectedCandidates:
 
     @property
     def isa(self) -> str:
-        return self.kernel.isa
+        return self.kernel.path_for(self._table.shape[1])
 
     def propose(self, projected: np.ndarray, k: int) -> np.ndarray:
         """Q×k candidate rows for Q projected queries."""
