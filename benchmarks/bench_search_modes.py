@@ -1,6 +1,6 @@
 """Search modes side by side: end-to-end `edgecore bench` latency (interleaved) and fidelity on bottle.
 
-Two parts, both written as Markdown to stdout (benchmarks/RESULTS.md § "Search at the hardware limit"):
+Three parts, all written as Markdown to stdout (benchmarks/RESULTS.md § "Search at the hardware limit"):
 
 * ``latency``: one interleaved ``run_bench`` over every (bundle, search mode) given, on real frames, with
   the index's resident bytes; the bundles are exports of the same model (one per graph mode; exact
@@ -8,6 +8,8 @@ Two parts, both written as Markdown to stdout (benchmarks/RESULTS.md § "Search 
 * ``fidelity``: every mode the exporter may choose against exact fp32 search on cached bottle features
   (``benchmarks/bench_index.py --cache``): recall@1 over all test patches, image-score Spearman, image and
   pixel AUROC deltas, search time per image, index memory / fp32 coreset bytes.
+* ``kernel``: the native int8 kernel alone (``edgecore.runtime.native``) on one image's queries, per ISA path
+  and thread count, for the int8 mode's code table and coarse mode's projection table.
 
     python benchmarks/bench_search_modes.py latency --bundle /tmp/wrn_coarse.edgecore:coarse,exact \\
         --bundle /tmp/wrn_hnsw.edgecore:hnsw --precision int8 --images ../shared/data/mvtec_bottle/test
@@ -108,6 +110,48 @@ def fidelity(args: argparse.Namespace) -> None:
     print(f"\nexport's automatic choice: {json.dumps(chosen, ensure_ascii=False)}")
 
 
+def kernel(args: argparse.Namespace) -> None:
+    """The native kernel alone on one image's bottle queries: ms per top-k call by ISA path and threads
+    (min of ``--repeats``), for the two tables the searches scan (int8 mode's codes, coarse's projections)."""
+    from bench_index import load_data
+    from edgecore.export.index_build import build_index
+    from edgecore.runtime.native import kernel as native_kernel, quantize_queries
+
+    data = load_data(args.data, args.backbone, args.cache)
+    n, p, d = data.test.shape
+    queries = data.test.reshape(-1, d)[:p]
+    k = native_kernel()
+    paths = [isa for isa in k.available if isa != "scalar" or args.scalar]  # plain C: seconds per call
+    int8 = build_index(data.coreset, "int8", "int8", patches_per_image=p).searcher
+    coarse = build_index(data.coreset, "int8", "coarse", patches_per_image=p).searcher
+    codes, cq, _, _ = int8._weights(queries)
+    proposer = coarse.proposer
+    pcodes, step = quantize_queries(coarse.project(queries) * proposer._step, proposer._table.shape[1])
+    tables = {
+        f"int8 mode {int8._table.shape[0]}×{int8._table.shape[1]} B": (codes, int8._table, int8._norms, int8._corr, cq),
+        f"projections {proposer._table.shape[0]}×{proposer._table.shape[1]} B":
+            (pcodes, proposer._table, proposer._bias, proposer._corr, (2 * step).astype(np.float32)),
+    }
+    print(f"{args.backbone}, {p} queries, k = {args.k}, load {os.getloadavg()[0]:.2f}\n")
+    print("| table | threads | " + " | ".join(paths) + " |")
+    print("|---|---:|" + "---:|" * len(paths))
+    saved = k.threads
+    for name, (q, table, bias, corr, scale) in tables.items():
+        for threads in (1, 2):
+            k.threads = threads
+            cells = []
+            for isa in paths:
+                times = []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    k.topk(q, table, bias, corr, scale, args.k, isa=isa)
+                    times.append(time.perf_counter() - start)
+                ran = k.path_for(table.shape[1], isa)
+                cells.append(f"{1e3 * min(times):.1f}" + ("" if ran == isa else f" ({ran})"))
+            print(f"| {name} | {threads} | " + " | ".join(cells) + " |", flush=True)
+    k.threads = saved
+
+
 def _native_path() -> str:
     from edgecore.runtime import native
 
@@ -134,8 +178,15 @@ def main() -> None:
     fid.add_argument("--backbone", default="wide_resnet50_2")
     fid.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "edgecore_index_bench")
     fid.add_argument("--modes", nargs="+", default=["exact", "hnsw", "coarse", "int8", "compiled"])
+    ker = sub.add_parser("kernel")
+    ker.add_argument("--data", type=Path, default=Path("/work/shared/data/mvtec_bottle"))
+    ker.add_argument("--backbone", default="efficientnet_lite0")
+    ker.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "edgecore_index_bench")
+    ker.add_argument("--k", type=int, default=8)
+    ker.add_argument("--repeats", type=int, default=7)
+    ker.add_argument("--scalar", action="store_true", help="also time the plain C path (slow)")
     args = parser.parse_args()
-    latency(args) if args.part == "latency" else fidelity(args)
+    {"latency": latency, "fidelity": fidelity, "kernel": kernel}[args.part](args)
 
 
 if __name__ == "__main__":
