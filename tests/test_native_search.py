@@ -7,9 +7,11 @@ contract is checked as in test_search_compiled.py; the bottle numbers are in ben
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,3 +267,80 @@ def test_detector_scores_with_int8_search_as_with_exact(exported_bundle, synthet
             assert detector.index.mode == mode
             results[mode] = np.array([detector.detect(path).score for path in frames])
     np.testing.assert_allclose(results["int8"], results["exact"], rtol=1e-5)
+
+
+# aarch64: the NEON sdot path, cross-compiled and run under qemu-user (Debian gcc-aarch64-linux-gnu,
+# libc6-dev-arm64-cross, qemu-user; .ci/install installs them). Checks every key and the top-k against a
+# plain-C int64 reference, and that a CPU without the dot-product extension refuses the NEON path.
+AARCH64_HARNESS = r"""
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+int ecs_topk(const int8_t *, int64_t, int64_t, const int8_t *, int64_t, int64_t, const float *, const int32_t *,
+             const float *, int64_t, int32_t *, float *, int, int);
+int ecs_keys(const int8_t *, int64_t, int64_t, const int8_t *, int64_t, int64_t, const float *, const int32_t *,
+             const float *, float *, int, int);
+int ecs_isa_supported(int);
+int ecs_best_isa(void);
+const char *ecs_isa_name(int);
+static uint64_t s = 88172645463325252ull;
+static uint32_t rnd(void) { s ^= s << 13; s ^= s >> 7; s ^= s << 17; return (uint32_t)s; }
+int main(void) {
+    printf("best %s neon %d\n", ecs_isa_name(ecs_best_isa()), ecs_isa_supported(4));
+    int fails = 0;
+    int64_t cases[][4] = {{37, 101, 3, 1}, {16, 16, 1, 16}, {50, 1003, 40, 8}, {5, 33, 9, 5}, {70, 2000, 257, 3}};
+    for (int ci = 0; ci < 5; ci++) {
+        int64_t nq = cases[ci][0], m = cases[ci][1], g = cases[ci][2], k = cases[ci][3], w = 4 * g;
+        int8_t *q = malloc(nq * w), *r = malloc(m * w);
+        float *bias = malloc(4 * m), *cq = malloc(4 * nq);
+        int32_t *corr = malloc(4 * m);
+        for (int64_t i = 0; i < nq * w; i++) q[i] = (int8_t)(rnd() % 255 - 127);
+        for (int64_t i = 0; i < m * w; i++) r[i] = (int8_t)(rnd() % 256 - 128);
+        for (int64_t i = 0; i < m; i++) bias[i] = (float)((int)(rnd() % 60000) - 30000) * 0.1f;
+        for (int64_t i = m / 2; i < m; i += 3) { memcpy(r + i * w, r + w, w); bias[i] = bias[1]; }
+        for (int64_t i = 0; i < m; i++) { int32_t t = 0; for (int64_t j = 0; j < w; j++) t += r[i * w + j]; corr[i] = 128 * t; }
+        for (int64_t i = 0; i < nq; i++) cq[i] = 0.001f + (rnd() % 1000) * 1e-5f;
+        int32_t *i0 = malloc(4 * nq * k), *i1 = malloc(4 * nq * k);
+        float *k0 = malloc(4 * nq * k), *k1 = malloc(4 * nq * k), *a0 = malloc(4 * nq * m), *a1 = malloc(4 * nq * m);
+        int rc0 = ecs_topk(q, nq, g, r, w, m, bias, corr, cq, k, i0, k0, 0, 2);
+        int rc1 = ecs_topk(q, nq, g, r, w, m, bias, corr, cq, k, i1, k1, 4, 2);
+        int rc2 = ecs_keys(q, nq, g, r, w, m, bias, corr, cq, a0, 0, 2);
+        int rc3 = ecs_keys(q, nq, g, r, w, m, bias, corr, cq, a1, 4, 2);
+        /* reference: brute force in plain C with int64 dots */
+        int bad = rc0 || rc1 || rc2 || rc3;
+        for (int64_t qq = 0; qq < nq && !bad; qq++) {
+            for (int64_t mm = 0; mm < m; mm++) {
+                int64_t dot = 0;
+                for (int64_t j = 0; j < w; j++) dot += (int64_t)q[qq * w + j] * r[mm * w + j];
+                float prod = cq[qq] * (float)dot, key = bias[mm] - prod;
+                if (a0[qq * m + mm] != key || a1[qq * m + mm] != key) bad = 1;
+            }
+        }
+        if (memcmp(i0, i1, 4 * nq * k) || memcmp(k0, k1, 4 * nq * k)) bad = 1;
+        for (int64_t qq = 0; qq < nq && !bad; qq++)  /* top-k ascending by (key, row) and equal to the smallest keys */
+            for (int64_t j = 1; j < k; j++) {
+                float ka = k0[qq * k + j - 1], kb = k0[qq * k + j];
+                if (ka > kb || (ka == kb && i0[qq * k + j - 1] > i0[qq * k + j])) bad = 1;
+            }
+        printf("case %d rc %d %d %d %d -> %s\n", ci, rc0, rc1, rc2, rc3, bad ? "FAIL" : "ok");
+        fails += bad;
+    }
+    return fails;
+}
+"""
+CROSS_CC, QEMU_ARM = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+
+
+@pytest.mark.skipif(CROSS_CC is None or QEMU_ARM is None, reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (.ci/install)")
+def test_neon_path_on_emulated_aarch64_matches_the_reference(tmp_path):
+    source = Path(native.__file__).with_name("int8search.c")
+    (tmp_path / "harness.c").write_text(AARCH64_HARNESS)
+    binary = tmp_path / "harness"
+    subprocess.run([CROSS_CC, "-O3", "-ffp-contract=off", "-std=gnu11", "-static", "-pthread", "-o", str(binary),
+                    str(source), str(tmp_path / "harness.c")], check=True, capture_output=True, timeout=120)
+    dotprod = subprocess.run([QEMU_ARM, "-cpu", "max", str(binary)], capture_output=True, text=True, timeout=120)
+    assert dotprod.returncode == 0 and dotprod.stdout.startswith("best neon neon 1"), dotprod.stdout
+    assert dotprod.stdout.count("-> ok") == 5, dotprod.stdout
+    plain = subprocess.run([QEMU_ARM, "-cpu", "cortex-a53", str(binary)], capture_output=True, text=True, timeout=120)
+    assert plain.stdout.startswith("best scalar neon 0"), plain.stdout  # no dot product: the C path

@@ -339,7 +339,7 @@ static void amx_consume(const Ctx *c, int64_t q0, int lanes, int64_t m0, const i
 
 /* ---- aarch64 --------------------------------------------------------------------------------- */
 #ifdef ECS_ARM
-__attribute__((target("+dotprod")))
+__attribute__((target("arch=armv8.2-a+dotprod")))
 static uint64_t tile_neon(const Ctx *c, int64_t qb, const Tile *t, const float *cq, const float *kth, float *keys) {
     const uint8_t *qp = c->qpack + qb * c->g * QB * 4;
     int32x4_t acc[ROW_TILE][4];
