@@ -132,7 +132,8 @@ def check_dockerfile(text: str, runtime: bool, root: Path = ROOT) -> list[str]:
             problems.append(f"line {ins.line}: a runtime image installs torch/torchvision")
         if TORCH_EXTRAS.search(ins.args):
             problems.append(f"line {ins.line}: a runtime image installs an extra that pulls torch in")
-        for reference in REQUIREMENTS.findall(ins.args):
+        pip_commands = " ".join(c for c in re.split(r"&&|;|\|\|", ins.args) if PIP.search(c))
+        for reference in REQUIREMENTS.findall(pip_commands):  # pip's -r/-c, not `python -c`
             path = root / reference.lstrip("/")
             if not path.is_file():
                 problems.append(f"line {ins.line}: requirements file {reference} not found in the build context")
@@ -151,6 +152,20 @@ def test_host_image_pins_torch_and_runtime_images_do_not_mention_it():
     host = (DOCKER / "Dockerfile.host").read_text()
     assert "torch==2.14.1" in host and "torchvision==0.29.1" in host
     assert "[host]" in host
+
+
+@pytest.mark.parametrize("name", ALL_IMAGES)
+def test_image_builds_the_native_kernel_and_loads_it(name):
+    """Every file the package build reads is copied into the build stage (a wheel built without
+    setup.py silently lacks the native int8 search), and the final image fails to build if the
+    installed kernel does not load."""
+    instructions = parse((DOCKER / name).read_text())
+    copied = {word for ins in instructions if ins.keyword == "COPY" for word in ins.args.split()[:-1]}
+    build_inputs = {"pyproject.toml", "setup.py", "README.md", "runtime"}
+    assert build_inputs <= copied, f"{name} does not copy {sorted(build_inputs - copied)}"
+    final_runs = " ".join(ins.args for ins in instructions[[i.keyword for i in instructions].index("FROM", 1):]
+                          if ins.keyword == "RUN")
+    assert "from edgecore.runtime.native import kernel; kernel()" in final_runs
 
 
 @pytest.mark.parametrize("name", ALL_IMAGES)
