@@ -1,6 +1,6 @@
 """The coreset as a compact on-disk index: quantized vectors + an hnswlib graph.
 
-Camera side, torch-free (numpy + hnswlib). Design, measured in
+Camera side, torch-free (numpy + hnswlib + the native kernel in ``runtime.native``). Design, measured in
 ``benchmarks/INDEX_STUDY.md``:
 
 * Vectors are stored quantized and decoded to float32 once at load, so every
@@ -97,8 +97,11 @@ class QuantizedIndex:
     stored arrays, plus in exact and hnsw mode ``ExactSearch``'s two fp32 copies
     (points and centred points, 8·M·D bytes), plus in hnsw mode hnswlib's own fp32
     copy and links (4·D + 8·m + 12 bytes per point). Coarse mode holds the stored
-    arrays, hnswlib's copy of the projected points and links, and the projections
-    (4·p bytes per point for the lower bounds): no fp32 copy of the coreset.
+    arrays, the projections (4·p bytes per point for the lower bounds) and either
+    their int8 codes for the native kernel (p + 8 bytes per point) or, without the
+    kernel, hnswlib's copy of them and its links: no fp32 copy of the coreset. Int8
+    mode holds the stored arrays (its codes share the kernel's table), the table's
+    8-bit PCA columns and padding, and 12 bytes per point of row tables.
     """
 
     def __init__(
