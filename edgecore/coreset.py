@@ -785,12 +785,19 @@ def _check_features(features: np.ndarray) -> np.ndarray:
 
 @contextmanager
 def _progress_reporter(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """Yield ``report(done)``: updates a rich progress bar when enabled, else does nothing."""
+    """Yield ``report(done)`` feeding :func:`edgecore.progress.step` (a bar on a terminal, plain lines
+    otherwise) when enabled, else doing nothing."""
     if not enabled:
         yield lambda done: None
         return
-    from rich.progress import Progress
+    from edgecore.progress import step
 
-    with Progress() as progress:
-        task = progress.add_task("k-center greedy coreset", total=total)
-        yield lambda done: progress.update(task, completed=done)
+    with step(f"k-center greedy coreset ({total} centres)", total) as advance:
+        reported = 0
+
+        def report(done: int) -> None:
+            nonlocal reported
+            advance(done - reported)
+            reported = done
+
+        yield report

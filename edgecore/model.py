@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ from edgecore.augment import TRANSFORMS, augment_record, augmented_frames, parse
 from edgecore.backbones import Backbone, create_backbone
 from edgecore.calibration.threshold import threshold_config
 from edgecore.denoise import parse_denoise, screen_validation, select_clean_images
-from edgecore.features import PatchCoreFeatures, grid_shape
+from edgecore.features import PatchCoreFeatures, embed_concurrently, grid_shape, inference_copy
+from edgecore.knn import exact_search
 from edgecore.labelled import anomaly_scorer
 from edgecore.progress import step
 from edgecore.runtime.errors import ModelError
@@ -37,11 +38,13 @@ from edgecore.roi import RoiSource, fit_roi
 from edgecore.runtime.preprocess import PreprocessConfig, preprocess
 from edgecore.runtime.roi import RoiMask, load_roi
 from edgecore.runtime.scorer import Decision, ImageScorer, PatchScorer
-from edgecore.runtime.search import ExactSearch, neighbour_table
+from edgecore.runtime.scoring import Scores
+from edgecore.runtime.search import neighbour_table
 from edgecore.runtime.tiles import cut_tiles
 from edgecore.samplers import SAMPLERS, available_samplers, create_sampler
 
 MODEL_FORMAT_VERSION = 1
+EMBED_CHUNK = 16  # graph inputs per CPU forward (see PatchCoreModel.embed_inputs)
 CONFIG_FILE = "config.json"
 BANK_FILE = "memory_bank.safetensors"
 
@@ -121,7 +124,7 @@ class PatchCoreModel(ImageScorer):
         self.grid = tuple(config["features"]["grid"])
         self.anomaly_bank = anomaly_bank  # labelled defects (edgecore.labelled); None: plain PatchCore
         self.scorer = PatchScorer(
-            ExactSearch(self.memory_bank), self.memory_bank, neighbours, self.grid, self.preprocess_config.input_hw,
+            exact_search(self.memory_bank), self.memory_bank, neighbours, self.grid, self.preprocess_config.input_hw,
             config["scoring"]["blur_sigma"], anomaly=anomaly_scorer(config, anomaly_bank), roi=roi,
         )
 
@@ -135,6 +138,40 @@ class PatchCoreModel(ImageScorer):
         """N×crop×crop×3 uint8 → N×P×D float32 patch embeddings."""
         tensor = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device)
         return self.features(tensor).float().cpu().numpy()
+
+    def embed_inputs(self, inputs: np.ndarray, batch_size: int = EMBED_CHUNK) -> Iterator[np.ndarray]:
+        """Embeddings of N graph inputs (crops, or tiles from ``cut_tiles``), chunk by chunk, in order.
+
+        On the CPU every forward is ``EMBED_CHUNK`` inputs (a short last chunk is padded), run
+        several side by side (:func:`~edgecore.features.embed_concurrently`) through the bit-identical
+        :func:`~edgecore.features.inference_copy`: oneDNN picks a convolution's blocking by shape and
+        thread count, so one shape gives every caller (fit, ``score_crops``, evaluate) the same numbers
+        whatever its batching, and on a few shared cores it takes several times less CPU than torch's
+        intra-op threads. On a GPU: ``embed`` on ``batch_size`` inputs at a time.
+        """
+        if self.device.type != "cpu":
+            yield from (self.embed(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size))
+            return
+        fast = getattr(self, "_inference_module", None)
+        if fast is None:  # made once: evaluate scores slice by slice
+            fast = self._inference_module = inference_copy(self.features)
+
+        def run(chunk: np.ndarray) -> np.ndarray:
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], EMBED_CHUNK - len(chunk), axis=0)])
+            with torch.inference_mode():
+                return fast(torch.from_numpy(np.ascontiguousarray(padded))).float().numpy()[: len(chunk)]
+
+        chunks = [inputs[i : i + EMBED_CHUNK] for i in range(0, len(inputs), EMBED_CHUNK)]
+        yield from embed_concurrently(run, chunks, torch.get_num_threads())
+
+    def score_crops(self, crops: np.ndarray, batch_size: int = 16) -> Scores:
+        """:meth:`ImageScorer.score_crops` with the crops embedded by :meth:`embed_inputs` (so fit's
+        threshold and any later scoring of the same crops agree to the last bit)."""
+        inputs = cut_tiles(crops, self.preprocess_config)
+        features = np.concatenate(list(self.embed_inputs(inputs, batch_size)))
+        per_frame = self.preprocess_config.tile_count
+        return Scores.concatenate([self.score_features(features[i : i + batch_size * per_frame])
+                                   for i in range(0, len(features), batch_size * per_frame)])
 
     # --- persistence -------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -286,13 +323,19 @@ def fit(
     if config.augment and roi is not None:  # the ROI is in the line's frame coordinates, a turned frame is not
         raise ValueError("--augment is not available with --roi")
     all_crops, frame_sizes, turned_crops = [], [], []
+    start = time.perf_counter()
     for image in images:
         frame_sizes.append(image.shape[:2])
         all_crops.append(preprocess(image, config.preprocess))
         # --augment: each transform turns the frame, then the one preprocessing (edgecore.augment)
         turned_crops.append([preprocess(f, config.preprocess) for f in augmented_frames(image, config.augment)])
+        if progress and len(all_crops) % 200 == 0:  # the image count is only known at the end of the stream
+            print(f"fit: images: {len(all_crops)} read ({time.perf_counter() - start:.0f} s)", file=sys.stderr,
+                  flush=True)
     if not all_crops:
         raise ValueError("no training images")
+    if progress:
+        print(f"fit: images: {len(all_crops)} read in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     all_crops = np.stack(all_crops)
     timings: dict[str, float] = {}
     device = resolve_device(config.device)
@@ -317,10 +360,12 @@ def fit(
     crops = all_crops[bank_idx]
     parts = []
     with step("fit: features", len(crops), progress) as advance:
-        for i in range(0, len(crops), config.batch_size):
-            # tile mode: every tile of a normal frame goes into the bank (cut_tiles is identity otherwise)
-            parts.append(model.embed(cut_tiles(crops[i : i + config.batch_size], config.preprocess)))
-            advance(len(parts[-1]) // config.preprocess.tile_count)
+        # tile mode: every tile of a normal frame goes into the bank (cut_tiles is identity otherwise)
+        tiles, inputs = config.preprocess.tile_count, 0
+        for part in model.embed_inputs(cut_tiles(crops, config.preprocess), config.batch_size):
+            parts.append(part)
+            inputs += len(part)
+            advance((inputs // tiles) - (inputs - len(part)) // tiles)  # frames completed by this chunk
     train_features = np.concatenate(parts)
     train_features = train_features.reshape(len(crops), -1, train_features.shape[-1])  # per frame: (tiles·P)×D
     timings["features_s"] = time.perf_counter() - start
@@ -338,25 +383,26 @@ def fit(
         start = time.perf_counter()
         kept = bank_idx[denoised.keep] if denoised else bank_idx
         extra = np.stack([c for i in kept for c in turned_crops[i]])
-        parts = [model.embed(cut_tiles(extra[i : i + config.batch_size], config.preprocess))
-                 for i in range(0, len(extra), config.batch_size)]
+        parts = list(model.embed_inputs(cut_tiles(extra, config.preprocess), config.batch_size))
         augmented = augment_record(config.augment, len(bank_all), len(bank_all) * (1 + len(config.augment)))
         bank_all = np.concatenate([bank_all, np.concatenate(parts).reshape(-1, bank_all.shape[-1])])
         timings["augment_features_s"] = time.perf_counter() - start
     del turned_crops
 
     start = time.perf_counter()
-    sampler = create_sampler(  # the sampler draws its own bar on a terminal; plain lines come from step()
+    sampler = create_sampler(  # a sampler with steps to show (k-center greedy) reports them itself:
         config.sampler, ratio=config.coreset_ratio, projection_dim=config.projection_dim, seed=config.seed,
-        device=device.type, progress=progress and sys.stderr.isatty(),
+        device=device.type, progress=progress,  # no outer step here, rich allows one live bar at a time
     )
-    with step(f"fit: coreset ({config.sampler}, {len(bank_all)} patches)", 1, progress and not sys.stderr.isatty()):
-        selected = sampler.select(bank_all)
+    if progress:
+        print(f"fit: coreset ({config.sampler}) of {len(bank_all)} patches", file=sys.stderr, flush=True)
+    selected = sampler.select(bank_all)
     memory_bank = np.ascontiguousarray(bank_all[selected])
     timings["coreset_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    table = neighbour_table(memory_bank, config.num_neighbors)
+    with step(f"fit: neighbour table ({len(memory_bank)} x {config.num_neighbors})", 1, progress):
+        table = neighbour_table(memory_bank, config.num_neighbors, search=exact_search(memory_bank))
     timings["neighbour_table_s"] = time.perf_counter() - start
 
     model_config["coreset"] = {
@@ -378,9 +424,10 @@ def fit(
     with step("fit: threshold", max(len(val_idx), 1), progress) as advance:
         if len(val_idx):
             val_scores = model.score_crops(all_crops[val_idx], config.batch_size).image
+            advance(len(val_idx))
         else:  # no held-out images: fall back to the training images' own scores (optimistic)
             val_scores = model.score_features(train_features[:64].reshape(-1, grid[0] * grid[1], features.embed_dim)).image
-        advance(max(len(val_idx), 1))
+            advance(1)
     timings["threshold_s"] = time.perf_counter() - start
     val_sources = [sources[i] for i in val_idx] if sources else []
     screened: list[dict] = []

@@ -1,7 +1,8 @@
 """Progress for the long host steps (fit, evaluate): a rich bar on a terminal, plain lines otherwise.
 
-Logs, CI and pipes get one line when a step starts and one when it ends (with its
-duration), never carriage-return noise.
+Logs, CI and pipes get one line when a step starts, one every ``PLAIN_EVERY_S`` seconds
+while it runs (units done so far, so a long coreset visibly moves) and one when it ends
+(with its duration), never carriage-return noise.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
+
+PLAIN_EVERY_S = 10.0  # plain-line mode: at most one progress line this often
 
 
 @contextmanager
@@ -39,5 +42,15 @@ def step(description: str, total: int, enabled: bool = True, stream=None) -> Ite
             yield lambda n=1: bar.update(task, advance=n)
         return
     print(f"{description}: {total} …", file=stream, flush=True)
-    yield lambda n=1: None
+    done, last = 0, start
+
+    def advance(n: int = 1) -> None:
+        nonlocal done, last
+        done += n
+        now = time.perf_counter()
+        if now - last >= PLAIN_EVERY_S and done < total:
+            print(f"{description}: {done}/{total} ({now - start:.0f} s)", file=stream, flush=True)
+            last = now
+
+    yield advance
     print(f"{description}: done in {time.perf_counter() - start:.1f} s", file=stream, flush=True)

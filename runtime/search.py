@@ -65,14 +65,15 @@ class ExactSearch:
         return distances, indices
 
 
-def neighbour_table(points: np.ndarray, num_neighbors: int) -> np.ndarray:
+def neighbour_table(points: np.ndarray, num_neighbors: int, search: NearestNeighbourSearch | None = None) -> np.ndarray:
     """For each coreset point, its ``num_neighbors`` nearest coreset points (itself first).
 
     Eq. 7 needs the neighbourhood of the matched coreset point; precomputing it
     once means the camera only computes ``num_neighbors`` distances per image.
+    ``search``: an exact searcher over ``points`` (the host passes a faster one); default ExactSearch.
     """
     k = min(num_neighbors, points.shape[0])
-    _, index = ExactSearch(points).search(points, k)
+    _, index = (ExactSearch(points) if search is None else search).search(points, k)
     # Put the point itself first even when exact duplicates tie with it.
     own = np.arange(points.shape[0])
     for row in np.nonzero(index[:, 0] != own)[0]:
