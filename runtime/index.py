@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -612,6 +613,10 @@ def _open_int8(dtype: str, arrays: dict[str, np.ndarray], params: dict | None) -
     kernel = native.kernel_or_warn("exact search over the decoded codes")
     if kernel is None:
         return _ExactSearcher(decode(dtype, arrays))
+    if kernel.isa in ("avx2", "scalar"):  # RESULTS.md #11: bottle Lite0 search 160.8 vs hnsw 68.6 ms on AVX2
+        warnings.warn(f"int8 search runs the kernel's {kernel.isa} path here (no int8 dot-product instructions): "
+                      "slower than hnsw on this CPU; consider re-exporting with --search hnsw", RuntimeWarning,
+                      stacklevel=3)
     params = params or {}
     # Without stored parameters (another mode's bundle opened with --search int8) the whole call is one block.
     return Int8Search(arrays, kernel, candidates=params.get("candidates", INT8_CANDIDATES),

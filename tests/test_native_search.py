@@ -344,3 +344,11 @@ def test_neon_path_on_emulated_aarch64_matches_the_reference(tmp_path):
     assert dotprod.stdout.count("-> ok") == 5, dotprod.stdout
     plain = subprocess.run([QEMU_ARM, "-cpu", "cortex-a53", str(binary)], capture_output=True, text=True, timeout=120)
     assert plain.stdout.startswith("best scalar neon 0"), plain.stdout  # no dot product: the C path
+
+
+def test_int8_mode_warns_where_the_cpu_has_no_int8_dot_products(int8, tmp_path, monkeypatch):
+    description = json.loads(json.dumps(int8.save(tmp_path)))
+    monkeypatch.setenv(native.ENV_ISA, "scalar")  # as an AVX2-only camera would run it ("avx2")
+    with pytest.warns(RuntimeWarning, match="scalar path.*--search hnsw"):
+        loaded = QuantizedIndex.load(tmp_path, description)
+    assert loaded.searcher.isa == "scalar"
