@@ -233,7 +233,7 @@ def evaluate(
     device: str = typer.Option("auto", help="Host model: auto | cpu | cuda. Bundle: the backend device (CPU)."),
     backend: str = typer.Option("openvino", help="Bundle only: openvino | tensorrt"),
     precision: Optional[str] = typer.Option(None, help="Bundle only: engine precision."),
-    search: Optional[str] = typer.Option(None, help="Bundle only: exact | hnsw | coarse."),
+    search: Optional[str] = typer.Option(None, help="Bundle only: exact | hnsw | coarse | int8 | compiled."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images with a warning."),
     weights: Optional[Path] = typer.Option(None, help="Host model: backbone weights file, if moved since `fit --weights`."),
 ) -> None:
@@ -289,7 +289,7 @@ def export(
     model_dir: Path = typer.Argument(..., help="Model directory written by `edgecore fit`."),
     output: Path = typer.Option(..., "-o", "--output", help="Bundle directory to write, e.g. bottle.edgecore"),
     index_dtype: str = typer.Option("int8", help="Stored coreset vectors: int8 | fp16 | fp32"),
-    search: Optional[str] = typer.Option(None, help="exact | hnsw | coarse | compiled (default: chosen per bundle by measurement, recorded in index.choice)"),
+    search: Optional[str] = typer.Option(None, help="exact | hnsw | coarse | int8 | compiled (default: chosen per bundle by measurement, recorded in index.choice)"),
     batch: int = typer.Option(1, help="Static batch of the ONNX graph."),
 ) -> None:
     """Fuse backbone + patch pooling into one ONNX graph, quantize the coreset index, write a bundle."""

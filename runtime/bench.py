@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from edgecore.runtime import native
 from edgecore.runtime.cpu import cpu_info
 from edgecore.runtime.frames import expand_images
 
@@ -308,7 +309,10 @@ def emulate_camera(bundle: str | Path, configs: list[BenchConfig], images: str |
             "bundle": str(bundle), "images": str(images) if images else None, "options": options,
             "configs": [{**config.__dict__, "threads": 1} for config in configs],
         }))
-        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+               native.ENV_THREADS: "1"}
+        if platform.machine().lower() in ("x86_64", "amd64"):  # the native search's AVX2 path, as on the camera
+            env[native.ENV_ISA] = "avx2"
         command = [sys.executable, "-m", "edgecore.runtime.bench", str(spec), str(out)]
         completed = subprocess.run(command, env=env, capture_output=True, text=True)
         if completed.returncode != 0 or not out.is_file():
@@ -319,7 +323,8 @@ def emulate_camera(bundle: str | Path, configs: list[BenchConfig], images: str |
         capped = sum(n for isa, n in isas.items() if isa not in ("avx512", "amx"))
         run["isa_cap_honoured"] = f"{capped}/{sum(isas.values())} kernels at AVX2 or below" if isas else "unknown"
     report["estimate"] = (
-        "camera-class emulation: 1 inference thread, ONEDNN_MAX_CPU_ISA=AVX2, BLAS 1 thread "
+        "camera-class emulation: 1 inference thread, ONEDNN_MAX_CPU_ISA=AVX2, BLAS 1 thread, native int8 "
+        f"search on its {report.get('native_search_isa', 'unknown')} path with 1 thread "
         "(an estimate, not a measurement on a camera; HNSW queries may still use every core)"
     )
     return report
@@ -330,6 +335,10 @@ def _emulation_child(spec_path: str, out_path: str) -> None:
     frames = folder_frames(spec["images"]) if spec["images"] else None
     configs = [BenchConfig(**config) for config in spec["configs"]]
     report = run_bench(spec["bundle"], configs, frames=frames, **spec["options"])
+    try:
+        report["native_search_isa"] = native.kernel().isa
+    except native.NativeUnavailable as exc:
+        report["native_search_isa"] = f"unavailable ({exc})"
     Path(out_path).write_text(json.dumps(report))
 
 

@@ -1,5 +1,6 @@
 """`edgecore bench`: per-stage percentiles, comparison mode, PASS/FAIL and --strict, camera emulation."""
 import json
+import platform
 
 from typer.testing import CliRunner
 
@@ -55,3 +56,6 @@ def test_camera_emulation_runs_capped_and_labelled(exported_bundle, tmp_path):
     assert run["engine"]["threads"] == 1
     assert camera["environment"]["onednn_max_cpu_isa"] == "AVX2"
     assert "kernels at AVX2 or below" in run["isa_cap_honoured"]
+    if platform.machine().lower() in ("x86_64", "amd64"):  # the native int8 search is capped like the engine
+        assert camera["native_search_isa"] == "avx2", camera["native_search_isa"]
+        assert "search on its avx2 path with 1 thread" in camera["estimate"]
