@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from edgecore.coreset import projection_matrix
-from edgecore.runtime.search import ExactSearch
+from edgecore.knn import exact_search
 
 AUTO_Z = 3.5  # Iglewicz & Hoaglin's cut for the modified z-score: "potential outlier"
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution × this = its standard deviation
@@ -99,7 +99,7 @@ def image_outlier_scores(
     scores = np.empty(count, np.float32)
     for fold in range(folds):
         images = np.flatnonzero(fold_of_image == fold)
-        search = ExactSearch(points[reference[reference_fold != fold]])
+        search = exact_search(points[reference[reference_fold != fold]])
         queries = points[(images[:, None] * per_image + np.arange(per_image)).ravel()]
         distances, _ = search.search(queries, k=1)
         worst = np.sort(distances[:, 0].reshape(len(images), per_image), axis=1)[:, -TOP_PATCHES:]

@@ -117,9 +117,9 @@ class FeatureWorker:
 
 def _neighbour_block(points: np.ndarray, start: int, stop: int, k: int) -> np.ndarray:
     """Rows ``start:stop`` of the Eq. 7 neighbour table (same rule as ``runtime.search.neighbour_table``)."""
-    from edgecore.runtime.search import ExactSearch
+    from edgecore.knn import exact_search
 
-    _, index = ExactSearch(points).search(points[start:stop], k)
+    _, index = exact_search(points).search(points[start:stop], k)
     own = np.arange(start, stop)
     for row in np.nonzero(index[:, 0] != own)[0]:  # the point itself first, also among exact duplicates
         others = [i for i in index[row] if i != own[row]]
