@@ -70,7 +70,7 @@ def fit(
         "fainter defects and stops more good parts."),
     seed: int = typer.Option(0, help="Seed for the split, the coreset and random init."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    batch_size: int = typer.Option(16, help="Images per backbone batch."),
+    batch_size: int = typer.Option(16, help="Images per backbone batch on a GPU (on the CPU every forward is 16 images, two side by side, so features do not depend on it)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images with a warning instead of failing."),
     roi: Optional[Path] = typer.Option(
         None, help="Region of interest in the training frames' pixels: a mask image (white = inspect) or a JSON "
