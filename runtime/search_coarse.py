@@ -10,7 +10,9 @@ hardware limit"):
   coreset, and every graph hop costs 32 multiply-adds instead of 1024 (hnswlib's SSE build: no
   AVX-512 needed, see ``.ci/install``).
 * **Re-rank.** The candidates' true L2 distances are computed on the int8 codes themselves
-  (:class:`CodeRows`): no fp32 copy of the coreset exists in memory, rows are decoded on demand.
+  (:class:`CodeRows`): no fp32 copy of the coreset exists in memory, rows are decoded on demand —
+  by the native kernel (``runtime.native``: every candidate decoded and measured, float64 sums)
+  where it loads, else by numpy (ranked on the codes, the best ``k`` measured).
 * **Certified maximum.** The image score is the largest nearest-neighbour distance, which is where an
   approximate search is least reliable. As in hnsw mode, the block's worst queries are re-searched
   exactly until the maximum is proven; here the exact search is pruned by the projection: an orthogonal
@@ -22,6 +24,8 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 import numpy as np
+
+from edgecore.runtime import native
 
 # Orthogonal-projection lower bounds are shrunk by this relative margin before pruning: the stored
 # basis is orthonormal only to float32 rounding, and the projections are float32.
@@ -39,7 +43,7 @@ class CodeRows:
         self._codes = arrays["codes"]
         self._scale = arrays["scale"].astype(np.float32)
         self._offset = (arrays["offset"].astype(np.float64) + 128.0 * arrays["scale"].astype(np.float64)).astype(np.float32)
-        self._basis = arrays["basis"].astype(np.float32)
+        self._basis = np.ascontiguousarray(arrays["basis"], dtype=np.float32)  # the native decode reads it raw
         self._coord_codes = arrays["coord_codes"]
         self._coord_offset = arrays["coord_offset"].astype(np.float32)
         self._coord_scale = arrays["coord_scale"].astype(np.float32)
@@ -65,6 +69,13 @@ class CodeRows:
             coords += self._coord_offset
             out += coords @ self._basis
         return out.reshape(ids.shape + (self.shape[1],))
+
+    def decode_tables(self) -> native.DecodeTables | None:
+        """The decoding tables for the native kernel (None when it cannot read these arrays in place)."""
+        if not native.DecodeTables.usable(self._codes, self._coord_codes):
+            return None
+        return native.DecodeTables(self._codes, self._scale, self._offset, self._basis, self._coord_codes,
+                                   self._coord_scale, self._coord_offset)
 
     def rank_keys(self, queries: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Q×K keys that order each query's candidates ``index`` (Q×K) like their L2 distances.
@@ -117,16 +128,39 @@ class CodeRows:
         return sum(a.nbytes for a in tables)
 
 
+def _native_decoder(rows: CodeRows) -> tuple[native.Int8Kernel, native.DecodeTables] | None:
+    """(kernel, tables) when the native kernel loads and reads these rows, else None (numpy decodes;
+    the search modes that need the kernel warn about its absence themselves)."""
+    tables = rows.decode_tables()
+    if tables is None:
+        return None
+    try:
+        return native.kernel(), tables
+    except native.NativeUnavailable:
+        return None
+
+
 def direct_l2(queries: np.ndarray, rows: CodeRows, index: np.ndarray) -> np.ndarray:
     """Q×K true L2 distances from ``queries`` to coreset rows ``index`` (Q×K), by direct difference
-    with float64 accumulation (the same rounding as ``runtime.search.exact_l2``)."""
+    with float64 accumulation (the same rounding as ``runtime.search.exact_l2``; natively where the
+    kernel loads: the same decode and accumulation, see ``runtime.native.Int8Kernel.l2``)."""
+    found = _native_decoder(rows)
+    if found is not None:
+        return found[0].l2(queries, found[1], index)
     diff = rows[index] - queries[:, None, :]
     return np.sqrt(np.einsum("qkd,qkd->qk", diff, diff, dtype=np.float64)).astype(np.float32)
 
 
 def rerank(queries: np.ndarray, rows: CodeRows, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` best of each query's ``candidates``, ranked on the codes and measured by direct
-    difference (true L2 of the stored rows, not a GEMM expansion), ascending."""
+    """The ``k`` best of each query's ``candidates`` by direct difference (true L2 of the stored rows,
+    not a GEMM expansion), ascending; ties keep the earlier candidate.
+
+    Native kernel: every candidate is measured. numpy: candidates are ranked on the codes
+    (:meth:`CodeRows.rank_keys`) and only the best ``k`` measured (decoding all of them costs more).
+    """
+    found = _native_decoder(rows)
+    if found is not None:
+        return found[0].rerank(queries, found[1], candidates, k)
     order = np.argsort(rows.rank_keys(queries, candidates), axis=1, kind="stable")[:, :k]
     indices = np.take_along_axis(candidates, order, axis=1)
     distances = direct_l2(queries, rows, indices)

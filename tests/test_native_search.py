@@ -352,3 +352,102 @@ def test_int8_mode_warns_where_the_cpu_has_no_int8_dot_products(int8, tmp_path, 
     with pytest.warns(RuntimeWarning, match="scalar path.*--search hnsw"):
         loaded = QuantizedIndex.load(tmp_path, description)
     assert loaded.searcher.isa == "scalar"
+
+
+# ---- the native exact re-rank (ecs_l2 / ecs_rerank): true L2 to rows decoded as CodeRows does ----
+
+def code_rows(rng, m, dim, ncoord, duplicates=False):
+    """A random pca+int8 coreset (the stored array layout) and its CodeRows."""
+    from edgecore.runtime.search_coarse import CodeRows
+
+    basis = np.linalg.qr(rng.normal(size=(dim, max(ncoord, 1))))[0].T[:ncoord].astype(np.float32)
+    arrays = {
+        "codes": rng.integers(-128, 128, (m, dim), dtype=np.int8),
+        "scale": rng.uniform(0.005, 0.05, dim).astype(np.float32),
+        "offset": rng.normal(0.0, 1.0, dim).astype(np.float32),
+        "basis": basis.reshape(ncoord, dim),
+        "coord_codes": rng.integers(0, 65536, (m, ncoord), dtype=np.uint16),
+        "coord_offset": rng.normal(0.0, 2.0, ncoord).astype(np.float32),
+        "coord_scale": rng.uniform(1e-5, 1e-4, ncoord).astype(np.float32),
+    }
+    if duplicates:  # equal rows under different ids: equal distances, settled by candidate position
+        arrays["codes"][m // 2 :: 5] = arrays["codes"][3]
+        arrays["coord_codes"][m // 2 :: 5] = arrays["coord_codes"][3]
+    rows = CodeRows(arrays)
+    rows.prepare_ranking()
+    return rows
+
+
+def numpy_l2(queries, rows, index):
+    diff = rows[index].astype(np.float64) - queries[:, None, :].astype(np.float64)
+    return np.sqrt(np.einsum("qkd,qkd->qk", diff, diff))
+
+
+@pytest.mark.parametrize("m,dim,ncoord,nq,ncand,k", [
+    (50, 1, 0, 3, 1, 1), (300, 37, 3, 41, 9, 1), (500, 152, 5, 64, 16, 3), (400, 1031, 32, 23, 8, 8),
+    (200, 24, 1, 17, 7, 2),
+])
+def test_native_rerank_equals_the_numpy_rerank(m, dim, ncoord, nq, ncand, k, monkeypatch):
+    from edgecore.runtime.search_coarse import direct_l2, rerank
+
+    rng = np.random.default_rng(m + dim + ncoord)
+    rows = code_rows(rng, m, dim, ncoord, duplicates=True)
+    queries = (rows[rng.integers(0, m, nq)] + rng.normal(0.0, 0.3, (nq, dim))).astype(np.float32)
+    candidates = rng.integers(0, m, (nq, ncand))
+    candidates[:, -1] = candidates[:, 0]  # the same row twice: the earlier position is kept
+    candidates[::2, 1 % ncand] = 3  # and rows equal to row 3 under other ids
+    candidates[::2, 2 % ncand] = m // 2 + 5
+    got = rerank(queries, rows, candidates, k)
+    l2 = direct_l2(queries, rows, candidates)
+    monkeypatch.setenv(native.ENV_ISA, "off")
+    want = rerank(queries, rows, candidates, k)
+    want_l2 = direct_l2(queries, rows, candidates)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    np.testing.assert_allclose(l2, want_l2, rtol=1e-5)
+    np.testing.assert_allclose(l2, numpy_l2(queries, rows, candidates), rtol=1e-5)  # float64 decode reference
+    assert got[0].dtype == np.float32 and got[1].dtype == np.int64 and np.all(np.diff(got[0], axis=1) >= 0)
+
+
+def test_native_distances_are_bit_identical_on_every_path_and_thread_count():
+    rng = np.random.default_rng(9)
+    rows = code_rows(rng, 700, 203, 17)  # 203 dims: AVX-512 blocks of 16, AVX2 of 8, then the C tail
+    tables = rows.decode_tables()
+    queries = rng.normal(0.0, 1.0, (37, 203)).astype(np.float32)
+    candidates = rng.integers(0, 700, (37, 13))
+    saved = kernel.threads
+    try:
+        results = []
+        for threads in (1, 3):
+            kernel.threads = threads
+            results += [kernel.l2(queries, tables, candidates, isa=isa) for isa in kernel.available]
+            results += [kernel.rerank(queries, tables, candidates, 13, isa=isa)[0] for isa in kernel.available]
+    finally:
+        kernel.threads = saved
+    for got in results[1:]:
+        np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(results[0], axis=1))
+    np.testing.assert_array_equal(results[0], kernel.l2(queries, tables, candidates))  # candidate order
+    np.testing.assert_allclose(results[0], numpy_l2(queries, rows, candidates), rtol=1e-5)
+
+
+def test_native_rerank_refuses_bad_arguments():
+    rows = code_rows(np.random.default_rng(1), 20, 8, 2)
+    queries = np.zeros((2, 8), np.float32)
+    with pytest.raises(ValueError, match="candidate ids"):
+        kernel.l2(queries, rows.decode_tables(), np.array([[0, 20], [1, 2]]))
+    with pytest.raises(ValueError, match="k must be"):
+        kernel.rerank(queries, rows.decode_tables(), np.array([[0, 1], [1, 2]]), 3)
+    with pytest.raises(ValueError, match="queries"):
+        kernel.l2(np.zeros((2, 7), np.float32), rows.decode_tables(), np.array([[0], [1]]))
+
+
+def test_coarse_exact_search_with_native_distances_equals_exact_search(data):
+    coarse = build_index(data["points"], "int8", "coarse", patches_per_image=BLOCK)
+    exact = build_index(data["points"], "int8", "exact")
+    queries = data["queries"][[0, 7, 51, 99]]
+    want_d, want_i = exact.search(queries, 4)
+    searcher = coarse.searcher
+    for row, query in enumerate(queries):
+        d, i = searcher.exact(query, searcher.project(query[None])[0], np.inf, -1, k=4)
+        np.testing.assert_array_equal(i, want_i[row])
+        np.testing.assert_allclose(d, want_d[row], rtol=1e-5)

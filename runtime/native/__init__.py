@@ -18,6 +18,7 @@ import os
 import warnings
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,7 +30,36 @@ _ERRORS = {-1: "bad arguments or unsupported ISA", -2: "out of memory", -3: "a s
 _i8 = np.ctypeslib.ndpointer(np.int8, flags="C_CONTIGUOUS")
 _f32 = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
 _i32 = np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS")
+_idx = np.ctypeslib.ndpointer(np.int64, flags="C_CONTIGUOUS")
 _i64 = ctypes.c_int64
+MAX_COORDS = 256  # RR_MAX_COORDS in int8search.c
+
+
+class DecodeTables(NamedTuple):
+    """What the kernel needs to decode pca+int8 rows as ``CodeRows`` does:
+    y = (code · scale + offset) + (coord_code · coord_scale + coord_offset) @ basis, in float32.
+
+    codes: M×D int8 (contiguous rows, any stride); scale, offset: D float32 (offset already holds the
+    +128 shift); basis: k×D float32; coord_codes: M×k uint16 (contiguous rows); coord_scale,
+    coord_offset: k float32 (k may be 0).
+    """
+
+    codes: np.ndarray
+    scale: np.ndarray
+    offset: np.ndarray
+    basis: np.ndarray
+    coord_codes: np.ndarray
+    coord_scale: np.ndarray
+    coord_offset: np.ndarray
+
+    @staticmethod
+    def usable(codes: np.ndarray, coord_codes: np.ndarray) -> bool:
+        """Whether the kernel can read these arrays in place (else the caller decodes with numpy)."""
+        return (codes.dtype == np.int8 and codes.ndim == 2 and codes.strides[1] == 1
+                and coord_codes.dtype == np.uint16 and coord_codes.ndim == 2
+                and coord_codes.shape[1] <= MAX_COORDS
+                and (coord_codes.shape[1] == 0 or coord_codes.strides[1] == 2)
+                and coord_codes.strides[0] % 2 == 0)
 
 
 class NativeUnavailable(RuntimeError):
@@ -62,6 +92,10 @@ class Int8Kernel:
         common = [_i8, _i64, _i64, ctypes.c_void_p, _i64, _i64, _f32, _i32, _f32]
         lib.ecs_topk.argtypes = common + [_i64, _i32, _f32, ctypes.c_int, ctypes.c_int]
         lib.ecs_keys.argtypes = common + [_f32, ctypes.c_int, ctypes.c_int]
+        decode = [_f32, _i64, _i64, ctypes.c_void_p, _i64, _f32, _f32, ctypes.c_void_p, _i64, ctypes.c_void_p, _i64,
+                  ctypes.c_void_p, ctypes.c_void_p, _idx, _i64]
+        lib.ecs_l2.argtypes = decode + [_f32, ctypes.c_int, ctypes.c_int]
+        lib.ecs_rerank.argtypes = decode + [_i64, _f32, _f32, _idx, ctypes.c_int, ctypes.c_int]
         self.available = tuple(name for i, name in enumerate(ISAS) if lib.ecs_isa_supported(i))
         best = ISAS[lib.ecs_best_isa()]
         self.isa = best if isa in (None, "", "auto") else isa
@@ -101,6 +135,63 @@ class Int8Kernel:
                                 out, self._isa_id(isa), self.threads)
         self._raise(rc)
         return out
+
+    def l2(self, queries: np.ndarray, tables: DecodeTables, candidates: np.ndarray,
+           isa: str | None = None) -> np.ndarray:
+        """True L2 distances from each query to its candidate rows, decoded as ``CodeRows`` does and
+        summed in float64 (as ``search_coarse.direct_l2``).
+
+        Args:
+            queries: Q×D float32; tables: the coreset's :class:`DecodeTables`; candidates: Q×K row ids.
+
+        Returns:
+            Q×K float32 distances, in candidate order.
+        """
+        args, shape = self._decode_args(queries, tables, candidates)
+        out = np.empty(shape, np.float32)
+        self._raise(self._lib.ecs_l2(*args, out, self._isa_id(isa), self.threads))
+        return out
+
+    def rerank(self, queries: np.ndarray, tables: DecodeTables, candidates: np.ndarray, k: int,
+               isa: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest of each query's candidates by true L2 (:meth:`l2`), ascending by
+        (distance, candidate position).
+
+        Returns:
+            (Q×k float32 distances, Q×k int64 row ids).
+        """
+        args, shape = self._decode_args(queries, tables, candidates)
+        if not 1 <= k <= shape[1]:
+            raise ValueError(f"k must be in [1, {shape[1]}], got {k}")
+        scratch = np.empty(shape, np.float32)
+        dist = np.empty((shape[0], k), np.float32)
+        idx = np.empty((shape[0], k), np.int64)
+        self._raise(self._lib.ecs_rerank(*args, k, scratch, dist, idx, self._isa_id(isa), self.threads))
+        return dist, idx
+
+    @staticmethod
+    def _decode_args(queries: np.ndarray, t: DecodeTables, candidates: np.ndarray) -> tuple[list, tuple[int, int]]:
+        """ctypes arguments shared by ecs_l2/ecs_rerank, after checking every shape (the C side trusts them)."""
+        m, dim = t.codes.shape
+        ncoord = t.basis.shape[0]
+        if not DecodeTables.usable(t.codes, t.coord_codes) or t.coord_codes.shape != (m, ncoord):
+            raise ValueError("decode tables: codes M×D int8 and coord_codes M×k uint16 with contiguous rows")
+        for name, array, shape in (("scale", t.scale, (dim,)), ("offset", t.offset, (dim,)),
+                                   ("basis", t.basis, (ncoord, dim)), ("coord_scale", t.coord_scale, (ncoord,)),
+                                   ("coord_offset", t.coord_offset, (ncoord,))):
+            if array.dtype != np.float32 or array.shape != shape or not array.flags.c_contiguous:
+                raise ValueError(f"{name} must be contiguous float32 of shape {shape}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        cand = np.ascontiguousarray(candidates, dtype=np.int64)
+        if queries.ndim != 2 or queries.shape[1] != dim or cand.ndim != 2 or cand.shape[0] != queries.shape[0]:
+            raise ValueError(f"queries must be Q×{dim} and candidates Q×K, got {queries.shape}, {cand.shape}")
+        if cand.size and (cand.min() < 0 or cand.max() >= m):
+            raise ValueError(f"candidate ids must be in [0, {m})")
+        coord_stride = t.coord_codes.strides[0] // 2 if ncoord else 0
+        args = [queries, queries.shape[0], dim, t.codes.ctypes.data, t.codes.strides[0], t.scale, t.offset,
+                t.basis.ctypes.data, ncoord, t.coord_codes.ctypes.data, coord_stride, t.coord_scale.ctypes.data,
+                t.coord_offset.ctypes.data, cand, cand.shape[1]]
+        return args, cand.shape
 
     def path_for(self, width: int, isa: str | None = None) -> str:
         """The path that runs rows of ``width`` bytes (AMX hands tables narrower than 64 bytes to AVX-512)."""

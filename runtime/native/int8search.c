@@ -611,3 +611,254 @@ int ecs_keys(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows, i
     if (!out_key) return -1;
     return run(queries, nq, g, rows, stride, m, bias, corr, cq, 0, NULL, out_key, 1, isa, threads);
 }
+
+/* ---- exact re-rank: true L2 distances to decoded rows ------------------------------------------
+ *
+ * Row m decodes as CodeRows.__getitem__ does, in float32: y = (code * scale + offset) + v with
+ * v = sum_j c_j * basis_j, c_j = coord_code_j * coord_scale_j + coord_offset_j, summed j ascending
+ * with a fused multiply-add (correctly rounded, so every path rounds the same: rr_fma). The distance
+ * is sqrt(sum_d (double)(y_d - x_d)^2), accumulated in float64 like direct_l2, in RR_LANES partial
+ * sums (lane = d % RR_LANES, each fed in increasing d) added in lane order at the end. Every other
+ * operation is one float32 multiply or add per element (-ffp-contract=off), so the plain C loop and
+ * the AVX2 / AVX-512 blocks below return bit-identical distances. Only v's summation order differs
+ * from numpy's BLAS product (a few float32 ulps of each element; tests bound the distance to 1e-5). */
+
+#define RR_ROWS 8   /* candidate rows sharing one pass over the basis */
+#define RR_LANES 16 /* float64 partial sums per row */
+#define RR_MAX_COORDS 256 /* PCA coordinates per row the kernel takes (the exporter stores far fewer) */
+
+typedef struct {
+    const float *queries; /* nq x dim */
+    int64_t nq, dim;
+    const int8_t *codes;
+    int64_t code_stride; /* bytes */
+    const float *scale, *offset;
+    const float *basis; /* ncoord x dim */
+    int64_t ncoord;
+    const uint16_t *coords;
+    int64_t coord_stride; /* elements */
+    const float *coord_scale, *coord_offset;
+    const int64_t *cand; /* nq x ncand */
+    int64_t ncand;
+    float *dist; /* nq x ncand */
+} Rerank;
+
+/* One group of RR_ROWS rows (padded by repeating row 0, results dropped by the caller). */
+typedef struct {
+    const int8_t *code[RR_ROWS];
+    const float *x[RR_ROWS];
+    float cval[RR_ROWS][RR_MAX_COORDS];
+    double acc[RR_ROWS][RR_LANES];
+} Group;
+
+/* fmaf and sqrt without libm (the library links libc only). fma: the exact float product in double,
+ * the sum rounded to odd (TwoSum, then the last bit set where inexact), then one rounding to float —
+ * correctly rounded, so equal to the hardware FMA of the SIMD blocks. */
+static inline float rr_fma(float a, float b, float c) {
+#if defined(__FP_FAST_FMAF)
+    return __builtin_fmaf(a, b, c);
+#else
+    double p = (double)a * (double)b, s = p + (double)c, bb = s - p;
+    double err = (p - (s - bb)) + ((double)c - bb);
+    uint64_t bits;
+    memcpy(&bits, &s, 8);
+    if (err != 0.0 && !(bits & 1)) {
+        bits += (err > 0) == (s > 0) ? 1 : (uint64_t)-1; /* toward the exact value: an odd last bit */
+        memcpy(&s, &bits, 8);
+    }
+    return (float)s;
+#endif
+}
+
+static inline double rr_sqrt(double x) {
+#if defined(ECS_X86)
+    return _mm_cvtsd_f64(_mm_sqrt_sd(_mm_setzero_pd(), _mm_set_sd(x)));
+#elif defined(ECS_ARM)
+    return vget_lane_f64(vsqrt_f64(vdup_n_f64(x)), 0);
+#else
+    return sqrt(x);
+#endif
+}
+
+/* Dims [d0, d1) of every row of the group, one element at a time (the reference every block equals). */
+static void rr_dims_c(const Rerank *c, Group *g, int64_t d0, int64_t d1) {
+    for (int r = 0; r < RR_ROWS; r++) {
+        for (int64_t d = d0; d < d1; d++) {
+            float v = 0.0f;
+            for (int64_t j = 0; j < c->ncoord; j++) v = rr_fma(g->cval[r][j], c->basis[j * c->dim + d], v);
+            float y = (float)g->code[r][d] * c->scale[d] + c->offset[d];
+            float diff = (y + v) - g->x[r][d];
+            g->acc[r][d % RR_LANES] += (double)diff * (double)diff;
+        }
+    }
+}
+
+#ifdef ECS_X86
+/* 16 dims x 8 rows per pass over the basis: v in 8 zmm, the float64 squares into lanes d % 16. */
+__attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+static int64_t rr_dims_avx512(const Rerank *c, Group *g) {
+    int64_t d0 = 0;
+    for (; d0 + 16 <= c->dim; d0 += 16) {
+        __m512 v[RR_ROWS];
+        for (int r = 0; r < RR_ROWS; r++) v[r] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < c->ncoord; j++) {
+            __m512 b = _mm512_loadu_ps(c->basis + j * c->dim + d0);
+            for (int r = 0; r < RR_ROWS; r++) v[r] = _mm512_fmadd_ps(_mm512_set1_ps(g->cval[r][j]), b, v[r]);
+        }
+        __m512 sc = _mm512_loadu_ps(c->scale + d0), of = _mm512_loadu_ps(c->offset + d0);
+        for (int r = 0; r < RR_ROWS; r++) {
+            __m512 code = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(g->code[r] + d0))));
+            __m512 y = _mm512_add_ps(_mm512_mul_ps(code, sc), of);
+            __m512 diff = _mm512_sub_ps(_mm512_add_ps(y, v[r]), _mm512_loadu_ps(g->x[r] + d0));
+            __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(diff));
+            __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(diff), 1)));
+            _mm512_storeu_pd(g->acc[r], _mm512_add_pd(_mm512_loadu_pd(g->acc[r]), _mm512_mul_pd(lo, lo)));
+            _mm512_storeu_pd(g->acc[r] + 8, _mm512_add_pd(_mm512_loadu_pd(g->acc[r] + 8), _mm512_mul_pd(hi, hi)));
+        }
+    }
+    return d0;
+}
+
+/* 8 dims x 8 rows per pass (v in 8 ymm), lanes d % 16 as above. */
+__attribute__((target("avx2,fma")))
+static int64_t rr_dims_avx2(const Rerank *c, Group *g) {
+    int64_t d0 = 0;
+    for (; d0 + 8 <= c->dim; d0 += 8) {
+        __m256 v[RR_ROWS];
+        for (int r = 0; r < RR_ROWS; r++) v[r] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < c->ncoord; j++) {
+            __m256 b = _mm256_loadu_ps(c->basis + j * c->dim + d0);
+            for (int r = 0; r < RR_ROWS; r++) v[r] = _mm256_fmadd_ps(_mm256_set1_ps(g->cval[r][j]), b, v[r]);
+        }
+        __m256 sc = _mm256_loadu_ps(c->scale + d0), of = _mm256_loadu_ps(c->offset + d0);
+        int lane = (int)(d0 % RR_LANES);
+        for (int r = 0; r < RR_ROWS; r++) {
+            __m256 code = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(g->code[r] + d0))));
+            __m256 y = _mm256_add_ps(_mm256_mul_ps(code, sc), of);
+            __m256 diff = _mm256_sub_ps(_mm256_add_ps(y, v[r]), _mm256_loadu_ps(g->x[r] + d0));
+            __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(diff));
+            __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(diff, 1));
+            double *a = g->acc[r] + lane;
+            _mm256_storeu_pd(a, _mm256_add_pd(_mm256_loadu_pd(a), _mm256_mul_pd(lo, lo)));
+            _mm256_storeu_pd(a + 4, _mm256_add_pd(_mm256_loadu_pd(a + 4), _mm256_mul_pd(hi, hi)));
+        }
+    }
+    return d0;
+}
+#endif
+
+typedef struct {
+    const Rerank *r;
+    int64_t p0, p1; /* flat (query, candidate) pairs */
+    int isa;
+} RrJob;
+
+static void *rr_run(void *arg) {
+    const RrJob *job = (const RrJob *)arg;
+    const Rerank *c = job->r;
+    Group *g = (Group *)malloc(sizeof(Group));
+    if (!g) return (void *)1;
+    for (int64_t p0 = job->p0; p0 < job->p1; p0 += RR_ROWS) {
+        int rows = (int)(job->p1 - p0 < RR_ROWS ? job->p1 - p0 : RR_ROWS);
+        for (int r = 0; r < RR_ROWS; r++) {
+            int64_t p = p0 + (r < rows ? r : 0);
+            int64_t m = c->cand[p];
+            g->code[r] = c->codes + m * c->code_stride;
+            g->x[r] = c->queries + p / c->ncand * c->dim;
+            for (int64_t j = 0; j < c->ncoord; j++)
+                g->cval[r][j] = (float)c->coords[m * c->coord_stride + j] * c->coord_scale[j] + c->coord_offset[j];
+            for (int l = 0; l < RR_LANES; l++) g->acc[r][l] = 0.0;
+        }
+        int64_t done = 0;
+#ifdef ECS_X86
+        if (job->isa == ISA_AMX || job->isa == ISA_AVX512VNNI)
+            done = rr_dims_avx512(c, g);
+        else if (job->isa == ISA_AVX2 || job->isa == ISA_AVXVNNI)
+            done = rr_dims_avx2(c, g);
+#endif
+        rr_dims_c(c, g, done, c->dim);
+        for (int r = 0; r < rows; r++) {
+            double s = 0.0;
+            for (int l = 0; l < RR_LANES; l++) s += g->acc[r][l];
+            c->dist[p0 + r] = (float)rr_sqrt(s);
+        }
+    }
+    free(g);
+    return NULL;
+}
+
+/* True L2 distances (float32 of a float64 sum) from each query to each of its ncand candidate rows,
+ * dist[q * ncand + i], candidate order. Rows decode as CodeRows does (see above); coords/basis may be
+ * empty (ncoord 0). Returns 0, or -1 (bad arguments / unsupported isa), -2 (out of memory). */
+int ecs_l2(const float *queries, int64_t nq, int64_t dim, const int8_t *codes, int64_t code_stride,
+           const float *scale, const float *offset, const float *basis, int64_t ncoord, const uint16_t *coords,
+           int64_t coord_stride, const float *coord_scale, const float *coord_offset, const int64_t *cand,
+           int64_t ncand, float *dist, int isa, int threads) {
+    if (nq < 0 || dim < 1 || ncand < 0 || ncoord < 0 || ncoord > RR_MAX_COORDS || code_stride < dim ||
+        (ncoord && coord_stride < ncoord) || !ecs_isa_supported(isa))
+        return -1;
+    Rerank r = {queries, nq, dim, codes, code_stride, scale, offset, basis, ncoord, coords, coord_stride,
+                coord_scale, coord_offset, cand, ncand, dist};
+    int64_t pairs = nq * ncand;
+    if (pairs == 0) return 0;
+    int64_t groups = (pairs + RR_ROWS - 1) / RR_ROWS;
+    if (threads < 1) threads = 1;
+    if (threads > 64) threads = 64;
+    if (threads > groups) threads = (int)groups;
+    RrJob jobs[64];
+    pthread_t tids[64];
+    for (int t = 0; t < threads; t++) {
+        jobs[t].r = &r;
+        jobs[t].isa = isa;
+        jobs[t].p0 = groups * t / threads * RR_ROWS;
+        int64_t end = groups * (t + 1) / threads * RR_ROWS;
+        jobs[t].p1 = end < pairs ? end : pairs;
+    }
+    int started = 0;
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&tids[t], NULL, rr_run, &jobs[t]) != 0) break;
+        started = t;
+    }
+    int rc = rr_run(&jobs[0]) != NULL ? -2 : 0;
+    for (int t = 1; t <= started; t++) {
+        void *res = NULL;
+        pthread_join(tids[t], &res);
+        if (res != NULL) rc = -2;
+    }
+    for (int t = started + 1; t < threads; t++) /* threads that could not start: run their share here */
+        if (rr_run(&jobs[t]) != NULL) rc = -2;
+    return rc;
+}
+
+/* The k nearest of each query's ncand candidates by true L2 (ecs_l2), ascending by (distance, candidate
+ * position): out_dist / out_idx are nq x k (out_idx holds the candidates' row ids). `scratch` is
+ * nq x ncand floats. Returns 0 or -1. */
+int ecs_rerank(const float *queries, int64_t nq, int64_t dim, const int8_t *codes, int64_t code_stride,
+               const float *scale, const float *offset, const float *basis, int64_t ncoord, const uint16_t *coords,
+               int64_t coord_stride, const float *coord_scale, const float *coord_offset, const int64_t *cand,
+               int64_t ncand, int64_t k, float *scratch, float *out_dist, int64_t *out_idx, int isa, int threads) {
+    if (k < 1 || k > ncand) return -1;
+    int rc = ecs_l2(queries, nq, dim, codes, code_stride, scale, offset, basis, ncoord, coords, coord_stride,
+                    coord_scale, coord_offset, cand, ncand, scratch, isa, threads);
+    if (rc) return rc;
+    for (int64_t q = 0; q < nq; q++) {
+        const float *d = scratch + q * ncand;
+        float *od = out_dist + q * k;
+        int64_t *oi = out_idx + q * k;
+        int64_t *pos = oi; /* candidate positions first, row ids at the end */
+        int64_t filled = 0;
+        for (int64_t i = 0; i < ncand; i++) {
+            if (filled == k && !(d[i] < od[k - 1])) continue; /* equal: the earlier position stays */
+            int64_t at = filled < k ? filled++ : k - 1;
+            while (at > 0 && d[i] < od[at - 1]) {
+                od[at] = od[at - 1];
+                pos[at] = pos[at - 1];
+                at--;
+            }
+            od[at] = d[i];
+            pos[at] = i;
+        }
+        for (int64_t j = 0; j < k; j++) oi[j] = cand[q * ncand + pos[j]];
+    }
+    return 0;
+}
