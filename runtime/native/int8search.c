@@ -694,35 +694,59 @@ static void rr_dims_c(const Rerank *c, Group *g, int64_t d0, int64_t d1) {
 }
 
 #ifdef ECS_X86
-/* 16 dims x 8 rows per pass over the basis: v in 8 zmm, the float64 squares into lanes d % 16. */
+/* The float64 squares of 16 float32 differences into lanes 0..15 (dims d with d % 16 = lane). */
+__attribute__((target("avx512f")))
+static inline void rr_square16(double *acc, __m512 diff) {
+    __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(diff));
+    __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(diff), 1)));
+    _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), _mm512_mul_pd(lo, lo)));
+    _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8), _mm512_mul_pd(hi, hi)));
+}
+
+/* y - x for 16 dims of one row, given its v. */
+__attribute__((target("avx512f,avx512bw")))
+static inline __m512 rr_diff16(const Rerank *c, const Group *g, int r, int64_t d0, __m512 v) {
+    __m512 code = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(g->code[r] + d0))));
+    __m512 y = _mm512_add_ps(_mm512_mul_ps(code, _mm512_loadu_ps(c->scale + d0)), _mm512_loadu_ps(c->offset + d0));
+    return _mm512_sub_ps(_mm512_add_ps(y, v), _mm512_loadu_ps(g->x[r] + d0));
+}
+
+/* 32 dims x 8 rows per pass over the basis (v in 16 zmm), then one 16-dim block; returns the dims done. */
 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 static int64_t rr_dims_avx512(const Rerank *c, Group *g) {
     int64_t d0 = 0;
-    for (; d0 + 16 <= c->dim; d0 += 16) {
+    for (; d0 + 32 <= c->dim; d0 += 32) {
+        __m512 v[RR_ROWS][2];
+        for (int r = 0; r < RR_ROWS; r++) v[r][0] = v[r][1] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < c->ncoord; j++) {
+            __m512 b0 = _mm512_loadu_ps(c->basis + j * c->dim + d0), b1 = _mm512_loadu_ps(c->basis + j * c->dim + d0 + 16);
+            for (int r = 0; r < RR_ROWS; r++) {
+                __m512 cj = _mm512_set1_ps(g->cval[r][j]);
+                v[r][0] = _mm512_fmadd_ps(cj, b0, v[r][0]);
+                v[r][1] = _mm512_fmadd_ps(cj, b1, v[r][1]);
+            }
+        }
+        for (int r = 0; r < RR_ROWS; r++) {
+            rr_square16(g->acc[r], rr_diff16(c, g, r, d0, v[r][0])); /* dims d0..d0+15, then d0+16..: lane order kept */
+            rr_square16(g->acc[r], rr_diff16(c, g, r, d0 + 16, v[r][1]));
+        }
+    }
+    if (d0 + 16 <= c->dim) {
         __m512 v[RR_ROWS];
         for (int r = 0; r < RR_ROWS; r++) v[r] = _mm512_setzero_ps();
         for (int64_t j = 0; j < c->ncoord; j++) {
             __m512 b = _mm512_loadu_ps(c->basis + j * c->dim + d0);
             for (int r = 0; r < RR_ROWS; r++) v[r] = _mm512_fmadd_ps(_mm512_set1_ps(g->cval[r][j]), b, v[r]);
         }
-        __m512 sc = _mm512_loadu_ps(c->scale + d0), of = _mm512_loadu_ps(c->offset + d0);
-        for (int r = 0; r < RR_ROWS; r++) {
-            __m512 code = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(g->code[r] + d0))));
-            __m512 y = _mm512_add_ps(_mm512_mul_ps(code, sc), of);
-            __m512 diff = _mm512_sub_ps(_mm512_add_ps(y, v[r]), _mm512_loadu_ps(g->x[r] + d0));
-            __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(diff));
-            __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(diff), 1)));
-            _mm512_storeu_pd(g->acc[r], _mm512_add_pd(_mm512_loadu_pd(g->acc[r]), _mm512_mul_pd(lo, lo)));
-            _mm512_storeu_pd(g->acc[r] + 8, _mm512_add_pd(_mm512_loadu_pd(g->acc[r] + 8), _mm512_mul_pd(hi, hi)));
-        }
+        for (int r = 0; r < RR_ROWS; r++) rr_square16(g->acc[r], rr_diff16(c, g, r, d0, v[r]));
+        d0 += 16;
     }
     return d0;
 }
 
-/* 8 dims x 8 rows per pass (v in 8 ymm), lanes d % 16 as above. */
+/* 8 dims x 8 rows per pass (v in 8 ymm) from dim d0 (a multiple of 8), lanes d % 16 as above. */
 __attribute__((target("avx2,fma")))
-static int64_t rr_dims_avx2(const Rerank *c, Group *g) {
-    int64_t d0 = 0;
+static int64_t rr_dims_avx2(const Rerank *c, Group *g, int64_t d0) {
     for (; d0 + 8 <= c->dim; d0 += 8) {
         __m256 v[RR_ROWS];
         for (int r = 0; r < RR_ROWS; r++) v[r] = _mm256_setzero_ps();
@@ -772,9 +796,9 @@ static void *rr_run(void *arg) {
         int64_t done = 0;
 #ifdef ECS_X86
         if (job->isa == ISA_AMX || job->isa == ISA_AVX512VNNI)
-            done = rr_dims_avx512(c, g);
+            done = rr_dims_avx2(c, g, rr_dims_avx512(c, g)); /* AVX2 takes 8 of the last < 16 dims */
         else if (job->isa == ISA_AVX2 || job->isa == ISA_AVXVNNI)
-            done = rr_dims_avx2(c, g);
+            done = rr_dims_avx2(c, g, 0);
 #endif
         rr_dims_c(c, g, done, c->dim);
         for (int r = 0; r < rows; r++) {
