@@ -236,6 +236,60 @@ def build_clusters(owner: np.ndarray, min_sq: np.ndarray, n_clusters: int) -> tu
     return offsets, members, largest
 
 
+# Member rows whose 32-d bounds are evaluated together: each surviving centre's coordinates
+# are loaded once per group, and the group's dot products stay in registers.
+_ROW_GROUP = 4
+# Buckets of the surviving centres by their distance to the cluster centre (see batch_candidates).
+_BUCKETS = 16
+
+
+@numba.njit(cache=True, fastmath=_FLAGS)
+def _group_hits(
+    coords: np.ndarray,
+    group: np.ndarray,
+    below: np.ndarray,
+    block: np.ndarray,
+    picked: np.ndarray,
+    picked_sq: np.ndarray,
+    n_picked: int,
+    hit_row: np.ndarray,
+    hit_pick: np.ndarray,
+) -> int:
+    """The (g, s) whose 32-d bound ``picked_sq[s] - 2 coords[group[g]] . block[picked[s]]`` is below ``below[g]``.
+
+    For a group of ``_ROW_GROUP`` rows at once, so each centre's coordinates are loaded once
+    for all of them and the dots stay in registers (float32, any summation order). Writes
+    the pairs to ``hit_row``/``hit_pick`` in (s, g) order and returns their number.
+    """
+    r0, r1, r2, r3 = group[0], group[1], group[2], group[3]
+    b0, b1, b2, b3 = below[0], below[1], below[2], below[3]
+    n_hits = 0
+    for s in range(n_picked):
+        centre = picked[s]
+        a0 = np.float32(0)
+        a1 = np.float32(0)
+        a2 = np.float32(0)
+        a3 = np.float32(0)
+        for k in range(block.shape[1]):
+            b = block[centre, k]
+            a0 += coords[r0, k] * b
+            a1 += coords[r1, k] * b
+            a2 += coords[r2, k] * b
+            a3 += coords[r3, k] * b
+        centre_sq = picked_sq[s]
+        h0 = centre_sq - 2.0 * np.float64(a0) < b0
+        h1 = centre_sq - 2.0 * np.float64(a1) < b1
+        h2 = centre_sq - 2.0 * np.float64(a2) < b2
+        h3 = centre_sq - 2.0 * np.float64(a3) < b3
+        if h0 or h1 or h2 or h3:
+            for g, hit in ((0, h0), (1, h1), (2, h2), (3, h3)):
+                if hit:
+                    hit_row[n_hits] = g
+                    hit_pick[n_hits] = s
+                    n_hits += 1
+    return n_hits
+
+
 @numba.njit(cache=True, parallel=True, fastmath=_FLAGS)
 def batch_candidates(
     first_cluster: int,
@@ -244,8 +298,9 @@ def batch_candidates(
     largest: np.ndarray,
     offsets: np.ndarray,
     members: np.ndarray,
-    batch_rows: np.ndarray,
-    sq_norms: np.ndarray,
+    batch_sq: np.ndarray,
+    batch_coords: np.ndarray,
+    batch_bound_sq: np.ndarray,
     old_min_sq: np.ndarray,
     min_sq: np.ndarray,
     coords: np.ndarray,
@@ -264,25 +319,41 @@ def batch_candidates(
     the batch's start: a pair skipped because it cannot go below the old value cannot
     go below the current one either. Filters, cheapest first:
     cluster  d(c, z) >= 2 r       (r bounds the distance of every member to its owner z)
-    member   d(c, z) - d(x, z)    (x's owner is z)
-    row      the 32-d principal-coordinate bound against the current value: one float32
-             matrix-vector product per member over all surviving centres (vectorised;
-             its rounding, < ``margin`` in any summation order, is subtracted).
+    member   d(c, z) >= 2 d(x, z) (x's owner is z): the surviving centres are bucketed by
+             d(c, z), members taken farthest first in groups of ``_ROW_GROUP``, and a group
+             only visits the bucket prefix that its farthest member can reach (about half
+             of the (row, centre) pairs on a noisy bank); the exact test is applied to hits
+    row      the 32-d principal-coordinate bound against the current value, for a group at
+             once (:func:`_group_hits`: float32 dots whose rounding, < ``margin`` in any
+             summation order, is subtracted; float64 rounding of the comparison is far
+             below that margin).
+    Which bound rejects a pair only changes how many exact distances the caller computes,
+    never their values, so all of this is exact.
     The clusters are split into ``counts.size`` parts run in parallel; part p writes
     from ``p * capacity`` on and adds its pairs to ``counts[p]`` (pairs beyond the
     capacity are counted, not written: the caller retries larger).
     """
-    n_batch = batch_rows.shape[0]
+    n_batch = batch_sq.shape[0]
     n_parts = counts.shape[0]
     capacity = out_rows.shape[0] // n_parts
     n_clusters = dots.shape[0]
-    dim = coords.shape[1]
     for part in numba.prange(n_parts):
         survivors = np.empty(n_batch, dtype=np.int64)
         lower = np.empty(n_batch, dtype=np.float64)
-        block = np.empty((dim, n_batch), dtype=np.float32)  # surviving centres' coordinates, transposed
-        dots32 = np.empty(n_batch, dtype=np.float32)
-        block_sq = np.empty(n_batch, dtype=np.float64)
+        survivor_sq = np.empty(n_batch, dtype=np.float64)
+        bucket = np.empty(n_batch, dtype=np.int64)
+        bucket_end = np.empty(_BUCKETS + 1, dtype=np.int64)
+        by_bucket = np.empty(n_batch, dtype=np.int64)
+        sorted_lower = np.empty(n_batch, dtype=np.float64)
+        sorted_sq = np.empty(n_batch, dtype=np.float64)
+        below = np.empty(_ROW_GROUP, dtype=np.float64)
+        hit_row = np.empty(_ROW_GROUP * n_batch, dtype=np.int64)
+        hit_pick = np.empty(_ROW_GROUP * n_batch, dtype=np.int64)
+        largest_size = 0
+        for i in range(part * n_clusters // n_parts, (part + 1) * n_clusters // n_parts):
+            largest_size = max(largest_size, offsets[first_cluster + i + 1] - offsets[first_cluster + i])
+        live = np.empty(largest_size, dtype=np.int64)  # the cluster's members that can still drop
+        group = np.empty(_ROW_GROUP, dtype=np.int64)
         count = counts[part]
         base = part * capacity
         for i in range(part * n_clusters // n_parts, (part + 1) * n_clusters // n_parts):
@@ -293,33 +364,61 @@ def batch_candidates(
             z_sq = np.float64(centre_sq[cluster])
             n_survivors = 0
             for j in range(n_batch):
-                lb_sq = z_sq + np.float64(sq_norms[batch_rows[j]]) - 2.0 * np.float64(dots[i, j]) - 2.0 * margin
+                lb_sq = z_sq + batch_sq[j] - 2.0 * np.float64(dots[i, j]) - 2.0 * margin
                 if lb_sq < four_r_sq:
                     survivors[n_survivors] = j
                     lower[n_survivors] = np.sqrt(lb_sq) if lb_sq > 0 else 0.0
-                    for k in range(dim):
-                        block[k, n_survivors] = coords[batch_rows[j], k]
-                    block_sq[n_survivors] = np.float64(bound_sq[batch_rows[j]]) - margin
+                    survivor_sq[n_survivors] = batch_bound_sq[j]
                     n_survivors += 1
+            if n_survivors == 0:
+                continue
+            # Counting sort of the survivors by d(c, z) into buckets: a member x only needs those with
+            # d(c, z) < 2 d(x, z) (the member filter), a prefix of the buckets.
+            width = 2.0 * np.sqrt(largest[cluster] + margin) / _BUCKETS
+            bucket_end[:] = 0
+            for s in range(n_survivors):
+                b = min(_BUCKETS - 1, int(lower[s] / width))
+                bucket[s] = b
+                bucket_end[b + 1] += 1
+            for b in range(_BUCKETS):
+                bucket_end[b + 1] += bucket_end[b]
+            for s in range(n_survivors):
+                b = bucket[s]
+                at = bucket_end[b]
+                by_bucket[at] = survivors[s]
+                sorted_lower[at] = lower[s]
+                sorted_sq[at] = survivor_sq[s]
+                bucket_end[b] = at + 1
+            for b in range(_BUCKETS - 1, 0, -1):  # back to bucket ends
+                bucket_end[b] = bucket_end[b - 1]
+            bucket_end[0] = 0
+            n_live = 0
             for position in range(offsets[cluster], offsets[cluster + 1]):
                 row = members[position]
-                old = np.float64(old_min_sq[row])
-                current = np.float64(min_sq[row])
-                if old <= 0 or current <= 0:
-                    continue
-                to_owner = np.sqrt(old + margin)
-                row_bound_sq = np.float64(bound_sq[row])
-                dots32[:n_survivors] = 0
-                for k in range(dim):
-                    xk = coords[row, k]
-                    for s in range(n_survivors):
-                        dots32[s] += xk * block[k, s]
-                for s in range(n_survivors):
-                    if row_bound_sq + block_sq[s] - 2.0 * np.float64(dots32[s]) < current:
-                        gap = lower[s] - to_owner
-                        if gap <= 0 or gap * gap - margin < old:
-                            if count < capacity:
-                                out_rows[base + count] = row
-                                out_batch[base + count] = survivors[s]
-                            count += 1
+                if old_min_sq[row] > 0 and min_sq[row] > 0:
+                    live[n_live] = row
+                    n_live += 1
+            # Farthest members first, so each group of rows shares a similar bucket prefix.
+            order = np.argsort(-old_min_sq[live[:n_live]])
+            for start in range(0, n_live, _ROW_GROUP):
+                size = min(_ROW_GROUP, n_live - start)
+                for g in range(_ROW_GROUP):  # a short last group repeats its last row, with no hits
+                    row = live[order[start + min(g, size - 1)]]
+                    group[g] = row
+                    below[g] = np.float64(min_sq[row]) - np.float64(bound_sq[row]) if g < size else -np.inf
+                # Survivors in later buckets have d(c, z) > 2 sqrt(old + margin) for every row of the group.
+                reach = 2.0 * np.sqrt(np.float64(old_min_sq[group[0]]) + margin) * (1.0 + 1e-9)
+                n_reach = bucket_end[min(_BUCKETS - 1, int(reach / width)) + 1]
+                n_hits = _group_hits(coords, group, below, batch_coords, by_bucket, sorted_sq, n_reach,
+                                     hit_row, hit_pick)
+                for h in range(n_hits):
+                    row = group[hit_row[h]]
+                    s = hit_pick[h]
+                    old = np.float64(old_min_sq[row])
+                    gap = sorted_lower[s] - np.sqrt(old + margin)
+                    if gap <= 0 or gap * gap - margin < old:
+                        if count < capacity:
+                            out_rows[base + count] = row
+                            out_batch[base + count] = by_bucket[s]
+                        count += 1
         counts[part] = count

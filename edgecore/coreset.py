@@ -686,14 +686,17 @@ class _BatchedFarthestFirst:
         """Apply the batch's centres (ranks ``count`` ...) to every row they may bring closer."""
         offsets, members, largest = clusters
         batch_points = self.points[batch_rows]
+        batch_sq = self.sq_norms[batch_rows].astype(np.float64)
+        batch_coords = np.ascontiguousarray(self.coords[batch_rows])
+        batch_bound_sq = self.bound_sq[batch_rows].astype(np.float64) - self.margin
         parts = self.kernels.numba.get_num_threads()
         while True:
             counts = np.zeros(parts, dtype=np.int64)
             for start in range(0, count, _PASS_CLUSTERS):
                 dots = self.centres[start : min(count, start + _PASS_CLUSTERS)] @ batch_points.T
                 self.kernels.batch_candidates(
-                    start, dots, self.centre_sq, largest, offsets, members, batch_rows, self.sq_norms, old_min_sq,
-                    self.min_sq, self.coords, self.bound_sq, self.margin, self.pairs[0], self.pairs[1], counts)
+                    start, dots, self.centre_sq, largest, offsets, members, batch_sq, batch_coords, batch_bound_sq,
+                    old_min_sq, self.min_sq, self.coords, self.bound_sq, self.margin, self.pairs[0], self.pairs[1], counts)
             capacity = self.pairs[0].size // parts
             if counts.max() <= capacity:
                 break
