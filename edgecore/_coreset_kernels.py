@@ -240,7 +240,7 @@ def build_clusters(owner: np.ndarray, min_sq: np.ndarray, n_clusters: int) -> tu
 # are loaded once per group, and the group's dot products stay in registers.
 _ROW_GROUP = 4
 # Buckets of the surviving centres by their distance to the cluster centre (see batch_candidates).
-_BUCKETS = 16
+_BUCKETS = 32
 
 
 @numba.njit(cache=True, fastmath=_FLAGS)
@@ -363,15 +363,16 @@ def batch_candidates(
             four_r_sq = 4.0 * (largest[cluster] + margin)
             z_sq = np.float64(centre_sq[cluster])
             n_survivors = 0
-            for j in range(n_batch):
+            for j in range(n_batch):  # branch-free compaction: most centres survive or most do not, unpredictably
                 lb_sq = z_sq + batch_sq[j] - 2.0 * np.float64(dots[i, j]) - 2.0 * margin
-                if lb_sq < four_r_sq:
-                    survivors[n_survivors] = j
-                    lower[n_survivors] = np.sqrt(lb_sq) if lb_sq > 0 else 0.0
-                    survivor_sq[n_survivors] = batch_bound_sq[j]
-                    n_survivors += 1
+                survivors[n_survivors] = j
+                lower[n_survivors] = lb_sq
+                n_survivors += lb_sq < four_r_sq
             if n_survivors == 0:
                 continue
+            for s in range(n_survivors):
+                lower[s] = np.sqrt(lower[s]) if lower[s] > 0 else 0.0
+                survivor_sq[s] = batch_bound_sq[survivors[s]]
             # Counting sort of the survivors by d(c, z) into buckets: a member x only needs those with
             # d(c, z) < 2 d(x, z) (the member filter), a prefix of the buckets.
             width = 2.0 * np.sqrt(largest[cluster] + margin) / _BUCKETS

@@ -704,7 +704,8 @@ class _BatchedFarthestFirst:
             self.pairs = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
         taken = np.concatenate([np.arange(p * capacity, p * capacity + counts[p]) for p in range(parts)])
         pair_rows, pair_batch = self.pairs[0][taken], self.pairs[1][taken]
-        order = np.argsort(pair_batch, kind="stable")
+        # Batch positions fit in 16 bits (at most _BATCH_CANDIDATES), where numpy's stable sort is a radix sort.
+        order = np.argsort(pair_batch.astype(np.int16 if batch_rows.size <= 1 << 15 else np.int64), kind="stable")
         pair_rows, pair_batch = pair_rows[order], pair_batch[order]
         bounds = np.searchsorted(pair_batch, np.arange(batch_rows.size + 1))
         for j, position in enumerate(batch_rows):  # in pick order, as the plain loop
