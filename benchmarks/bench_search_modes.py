@@ -9,7 +9,8 @@ Three parts, all written as Markdown to stdout (benchmarks/RESULTS.md § "Search
   (``benchmarks/bench_index.py --cache``): recall@1 over all test patches, image-score Spearman, image and
   pixel AUROC deltas, search time per image, index memory / fp32 coreset bytes.
 * ``kernel``: the native int8 kernel alone (``edgecore.runtime.native``) on one image's queries, per ISA path
-  and thread count, for the int8 mode's code table and coarse mode's projection table.
+  and thread count, for the int8 mode's code table and coarse mode's projection table; then the exact
+  re-rank of each mode's real candidates, native (per path) against numpy.
 
     python benchmarks/bench_search_modes.py latency --bundle /tmp/wrn_coarse.edgecore:coarse,exact \\
         --bundle /tmp/wrn_hnsw.edgecore:hnsw --precision int8 --images ../shared/data/mvtec_bottle/test
@@ -149,7 +150,47 @@ def kernel(args: argparse.Namespace) -> None:
                 ran = k.path_for(table.shape[1], isa)
                 cells.append(f"{1e3 * min(times):.1f}" + ("" if ran == isa else f" ({ran})"))
             print(f"| {name} | {threads} | " + " | ".join(cells) + " |", flush=True)
+    _rerank_times(args, queries, {"int8 mode": int8, "coarse": coarse}, k, paths)
     k.threads = saved
+
+
+def _rerank_times(args, queries, searchers, k, paths) -> None:
+    """ms per re-rank of one image's real candidates (``search_coarse.rerank``): native per path and
+    thread count, and numpy (``EDGECORE_NATIVE_ISA=off``), min of ``--repeats``."""
+    from edgecore.runtime.native import ENV_ISA
+    from edgecore.runtime.search_coarse import rerank
+
+    def best(call) -> float:
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return 1e3 * min(times)
+
+    print("\n| re-rank (1 image) | candidates × D | threads | " + " | ".join(paths) + " | numpy |")
+    print("|---|---|---:|" + "---:|" * (len(paths) + 1))
+    for name, searcher in searchers.items():
+        candidates = _candidates(searcher, queries)
+        tables = searcher.rows.decode_tables()
+        for threads in (1, 2):
+            k.threads = threads
+            cells = [f"{best(lambda: k.rerank(queries, tables, candidates, 1, isa=isa)):.1f}" for isa in paths]
+            os.environ[ENV_ISA] = "off"
+            try:
+                cells.append(f"{best(lambda: rerank(queries, searcher.rows, candidates, 1)):.1f}")
+            finally:
+                del os.environ[ENV_ISA]
+            print(f"| {name} | {candidates.shape[1]} × {queries.shape[1]} | {threads} | " + " | ".join(cells) + " |",
+                  flush=True)
+
+
+def _candidates(searcher, queries: np.ndarray) -> np.ndarray:
+    """The candidates the searcher re-ranks for these queries (int8 mode: the kernel's; coarse: proposed)."""
+    if hasattr(searcher, "proposer"):
+        return searcher.proposer.propose(searcher.project(queries), searcher.candidates)
+    codes, cq, _, _ = searcher._weights(queries)
+    return searcher.kernel.topk(codes, searcher._table, searcher._norms, searcher._corr, cq, searcher.candidates)[1]
 
 
 def _native_path() -> str:
