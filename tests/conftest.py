@@ -144,3 +144,51 @@ def capi_programs(tmp_path_factory) -> dict[str, Path]:
         assert "warning" not in compiled.stderr, compiled.stderr  # the header must be clean C99
         programs[name] = out
     return programs
+
+
+# --- the search fidelity contract (shared by the search-mode tests) ---------------------------------
+def contract_data(dim: int = 256, block: int = 50, images: int = 40, seed: int = 5) -> dict:
+    """CNN-like patch features (clusters in a low-dimensional subspace + isotropic noise): a 3000-point
+    coreset and ``images`` blocks of ``block`` query patches, every other image with a few defect patches."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    subspace = np.linalg.qr(rng.normal(size=(dim, 24)))[0].T
+    centers = rng.normal(0.0, 4.0, (60, 24)) * np.linspace(3.0, 0.5, 24)
+
+    def sample(n: int) -> np.ndarray:
+        latent = centers[rng.integers(0, 60, n)] + rng.normal(0.0, 1.0, (n, 24)) * np.linspace(2.0, 0.3, 24)
+        return latent @ subspace + rng.normal(0.0, 0.15, (n, dim))
+
+    queries = sample(images * block)
+    defect = np.zeros(images * block, bool)
+    for image in range(1, images, 2):  # a few strong and weak defect patches per defective image
+        rows = image * block + rng.choice(block, 6, replace=False)
+        queries[rows] += rng.normal(0.0, rng.uniform(0.3, 1.5), (6, dim))
+        defect[rows] = True
+    return {"points": sample(3000).astype(np.float32), "queries": queries.astype(np.float32),
+            "defect": defect, "labels": (np.arange(images) % 2).astype(int), "block": block, "images": images}
+
+
+def contract_report(data: dict, distances, indices) -> dict[str, float]:
+    """The contract's four numbers against exact fp32 search (patch scores stand in for pixels)."""
+    from scipy.stats import spearmanr
+
+    from edgecore.metrics import auroc
+    from edgecore.runtime.search import ExactSearch
+
+    shape = (data["images"], data["block"])
+    ref_d, ref_i = ExactSearch(data["points"]).search(data["queries"], 1)
+    ref_img, img = ref_d[:, 0].reshape(shape).max(1), distances[:, 0].reshape(shape).max(1)
+    return {
+        "recall": float((indices[:, 0] == ref_i[:, 0]).mean()),
+        "spearman": float(spearmanr(ref_img, img).statistic),
+        "image_pt": 100 * abs(auroc(ref_img, data["labels"]) - auroc(img, data["labels"])),
+        "pixel_pt": 100 * abs(auroc(ref_d[:, 0], data["defect"]) - auroc(distances[:, 0], data["defect"])),
+    }
+
+
+def meets_contract(report: dict[str, float]) -> bool:
+    """recall@1 >= 0.99, image-score Spearman >= 0.999, image and pixel AUROC within 0.2 pt."""
+    return (report["recall"] >= 0.99 and report["spearman"] >= 0.999
+            and report["image_pt"] <= 0.2 and report["pixel_pt"] <= 0.2)

@@ -15,14 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.stats import spearmanr
+from conftest import contract_data, contract_report, meets_contract
 
 from edgecore.export.index_build import INT8_CANDIDATE_STEPS, build_index
-from edgecore.metrics import auroc
 from edgecore.runtime import native
 from edgecore.runtime.index import QuantizedIndex
 from edgecore.runtime.native.search import Int8Search
-from edgecore.runtime.search import ExactSearch
 from edgecore.runtime.search_coarse import GraphProposer
 
 kernel = native.kernel()  # the package install builds it: a missing library fails here, loudly
@@ -116,24 +114,8 @@ def _env() -> dict:
 
 # --- the search modes -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def data() -> dict[str, np.ndarray]:
-    """CNN-like features (clusters in a low-dimensional subspace + isotropic noise), defect patches."""
-    rng = np.random.default_rng(5)
-    subspace = np.linalg.qr(rng.normal(size=(DIM, 24)))[0].T
-    centers = rng.normal(0.0, 4.0, (60, 24)) * np.linspace(3.0, 0.5, 24)
-
-    def sample(n: int) -> np.ndarray:
-        latent = centers[rng.integers(0, 60, n)] + rng.normal(0.0, 1.0, (n, 24)) * np.linspace(2.0, 0.3, 24)
-        return latent @ subspace + rng.normal(0.0, 0.15, (n, DIM))
-
-    queries = sample(IMAGES * BLOCK)
-    defect = np.zeros(IMAGES * BLOCK, bool)
-    for image in range(1, IMAGES, 2):
-        rows = image * BLOCK + rng.choice(BLOCK, 6, replace=False)
-        queries[rows] += rng.normal(0.0, rng.uniform(0.3, 1.5), (6, DIM))
-        defect[rows] = True
-    return {"points": sample(3000).astype(np.float32), "queries": queries.astype(np.float32),
-            "defect": defect, "labels": (np.arange(IMAGES) % 2).astype(int)}
+def data() -> dict:
+    return contract_data(DIM, BLOCK, IMAGES)
 
 
 @pytest.fixture(scope="module")
@@ -141,28 +123,11 @@ def int8(data) -> QuantizedIndex:
     return build_index(data["points"], "int8", "int8", patches_per_image=BLOCK)
 
 
-def fidelity(data: dict, distances: np.ndarray, indices: np.ndarray) -> dict[str, float]:
-    """The contract's four numbers against exact fp32 search (patch scores stand in for pixels)."""
-    ref_d, ref_i = ExactSearch(data["points"]).search(data["queries"], 1)
-    ref_img, img = ref_d[:, 0].reshape(IMAGES, BLOCK).max(1), distances[:, 0].reshape(IMAGES, BLOCK).max(1)
-    return {
-        "recall": float(np.mean(indices[:, 0] == ref_i[:, 0])),
-        "spearman": float(spearmanr(ref_img, img).statistic),
-        "image_pt": 100 * abs(auroc(ref_img, data["labels"]) - auroc(img, data["labels"])),
-        "pixel_pt": 100 * abs(auroc(ref_d[:, 0], data["defect"]) - auroc(distances[:, 0], data["defect"])),
-    }
-
-
-def meets_contract(report: dict[str, float]) -> bool:
-    return (report["recall"] >= 0.99 and report["spearman"] >= 0.999
-            and report["image_pt"] <= 0.2 and report["pixel_pt"] <= 0.2)
-
-
 def test_int8_mode_meets_the_fidelity_contract(int8, data):
     assert int8.searcher.isa == kernel.path_for(int8.searcher._table.shape[1]) == kernel.isa
     assert int8.searcher._table.shape[1] % 64  # the AMX path's K tail is exercised
     dist, idx = int8.search(data["queries"], 1)
-    report = fidelity(data, dist, idx)
+    report = contract_report(data, dist, idx)
     assert meets_contract(report), report
     _, want = build_index(data["points"], "int8", "exact").search(data["queries"], 1)
     assert np.mean(idx[:, 0] == want[:, 0]) >= 0.999  # what the int8 codes allow, nearly always
@@ -175,7 +140,7 @@ def test_int8_mode_certifies_each_blocks_max_even_with_one_candidate(data):
     exact = build_index(data["points"], "int8", "exact")
     ref_d, ref_i = exact.search(data["queries"], 1)
     dist, idx = crippled.search(data["queries"], 1)
-    report = fidelity(data, dist, idx)
+    report = contract_report(data, dist, idx)
     assert report["recall"] < 0.99, report  # the re-rank alone is not enough here ...
     for start in range(0, len(dist), BLOCK):  # ... the certification is
         rows = slice(start, start + BLOCK)
@@ -233,7 +198,7 @@ def test_coarse_candidates_come_from_the_kernel_and_match_the_graph_fallback(dat
         graph_coarse = build_index(data["points"], "int8", "coarse", patches_per_image=BLOCK)
     assert isinstance(graph_coarse.searcher.proposer, GraphProposer)
     for index in (native_coarse, graph_coarse):
-        assert meets_contract(fidelity(data, *index.search(data["queries"], 1)))
+        assert meets_contract(contract_report(data, *index.search(data["queries"], 1)))
     assert native_coarse.memory_bytes() < graph_coarse.memory_bytes()  # no hnswlib copy of the projections
 
 

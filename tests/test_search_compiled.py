@@ -11,36 +11,19 @@ import json
 
 import numpy as np
 import pytest
-from scipy.stats import spearmanr
+from conftest import contract_data, contract_report, meets_contract
 
 from edgecore.export.index_build import build_index
-from edgecore.metrics import auroc
 from edgecore.runtime.errors import BundleError, EdgecoreError
 from edgecore.runtime.index import QuantizedIndex
-from edgecore.runtime.search import ExactSearch
 from edgecore.runtime.search_compiled import CompiledSearch, KeyOperands, OpenVINOSearchGraph
 
 DIM, BLOCK, IMAGES = 256, 50, 40  # 40 "images" of 50 patches; every other image holds defect patches
 
 
 @pytest.fixture(scope="module")
-def data() -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(5)
-    subspace = np.linalg.qr(rng.normal(size=(DIM, 24)))[0].T
-    centers = rng.normal(0.0, 4.0, (60, 24)) * np.linspace(3.0, 0.5, 24)
-
-    def sample(n: int) -> np.ndarray:
-        latent = centers[rng.integers(0, 60, n)] + rng.normal(0.0, 1.0, (n, 24)) * np.linspace(2.0, 0.3, 24)
-        return latent @ subspace + rng.normal(0.0, 0.15, (n, DIM))
-
-    queries = sample(IMAGES * BLOCK)
-    defect = np.zeros(IMAGES * BLOCK, bool)
-    for image in range(1, IMAGES, 2):  # a few strong and weak defect patches per defective image
-        rows = image * BLOCK + rng.choice(BLOCK, 6, replace=False)
-        queries[rows] += rng.normal(0.0, rng.uniform(0.3, 1.5), (6, DIM))
-        defect[rows] = True
-    return {"points": sample(3000).astype(np.float32), "queries": queries.astype(np.float32),
-            "defect": defect, "labels": (np.arange(IMAGES) % 2).astype(int)}
+def data() -> dict:
+    return contract_data(DIM, BLOCK, IMAGES)
 
 
 @pytest.fixture(scope="module")
@@ -48,25 +31,8 @@ def compiled(data) -> QuantizedIndex:
     return build_index(data["points"], "int8", "compiled", patches_per_image=BLOCK)
 
 
-def fidelity(data: dict, distances: np.ndarray, indices: np.ndarray) -> dict[str, float]:
-    """The contract's four numbers against exact fp32 search (patch scores stand in for pixels)."""
-    ref_d, ref_i = ExactSearch(data["points"]).search(data["queries"], 1)
-    ref_img, img = ref_d[:, 0].reshape(IMAGES, BLOCK).max(1), distances[:, 0].reshape(IMAGES, BLOCK).max(1)
-    return {
-        "recall": float(np.mean(indices[:, 0] == ref_i[:, 0])),
-        "spearman": float(spearmanr(ref_img, img).statistic),
-        "image_pt": 100 * abs(auroc(ref_img, data["labels"]) - auroc(img, data["labels"])),
-        "pixel_pt": 100 * abs(auroc(ref_d[:, 0], data["defect"]) - auroc(distances[:, 0], data["defect"])),
-    }
-
-
-def meets_contract(report: dict[str, float]) -> bool:
-    return (report["recall"] >= 0.99 and report["spearman"] >= 0.999
-            and report["image_pt"] <= 0.2 and report["pixel_pt"] <= 0.2)
-
-
 def test_compiled_search_meets_the_fidelity_contract(compiled, data):
-    report = fidelity(data, *compiled.search(data["queries"], 1))
+    report = contract_report(data, *compiled.search(data["queries"], 1))
     assert meets_contract(report), report
 
 
@@ -77,7 +43,7 @@ def test_the_contract_check_fails_a_search_that_ranks_badly(compiled, data):
     rng = np.random.default_rng(0)
     picked = np.take_along_axis(proposed, rng.integers(0, 4, (len(proposed), 1)), axis=1)
     distances = np.linalg.norm(searcher.rows[picked[:, 0]] - data["queries"], axis=1)[:, None]
-    assert not meets_contract(fidelity(data, distances, picked))
+    assert not meets_contract(contract_report(data, distances, picked))
 
 
 def test_returned_distances_are_true_l2_to_the_returned_rows(compiled, data):
