@@ -626,6 +626,7 @@ int ecs_keys(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows, i
 #define RR_ROWS 8   /* candidate rows sharing one pass over the basis */
 #define RR_LANES 16 /* float64 partial sums per row */
 #define RR_MAX_COORDS 256 /* PCA coordinates per row the kernel takes (the exporter stores far fewer) */
+#define RR_MIN_WORK (16 * 1024 * 1024) /* multiply-adds per thread of ecs_l2, at least */
 
 typedef struct {
     const float *queries; /* nq x dim */
@@ -826,9 +827,14 @@ int ecs_l2(const float *queries, int64_t nq, int64_t dim, const int8_t *codes, i
     int64_t pairs = nq * ncand;
     if (pairs == 0) return 0;
     int64_t groups = (pairs + RR_ROWS - 1) / RR_ROWS;
+    /* A thread only for RR_MIN_WORK multiply-adds or more: a second thread on a few hundred pairs (the
+     * certification's batches) costs more than it saves, and far more on a busy CPU, where the join waits
+     * for a time slice (RESULTS.md #11: 256 pairs at 1024-d, 2-3 ms on 2 threads vs 0.3 ms on one). */
+    int64_t work = pairs * dim * (ncoord + 2), most = work / RR_MIN_WORK > 0 ? work / RR_MIN_WORK : 1;
     if (threads < 1) threads = 1;
     if (threads > 64) threads = 64;
     if (threads > groups) threads = (int)groups;
+    if (threads > most) threads = (int)most;
     RrJob jobs[64];
     pthread_t tids[64];
     for (int t = 0; t < threads; t++) {
@@ -883,6 +889,42 @@ int ecs_rerank(const float *queries, int64_t nq, int64_t dim, const int8_t *code
             pos[at] = i;
         }
         for (int64_t j = 0; j < k; j++) oi[j] = cand[q * ncand + pos[j]];
+    }
+    return 0;
+}
+
+/* Coarse mode's narrowing: of each query's `wide` candidates (by int8 key), the k nearest in float32
+ * projected distance, ascending by (distance, candidate position); out_idx holds their row ids. The
+ * distance is summed in increasing dimension, one plain float32 multiply and add each (the library is
+ * built with -ffp-contract=off), so every CPU gives the same order. Returns 0 or -1. */
+int ecs_narrow(const float *queries, int64_t nq, int64_t p, const float *points, int64_t m, const int64_t *cand,
+               int64_t wide, int64_t k, int64_t *out_idx) {
+    if (nq < 0 || p < 1 || m < 1 || k < 1 || k > wide || k > 256) return -1;
+    for (int64_t q = 0; q < nq; q++) {
+        const float *x = queries + q * p;
+        const int64_t *cq = cand + q * wide;
+        float best[256];
+        int64_t pos[256];
+        int64_t filled = 0;
+        for (int64_t i = 0; i < wide; i++) {
+            if (cq[i] < 0 || cq[i] >= m) return -1;
+            const float *y = points + cq[i] * p;
+            float d = 0.0f;
+            for (int64_t j = 0; j < p; j++) {
+                float t = y[j] - x[j];
+                d = d + t * t;
+            }
+            if (filled == k && !(d < best[k - 1])) continue; /* equal: the earlier position stays */
+            int64_t at = filled < k ? filled++ : k - 1;
+            while (at > 0 && d < best[at - 1]) {
+                best[at] = best[at - 1];
+                pos[at] = pos[at - 1];
+                at--;
+            }
+            best[at] = d;
+            pos[at] = i;
+        }
+        for (int64_t j = 0; j < k; j++) out_idx[q * k + j] = cq[pos[j]];
     }
     return 0;
 }

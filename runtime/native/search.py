@@ -179,9 +179,7 @@ class ProjectedCandidates:
         _, idx = self.kernel.topk(codes, self._table, self._bias, self._corr, (2.0 * step).astype(np.float32), wide)
         if wide == k:
             return idx
-        diff = self._projected[idx] - projected[:, None, :]
-        order = np.argsort(np.einsum("qkp,qkp->qk", diff, diff), axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(idx, order, axis=1)
+        return self.kernel.narrow(projected, self._projected, idx, k)
 
     def memory_bytes(self) -> int:
         return self._table.nbytes + self._bias.nbytes + self._corr.nbytes + self._mid.nbytes + self._step.nbytes
