@@ -132,7 +132,8 @@ def build_index(
         dtype: stored vectors, ``int8`` | ``fp16`` | ``fp32``.
         mode: ``exact`` | ``hnsw`` | ``coarse`` | ``int8`` | ``compiled`` (the exporter's ``--search``); None
             picks :func:`choose_search_mode`, confirms coarse with :func:`probe_recall`, and replaces
-            hnsw by int8 where the native kernel runs, passes the probe and is faster on it.
+            hnsw by int8 where the native kernel runs, passes the probe and is faster on it (keeping the
+            hnsw graph in the index for CPUs without an int8 dot product; an explicit int8 stores none).
         patches_per_image: the feature grid h·w, the block whose largest distance the
             graph modes certify exact.
 
@@ -194,7 +195,11 @@ def _prefer_native(coreset: np.ndarray, graph_index: QuantizedIndex, patches_per
     if recall >= COARSE_MIN_PROBE_RECALL and int8_ms < hnsw_ms:
         candidate.choice.update(measured, reason=(
             f"{graph_index.choice['reason']}; native int8 brute force ({candidate.searcher.isa}) passed the probe "
-            f"(recall@1 {recall:.4f}) and searched it in {int8_ms:.1f} ms vs hnsw {hnsw_ms:.1f} ms"))
+            f"(recall@1 {recall:.4f}) and searched it in {int8_ms:.1f} ms vs hnsw {hnsw_ms:.1f} ms; the hnsw graph "
+            "is stored for cameras whose kernel path has no int8 dot product"))
+        # Measured on this CPU: a camera without VNNI/dot product runs the kernel 3-4x slower per MAC and loses to
+        # the graph (RESULTS.md #11), so the runtime searches with the graph there (runtime.index.int8_fallback_reason).
+        candidate.store_fallback(graph_index)
         return candidate
     graph_index.choice.update(measured)
     return graph_index

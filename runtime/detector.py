@@ -43,19 +43,22 @@ def limit_blas_threads(count: int) -> None:
 
 def open_index(directory: Path, description: dict, search: str | None) -> QuantizedIndex:
     """Load the bundle's index; ``search`` overrides its mode where the files allow it
-    (exact and compiled search need only the vectors; hnsw and coarse need the graph stored at export)."""
+    (exact and compiled search need only the vectors; hnsw and coarse need the graph stored at export,
+    which an int8 index declares as its ``fallback``). An explicit mode is never replaced; without one, an
+    int8 index may run its stored graph on a CPU without an int8 dot product (``index.replaced`` says why)."""
     if search is not None and search not in SEARCH_MODES:
         raise ValueError(f"search must be one of {', '.join(SEARCH_MODES)}, got {search!r}")
     description = dict(description)
     if search and search != description.get("mode"):
-        if SEARCH_MODES[search].graph_arrays:
+        if SEARCH_MODES[search].graph_arrays and description.get("fallback") != search:
             raise BundleError(f"{directory}: this bundle's index has no {search} graph; re-export with --search {search}")
         description["mode"] = search
-    return QuantizedIndex.load(directory, description)
+        description.pop("fallback", None)  # the override is the mode now; a stored graph is read as its own
+    return QuantizedIndex.load(directory, description, automatic=search is None)
 
 
 def describe_index(index: QuantizedIndex) -> str:
-    return f"{index.dtype} {index.mode} over {index.size}×{index.dim}"
+    return index.describe()
 
 
 class Detector(ImageScorer):

@@ -21,10 +21,17 @@ Camera side, torch-free (numpy + hnswlib + the native kernel in ``runtime.native
   (``runtime.search_coarse``). Its graph arrays add the projection (``proj_basis``,
   ``proj_center``) to the hnsw links; where the native kernel loads
   (``runtime.native``) the candidates come from its int8 brute force over the
-  projections instead, and the stored graph is only the fallback.
-* ``mode="int8"`` (int8 only, no graph) is the native kernel's brute force over the
+  projections instead, and the stored graph is only the fallback (no kernel, or a
+  kernel path without an int8 dot product, where the graph is faster).
+* ``mode="int8"`` (int8 only) is the native kernel's brute force over the
   full-D codes themselves, with an exact re-rank and a certified image maximum
-  (``runtime.native.search``); without the kernel it falls back to exact mode.
+  (``runtime.native.search``). Automatic exports also store the hnsw graph the rule
+  would have used (description ``"fallback": "hnsw"``): on a CPU where the kernel has
+  no int8 dot product for the table (its ``avx2`` or ``scalar`` path) or does not load,
+  a bundle opened without an explicit mode searches with that graph instead (hnsw
+  mode, see :func:`int8_fallback_reason`); only then is the graph read into memory.
+  Without a stored graph (older bundles, ``--search int8``) it runs as chosen, and
+  without the kernel it falls back to exact mode.
 * HNSW is least reliable far from the data, which is exactly where the image
   score comes from (the farthest patch). So hnsw mode certifies, per block of
   ``certify_block`` consecutive queries (one image's patches), that the largest
@@ -88,6 +95,11 @@ _PARAM_RANGES = {"m": (2, 1024), "ef_construction": (1, 1 << 20), "ef_search": (
                  "candidates": (1, 4096), "proj_dim": (1, 4096)}
 # Parameters of a mode without a graph (the description's "search_params"), range-checked the same way.
 _SEARCH_PARAM_KEYS = ("candidates", "certify_block")
+# Kernel paths without int8 dot-product instructions: there the stored hnsw graph of an int8 bundle is faster
+# (benchmarks/RESULTS.md #11, bottle Lite0: avx2 160.8 vs hnsw 68.6 ms on Intel, 44.1 vs 41.9 on AMD; scalar 1 648
+# vs 45.7 ms; no kernel: exact over the decoded codes 54.4 vs 42.3 ms).
+NO_DOT_PRODUCT_PATHS = ("avx2", "scalar")
+FALLBACK_MODES = ("hnsw",)  # what an int8 description may declare as "fallback" (a graph of _GRAPH_ARRAYS)
 
 
 class QuantizedIndex:
@@ -131,6 +143,8 @@ class QuantizedIndex:
         self.graph = graph if entry.graph_arrays else None
         self.hnsw = dict(hnsw) if entry.graph_arrays and hnsw is not None else None
         self.search_params = dict(search_params) if entry.has_params and search_params is not None else None
+        self.fallback: tuple[dict[str, np.ndarray], dict] | None = None  # int8 mode's stored graph (export side)
+        self.replaced: dict | None = None  # set by load: {"mode": the bundle's mode, "reason": why this mode runs}
         params = self.hnsw if entry.graph_arrays else self.search_params
         self.searcher: Searcher = entry.open(dtype, arrays, self.graph, params)
         self.size, self.dim = self.searcher.shape
@@ -160,6 +174,24 @@ class QuantizedIndex:
         the int8 codes decoded on access (coarse: :class:`CodeRows`, no fp32 copy exists)."""
         return self.searcher.points
 
+    def store_fallback(self, graph_index: "QuantizedIndex") -> None:
+        """Store ``graph_index``'s hnsw graph with this int8 index, for CPUs where the kernel has no int8 dot
+        product (see the module doc). Built on the same coreset: the graph is over the same decoded codes."""
+        if self.mode != "int8" or graph_index.mode not in FALLBACK_MODES or graph_index.graph is None:
+            raise ValueError(f"only an int8 index stores a fallback graph ({graph_index.mode!r} given)")
+        if (graph_index.size, graph_index.dim, graph_index.dtype) != (self.size, self.dim, self.dtype):
+            raise ValueError("the fallback graph must index the same coreset")
+        self.fallback = (graph_index.graph, dict(graph_index.hnsw))
+
+    def describe(self) -> str:
+        """The mode that runs, and why when it is not the bundle's (info / bench output)."""
+        text = f"{self.dtype} {self.mode} over {self.size}×{self.dim}"
+        if isinstance(self.searcher, _CoarseSearcher):
+            text += f", candidates: {self.searcher.candidate_stage}"
+        if self.replaced:
+            text += f" (bundle's mode {self.replaced['mode']} replaced: {self.replaced['reason']})"
+        return text
+
     # --- persistence --------------------------------------------------------
     def save(self, directory: str | Path) -> dict:
         """Write ``index_*.npy`` into an existing ``directory``; return the description.
@@ -171,7 +203,8 @@ class QuantizedIndex:
         if not directory.is_dir():
             raise ValueError(f"{directory}: not an existing directory")
         files: dict[str, dict] = {}
-        for group, arrays in (("vectors", self.arrays), ("graph", self.graph or {})):
+        graph, hnsw = self.fallback if self.fallback is not None else (self.graph, self.hnsw)
+        for group, arrays in (("vectors", self.arrays), ("graph", graph or {})):
             for key, array in arrays.items():
                 name = f"index_{group}_{key}.npy"
                 path = directory / name
@@ -186,19 +219,25 @@ class QuantizedIndex:
             "files": files,
             "quantization": self.quantization_info(),
         }
-        if self.hnsw is not None:
-            description["hnsw"] = dict(self.hnsw)
+        if hnsw is not None:
+            description["hnsw"] = dict(hnsw)
+        if self.fallback is not None:
+            description["fallback"] = "hnsw"
         if self.search_params is not None:
             description["search_params"] = dict(self.search_params)
         description["choice"] = dict(self.choice)
         return description
 
     @classmethod
-    def load(cls, directory: str | Path, description: dict) -> "QuantizedIndex":
+    def load(cls, directory: str | Path, description: dict, automatic: bool = True) -> "QuantizedIndex":
         """Rebuild the index from the files ``save`` wrote; BundleError if anything is off.
 
         Every field and array is checked before hnswlib sees it: hnswlib trusts its
         links, levels and entry point, and a wrong one crashes the process natively.
+        ``automatic``: the mode was not given explicitly, so an int8 bundle's declared fallback graph
+        replaces the kernel where :func:`int8_fallback_reason` says so (``replaced`` records it).
+        A declared fallback is checked on every load (parameters, SHA-256, shapes, links); its arrays are
+        read into memory only when it is used (otherwise through a read-only map that is dropped).
         """
         directory = Path(directory)
         try:
@@ -222,9 +261,28 @@ class QuantizedIndex:
                 if not isinstance(search_params, dict):
                     raise BundleError("index field 'search_params' must be an object")
                 search_params = {key: _int_field(search_params, key, *_PARAM_RANGES[key]) for key in _SEARCH_PARAM_KEYS}
+            fallback = description.get("fallback")
+            if fallback is not None:
+                if mode != "int8" or fallback not in FALLBACK_MODES:
+                    raise BundleError(f"index field 'fallback' {fallback!r}: only an int8 index may declare one, "
+                                      f"of {FALLBACK_MODES} (this index: mode {mode!r})")
+                hnsw = description.get("hnsw")
+                if not isinstance(hnsw, dict):
+                    raise BundleError("index declares a fallback graph but has no 'hnsw' parameters")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"{directory}: malformed index description: {exc!r}") from exc
         arrays = {key: _read(directory, files, f"vectors.{key}", dt) for key, dt in _VECTOR_ARRAYS[dtype].items()}
+        replaced = None
+        if fallback is not None:
+            reason = int8_fallback_reason(dim, arrays["coord_codes"]) if automatic else None
+            if reason is None:  # the graph stays on disk: checked through a read-only map, then dropped
+                mapped = {key: _read(directory, files, f"graph.{key}", dt, mmap=True) for key, dt in _GRAPH_ARRAYS.items()}
+                _check_shapes(directory, dtype, arrays, mapped, size, dim)
+                _check_graph(directory, mapped, hnsw, (), size, dim)
+                del mapped
+                hnsw = None
+            else:
+                mode, entry, replaced = fallback, SEARCH_MODES[fallback], {"mode": "int8", "reason": reason}
         graph = None
         if entry.graph_arrays:
             graph = {key: _read(directory, files, f"graph.{key}", dt) for key, dt in entry.graph_arrays.items()}
@@ -233,9 +291,11 @@ class QuantizedIndex:
         if graph is not None:
             _check_graph(directory, graph, hnsw, entry.extra_params, size, dim)
         try:
-            return cls(dtype, arrays, mode, graph, hnsw, search_params=search_params)
+            index = cls(dtype, arrays, mode, graph, hnsw, search_params=search_params)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise BundleError(f"{directory}: inconsistent index files: {exc}") from exc
+        index.replaced = replaced
+        return index
 
     # --- sizes ---------------------------------------------------------------
     def quantization_info(self) -> dict:
@@ -247,8 +307,9 @@ class QuantizedIndex:
     def stored_bytes(self) -> dict[str, int]:
         """Array bytes by part (what ``save`` writes, less ~128 B of .npy header per file)."""
         parts = {"vectors": sum(a.nbytes for a in self.arrays.values())}
-        if self.graph is not None:
-            parts["graph"] = sum(a.nbytes for a in self.graph.values())
+        graph = self.fallback[0] if self.fallback is not None else self.graph
+        if graph is not None:
+            parts["graph"] = sum(a.nbytes for a in graph.values())
         return parts
 
     def memory_bytes(self) -> int:
@@ -317,18 +378,8 @@ def _check_finite(directory: Path, arrays: dict[str, np.ndarray]) -> None:
 def _check_graph(directory: Path, graph: dict[str, np.ndarray], params: dict, extra_params: tuple[str, ...],
                  size: int, dim: int) -> None:
     """Everything hnswlib would trust: parameter ranges, levels, entry point, link counts and ids."""
-    try:
-        values = {key: _int_field(params, key, *_PARAM_RANGES[key])
-                  for key in ("m", "ef_construction", "ef_search", "certify_block", "max_level", "seed")}
-        values.update({key: _int_field(params, key, *_PARAM_RANGES[key]) for key in extra_params})
-        entry_point = _int_field(params, "entry_point", 0, size - 1)
-        mult = params["mult"]
-        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not (math.isfinite(mult) and mult > 0):
-            raise BundleError(f"index field 'mult' must be a positive finite number, got {mult!r}")
-    except (KeyError, TypeError) as exc:
-        raise BundleError(f"{directory}: malformed hnsw parameters: {exc!r}") from exc
-    except BundleError as exc:
-        raise BundleError(f"{directory}: {exc}") from None
+    values = _graph_params(directory, params, extra_params, size)
+    entry_point = values["entry_point"]
     m, levels = values["m"], graph["levels"]
     if graph["level0"].shape != (size, 1 + 2 * m):
         raise BundleError(f"{directory}: level-0 links have shape {graph['level0'].shape}, expected {(size, 1 + 2 * m)}")
@@ -355,7 +406,41 @@ def _check_graph(directory: Path, graph: dict[str, np.ndarray], params: dict, ex
             raise BundleError(f"{directory}: projection basis is not orthonormal (its lower bounds would be wrong)")
 
 
-def _read(directory: Path, files: dict, key: str, dtype: str) -> np.ndarray:
+def _graph_params(directory: Path, params: dict, extra_params: tuple[str, ...], size: int) -> dict:
+    """The hnsw section's parameters, range-checked (integers, plus ``entry_point`` < size and a finite ``mult``)."""
+    try:
+        values = {key: _int_field(params, key, *_PARAM_RANGES[key])
+                  for key in ("m", "ef_construction", "ef_search", "certify_block", "max_level", "seed")}
+        values.update({key: _int_field(params, key, *_PARAM_RANGES[key]) for key in extra_params})
+        values["entry_point"] = _int_field(params, "entry_point", 0, size - 1)
+        mult = params["mult"]
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not (math.isfinite(mult) and mult > 0):
+            raise BundleError(f"index field 'mult' must be a positive finite number, got {mult!r}")
+    except (KeyError, TypeError) as exc:
+        raise BundleError(f"{directory}: malformed hnsw parameters: {exc!r}") from exc
+    except BundleError as exc:
+        raise BundleError(f"{directory}: {exc}") from None
+    return values
+
+
+def int8_fallback_reason(dim: int, coord_codes: np.ndarray) -> str | None:
+    """Why an int8 bundle's stored hnsw graph should search instead of the kernel on this CPU, or None.
+
+    The kernel's path for int8 mode's table (D codes + k coordinate columns, padded to 4 bytes) decides: paths
+    without int8 dot-product instructions (``NO_DOT_PRODUCT_PATHS``) or no kernel at all lose to the graph.
+    """
+    try:
+        kernel = native.kernel()
+    except native.NativeUnavailable as exc:
+        return f"native int8 kernel unavailable ({exc})"
+    path = kernel.path_for((dim + coord_codes.shape[1] + 3) // 4 * 4)
+    if path in NO_DOT_PRODUCT_PATHS:
+        return f"the kernel's {path} path has no int8 dot-product instructions here; the stored hnsw graph is faster"
+    return None
+
+
+def _read(directory: Path, files: dict, key: str, dtype: str, mmap: bool = False) -> np.ndarray:
+    """The listed file for ``key`` (plain name, present, the description's SHA-256), as an array of ``dtype``."""
     try:
         entry = files[key]
         path = directory / entry["file"]
@@ -369,7 +454,7 @@ def _read(directory: Path, files: dict, key: str, dtype: str) -> np.ndarray:
     if sha256_file(path) != expected_sha:
         raise BundleError(f"{path}: index file corrupt (SHA-256 does not match the description)")
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (OSError, ValueError) as exc:
         raise BundleError(f"{path}: unreadable index file: {exc}") from exc
     if array.dtype != np.dtype(dtype):
@@ -584,15 +669,22 @@ class _HnswSearcher(_ExactSearcher):
 
 class _CoarseSearcher(CoarseSearch):
     """``CoarseSearch`` over the int8 codes (no fp32 copy), with the registry's accounting. Candidates from
-    the native int8 brute force over the projections; hnswlib's stored graph only without the kernel."""
+    the native int8 brute force over the projections where the kernel's path for them has an int8 dot
+    product; else (``NO_DOT_PRODUCT_PATHS``, or no kernel) from hnswlib's stored graph: bottle WRN50 on the
+    avx2 path, 1 thread, search 30.6 ms native vs 19.6 ms graph (RESULTS.md #11). ``candidate_stage`` says which."""
 
     def __init__(self, arrays: dict[str, np.ndarray], graph: dict[str, np.ndarray], params: dict) -> None:
         kernel = native.kernel_or_warn("coarse mode's stored hnswlib graph")
         size = arrays["codes"].shape[0]
+        self.candidate_stage = "stored hnswlib graph (no native kernel)"
 
         def proposer(projected: np.ndarray):
             if kernel is not None:
-                return ProjectedCandidates(projected, kernel)
+                path = kernel.path_for((projected.shape[1] + 3) // 4 * 4)
+                if path not in NO_DOT_PRODUCT_PATHS:
+                    self.candidate_stage = f"native {path}"
+                    return ProjectedCandidates(projected, kernel)
+                self.candidate_stage = f"stored hnswlib graph (the kernel's {path} path has no int8 dot product)"
             return GraphProposer(_hnswlib_index(graph, projected, params), params["ef_search"],
                                  lambda index: _hnswlib_bytes(index, size))
 
@@ -613,10 +705,10 @@ def _open_int8(dtype: str, arrays: dict[str, np.ndarray], params: dict | None) -
     kernel = native.kernel_or_warn("exact search over the decoded codes")
     if kernel is None:
         return _ExactSearcher(decode(dtype, arrays))
-    if kernel.isa in ("avx2", "scalar"):  # RESULTS.md #11: bottle Lite0 search 160.8 vs hnsw 68.6 ms on AVX2
+    if kernel.isa in NO_DOT_PRODUCT_PATHS:  # RESULTS.md #11: bottle Lite0 search 160.8 vs hnsw 68.6 ms on AVX2
         warnings.warn(f"int8 search runs the kernel's {kernel.isa} path here (no int8 dot-product instructions): "
-                      "slower than hnsw on this CPU; consider re-exporting with --search hnsw", RuntimeWarning,
-                      stacklevel=3)
+                      "slower than hnsw on this CPU; an automatic re-export stores the hnsw graph the runtime "
+                      "uses here instead (or re-export with --search hnsw)", RuntimeWarning, stacklevel=3)
     params = params or {}
     # Without stored parameters (another mode's bundle opened with --search int8) the whole call is one block.
     return Int8Search(arrays, kernel, candidates=params.get("candidates", INT8_CANDIDATES),

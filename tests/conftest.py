@@ -192,3 +192,34 @@ def meets_contract(report: dict[str, float]) -> bool:
     """recall@1 >= 0.99, image-score Spearman >= 0.999, image and pixel AUROC within 0.2 pt."""
     return (report["recall"] >= 0.99 and report["spearman"] >= 0.999
             and report["image_pt"] <= 0.2 and report["pixel_pt"] <= 0.2)
+
+
+@pytest.fixture(scope="session")
+def int8_fallback_bundle(fitted_model_dir, tmp_path_factory) -> Path:
+    """The synthetic model as an automatic export that picked 'int8' stores it: int8 index + the hnsw graph
+    as its CPU fallback. (Its coreset is below the exact/graph crossover, so the exporter itself would pick
+    exact: the index is built with build_index's two explicit modes and store_fallback, the step
+    _prefer_native takes.) Treat as read-only."""
+    import json
+    import shutil
+
+    from edgecore.export.bundle import export_bundle
+    from edgecore.export.index_build import build_index
+    from edgecore.model import PatchCoreModel
+    from edgecore.runtime.bundle import MANIFEST
+
+    bundle = export_bundle(fitted_model_dir, tmp_path_factory.mktemp("fallback") / "part.edgecore", search="int8")
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    index_dir = bundle / manifest["index"]["dir"]
+    per_image = manifest["index"]["search_params"]["certify_block"]
+    bank = PatchCoreModel.load(fitted_model_dir, device="cpu").memory_bank
+    index = build_index(bank, "int8", "int8", patches_per_image=per_image)
+    index.store_fallback(build_index(bank, "int8", "hnsw", patches_per_image=per_image))
+    shutil.rmtree(index_dir)
+    index_dir.mkdir()
+    description = index.save(index_dir)
+    manifest["index"] = {"dir": manifest["index"]["dir"], **description}
+    manifest["files"].update({f"{manifest['index']['dir']}/{entry['file']}": {} for entry in description["files"].values()})
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    recompute_hashes(bundle)
+    return bundle

@@ -6,6 +6,8 @@ exporter may choose (numpy, hnswlib, OpenVINO's CPU plugin all load) and scores 
 native run. Fails on a hnswlib built with ``-march=native`` on an AVX-512 machine; see ``.ci/install``.
 The native int8 kernel (``runtime/native``, 'int8' mode and coarse mode's candidates) picks its AVX2 path
 there and returns the same candidates as the AVX-512/AMX path natively (exact int32 dots on every path).
+An automatic int8 bundle (with its stored hnsw graph) opened without a mode runs int8 natively and, on the
+AVX2-only CPU, the graph instead (no int8 dot product there; tests/test_search_fallback_cpu.py), same scores.
 """
 from __future__ import annotations
 
@@ -36,8 +38,8 @@ from edgecore.runtime import native
 from edgecore.runtime.detector import Detector
 runs, frames = json.loads(sys.argv[1]), sys.argv[2:]
 report = {"avx512f": bool(cpu["AVX512F"]), "avx2": bool(cpu["AVX2"]), "native_isa": native.kernel().isa, "runs": {}}
-for bundle, search in runs:
-    with Detector.open(bundle, precision="fp32", search=search) as detector:
+for bundle, search in runs:  # "auto": the bundle's own choice (no --search)
+    with Detector.open(bundle, precision="fp32", search=None if search == "auto" else search) as detector:
         report["runs"][search] = {"mode": detector.index.mode, "scores": [detector.detect(f).score for f in frames]}
 print(json.dumps(report))
 """
@@ -57,9 +59,9 @@ def _run(command: list[str]) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def test_camera_runtime_on_haswell_gives_the_native_scores(bundles, synthetic_category):
+def test_camera_runtime_on_haswell_gives_the_native_scores(bundles, int8_fallback_bundle, synthetic_category):
     runs = json.dumps([[str(bundles["coarse"]), "exact"], [str(bundles["hnsw"]), "hnsw"], [str(bundles["coarse"]), "coarse"],
-                       [str(bundles["coarse"]), "int8"]])
+                       [str(bundles["coarse"]), "int8"], [str(int8_fallback_bundle), "auto"]])
     frames = [str(p) for p in sorted((synthetic_category / "test").rglob("*.png"))[:3]]
     native = _run([sys.executable, "-c", CHILD, runs, *frames])
     emulated = _run([QEMU, "-cpu", "Haswell", sys.executable, "-c", CHILD, runs, *frames])
@@ -72,3 +74,7 @@ def test_camera_runtime_on_haswell_gives_the_native_scores(bundles, synthetic_ca
     # the int8 kernel's candidates are the exact int8 search's: its scores are exact mode's on both CPUs
     for run in (native, emulated):
         np.testing.assert_allclose(run["runs"]["int8"]["scores"], run["runs"]["exact"]["scores"], rtol=1e-5)
+    # the automatic int8 bundle: the kernel where it has a dot product, the stored graph on the AVX2-only CPU
+    assert native["runs"]["auto"]["mode"] == ("int8" if native["native_isa"] not in ("avx2", "scalar") else "hnsw")
+    assert emulated["runs"]["auto"]["mode"] == "hnsw"
+    np.testing.assert_allclose(emulated["runs"]["auto"]["scores"], native["runs"]["auto"]["scores"], rtol=1e-4)
