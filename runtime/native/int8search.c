@@ -860,6 +860,20 @@ int ecs_l2(const float *queries, int64_t nq, int64_t dim, const int8_t *codes, i
     return rc;
 }
 
+/* Insert (d, i) into the ascending list best/pos of *filled <= k entries, keeping the k smallest; an
+ * equal value does not displace an earlier entry (ties by position, as the callers feed positions in order). */
+static inline void keep_smallest(float *best, int64_t *pos, int64_t *filled, int64_t k, float d, int64_t i) {
+    if (*filled == k && !(d < best[k - 1])) return;
+    int64_t at = *filled < k ? (*filled)++ : k - 1;
+    while (at > 0 && d < best[at - 1]) {
+        best[at] = best[at - 1];
+        pos[at] = pos[at - 1];
+        at--;
+    }
+    best[at] = d;
+    pos[at] = i;
+}
+
 /* The k nearest of each query's ncand candidates by true L2 (ecs_l2), ascending by (distance, candidate
  * position): out_dist / out_idx are nq x k (out_idx holds the candidates' row ids). `scratch` is
  * nq x ncand floats. Returns 0 or -1. */
@@ -877,17 +891,7 @@ int ecs_rerank(const float *queries, int64_t nq, int64_t dim, const int8_t *code
         int64_t *oi = out_idx + q * k;
         int64_t *pos = oi; /* candidate positions first, row ids at the end */
         int64_t filled = 0;
-        for (int64_t i = 0; i < ncand; i++) {
-            if (filled == k && !(d[i] < od[k - 1])) continue; /* equal: the earlier position stays */
-            int64_t at = filled < k ? filled++ : k - 1;
-            while (at > 0 && d[i] < od[at - 1]) {
-                od[at] = od[at - 1];
-                pos[at] = pos[at - 1];
-                at--;
-            }
-            od[at] = d[i];
-            pos[at] = i;
-        }
+        for (int64_t i = 0; i < ncand; i++) keep_smallest(od, pos, &filled, k, d[i], i);
         for (int64_t j = 0; j < k; j++) oi[j] = cand[q * ncand + pos[j]];
     }
     return 0;
@@ -914,15 +918,7 @@ int ecs_narrow(const float *queries, int64_t nq, int64_t p, const float *points,
                 float t = y[j] - x[j];
                 d = d + t * t;
             }
-            if (filled == k && !(d < best[k - 1])) continue; /* equal: the earlier position stays */
-            int64_t at = filled < k ? filled++ : k - 1;
-            while (at > 0 && d < best[at - 1]) {
-                best[at] = best[at - 1];
-                pos[at] = pos[at - 1];
-                at--;
-            }
-            best[at] = d;
-            pos[at] = i;
+            keep_smallest(best, pos, &filled, k, d, i);
         }
         for (int64_t j = 0; j < k; j++) out_idx[q * k + j] = cq[pos[j]];
     }
