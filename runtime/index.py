@@ -56,7 +56,7 @@ import numpy as np
 from edgecore.runtime import native
 from edgecore.runtime.errors import BundleError, NonFiniteError
 from edgecore.runtime.fsutil import sha256_file
-from edgecore.runtime.native.search import INT8_CANDIDATES, Int8Search, ProjectedCandidates
+from edgecore.runtime.native.search import INT8_CANDIDATES, Int8Search, ProjectedCandidates, pad4
 from edgecore.runtime.search import ExactSearch, exact_l2
 from edgecore.runtime.search_coarse import CodeRows, CoarseSearch, GraphProposer
 from edgecore.runtime.search_compiled import CompiledSearch
@@ -433,7 +433,7 @@ def int8_fallback_reason(dim: int, coord_codes: np.ndarray) -> str | None:
         kernel = native.kernel()
     except native.NativeUnavailable as exc:
         return f"native int8 kernel unavailable ({exc})"
-    path = kernel.path_for((dim + coord_codes.shape[1] + 3) // 4 * 4)
+    path = kernel.path_for(pad4(dim + coord_codes.shape[1]))
     if path in NO_DOT_PRODUCT_PATHS:
         return f"the kernel's {path} path has no int8 dot-product instructions here; the stored hnsw graph is faster"
     return None
@@ -680,7 +680,7 @@ class _CoarseSearcher(CoarseSearch):
 
         def proposer(projected: np.ndarray):
             if kernel is not None:
-                path = kernel.path_for((projected.shape[1] + 3) // 4 * 4)
+                path = kernel.path_for(pad4(projected.shape[1]))
                 if path not in NO_DOT_PRODUCT_PATHS:
                     self.candidate_stage = f"native {path}"
                     return ProjectedCandidates(projected, kernel)
@@ -705,14 +705,15 @@ def _open_int8(dtype: str, arrays: dict[str, np.ndarray], params: dict | None) -
     kernel = native.kernel_or_warn("exact search over the decoded codes")
     if kernel is None:
         return _ExactSearcher(decode(dtype, arrays))
-    if kernel.isa in NO_DOT_PRODUCT_PATHS:  # RESULTS.md #11: bottle Lite0 search 160.8 vs hnsw 68.6 ms on AVX2
-        warnings.warn(f"int8 search runs the kernel's {kernel.isa} path here (no int8 dot-product instructions): "
-                      "slower than hnsw on this CPU; an automatic re-export stores the hnsw graph the runtime "
-                      "uses here instead (or re-export with --search hnsw)", RuntimeWarning, stacklevel=3)
     params = params or {}
     # Without stored parameters (another mode's bundle opened with --search int8) the whole call is one block.
-    return Int8Search(arrays, kernel, candidates=params.get("candidates", INT8_CANDIDATES),
-                      certify_block=params.get("certify_block", _PARAM_RANGES["certify_block"][1]))
+    searcher = Int8Search(arrays, kernel, candidates=params.get("candidates", INT8_CANDIDATES),
+                          certify_block=params.get("certify_block", _PARAM_RANGES["certify_block"][1]))
+    if searcher.isa in NO_DOT_PRODUCT_PATHS:  # the path int8_fallback_reason judges (RESULTS.md #11)
+        warnings.warn(f"int8 search runs the kernel's {searcher.isa} path here (no int8 dot-product instructions): "
+                      "slower than hnsw on this CPU; an automatic re-export stores the hnsw graph the runtime "
+                      "uses here instead (or re-export with --search hnsw)", RuntimeWarning, stacklevel=3)
+    return searcher
 
 
 def _hnswlib_bytes(index, size: int) -> int:

@@ -33,7 +33,8 @@ _COORD_STEP = 257  # uint16 coordinate code ≈ 257 · (int8 + 128): 0..65535 on
 _KEY_SLACK = 1e-4  # relative float32 rounding allowance on the key bounds (float32 norms summed over D terms)
 
 
-def _pad4(width: int) -> int:
+def pad4(width: int) -> int:
+    """The kernel's row width for ``width`` bytes of codes (a multiple of 4, zero-padded)."""
     return (width + 3) // 4 * 4
 
 
@@ -57,7 +58,7 @@ class Int8Search:
         codes = arrays["codes"]
         size, dim = codes.shape
         self._coords = arrays["coord_codes"].shape[1]
-        width = _pad4(dim + self._coords)
+        width = pad4(dim + self._coords)
         table = np.zeros((size, width), np.int8)
         table[:, :dim] = codes
         coord8 = np.rint(arrays["coord_codes"].astype(np.float32) / _COORD_STEP)  # 0..255
@@ -161,7 +162,7 @@ class ProjectedCandidates:
         half = (hi.astype(np.float64) - lo) / 2
         self._step = np.where(half > 0, half / 127.0, 1.0).astype(np.float32)
         codes = np.clip(np.rint((projected - self._mid) / self._step), -127, 127)
-        self._table = np.zeros((projected.shape[0], _pad4(projected.shape[1])), np.int8)
+        self._table = np.zeros((projected.shape[0], pad4(projected.shape[1])), np.int8)
         self._table[:, : projected.shape[1]] = codes.astype(np.int8)
         decoded = self._mid + self._step * codes.astype(np.float32)
         self._bias = np.einsum("md,md->m", decoded, decoded).astype(np.float32)
