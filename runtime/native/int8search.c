@@ -46,6 +46,7 @@ static const char *ISA_NAMES[ISA_COUNT] = {"scalar", "avx2", "avxvnni", "avx512v
 
 #define QB 16        /* queries per packed block (the lane count of one zmm of dwords) */
 #define ROW_TILE 4   /* rows sharing one pass over a query block's dwords */
+#define LIST_MAX 32  /* the AVX-512 top-k driver's list length (run_job_512; longer k: run_job) */
 #define CHUNK_BYTES (192 * 1024) /* rows scanned by every query block before moving on (stays in L2) */
 
 typedef struct {
@@ -62,6 +63,7 @@ typedef struct {
     int all_keys;
     const int8_t *zero_row;
     int64_t row_start;    /* rows before it are done (the AMX driver's AVX-512 tail) */
+    struct List32 *lists; /* the AVX-512 top-k driver's lists (k <= LIST_MAX), else NULL */
 } Ctx;
 
 /* One tile: ROW_TILE rows x one block of QB queries. A path's tile function computes the exact int32
@@ -146,6 +148,14 @@ static inline int32_t load_dword(const int8_t *p) {
     return v;
 }
 
+/* acc += dot(u8 a, s8 w) per dword, zmm. Inline asm on GCC/clang: GCC 12 compiles the intrinsic with a
+ * register copy of every accumulator per step (as many moves as multiplies). */
+#if defined(__GNUC__)
+#define DPBUSD512(acc, a, w) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(w))
+#else
+#define DPBUSD512(acc, a, w) ((acc) = _mm512_dpbusd_epi32((acc), (a), (w)))
+#endif
+
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 static uint64_t tile_avx512vnni(const Ctx *c, int64_t qb, const Tile *t, const float *cq, const float *kth,
                                 float *keys) {
@@ -155,10 +165,10 @@ static uint64_t tile_avx512vnni(const Ctx *c, int64_t qb, const Tile *t, const f
     const int8_t *r0 = t->rp[0], *r1 = t->rp[1], *r2 = t->rp[2], *r3 = t->rp[3];
     for (int64_t j = 0; j < c->g; j++) {
         __m512i q = _mm512_loadu_si512((const void *)(qp + j * QB * 4));
-        acc[0] = _mm512_dpbusd_epi32(acc[0], q, _mm512_set1_epi32(load_dword(r0 + 4 * j)));
-        acc[1] = _mm512_dpbusd_epi32(acc[1], q, _mm512_set1_epi32(load_dword(r1 + 4 * j)));
-        acc[2] = _mm512_dpbusd_epi32(acc[2], q, _mm512_set1_epi32(load_dword(r2 + 4 * j)));
-        acc[3] = _mm512_dpbusd_epi32(acc[3], q, _mm512_set1_epi32(load_dword(r3 + 4 * j)));
+        DPBUSD512(acc[0], q, _mm512_set1_epi32(load_dword(r0 + 4 * j)));
+        DPBUSD512(acc[1], q, _mm512_set1_epi32(load_dword(r1 + 4 * j)));
+        DPBUSD512(acc[2], q, _mm512_set1_epi32(load_dword(r2 + 4 * j)));
+        DPBUSD512(acc[3], q, _mm512_set1_epi32(load_dword(r3 + 4 * j)));
     }
     __m512 vcq = _mm512_loadu_ps(cq), vkth = _mm512_loadu_ps(kth);
     uint64_t mask = 0;
@@ -506,6 +516,163 @@ static void *run_job_amx(void *arg) {
     }
     return NULL;
 }
+
+/* ---- AVX-512 VNNI top-k driver (k <= LIST_MAX) ----
+ * A top-k over unordered rows takes ~k (1 + ln(M / k)) insertions per query (228 per bottle WRN50 patch at
+ * k = 32), and the scalar sorted insertion (~k/2 moves, a call that makes the compiler spill every live
+ * zmm) cost as much as the dot products. Here each query's list is 32 (key, row) pairs in two zmm-sized
+ * rows of memory, an insertion is one compare, one two-source permute and two blends, and it is inlined
+ * into the scan (no call, the k-th keys stay in registers). Two query blocks per step share each row
+ * dword broadcast (2 x PAIR_ROWS accumulators). The dots, the keys and the (key, row) order are those of
+ * the other paths: the results are bit-identical. */
+#define PAIR_ROWS 4
+
+typedef struct List32 {
+    float key[LIST_MAX];   /* ascending by (key, row); empty slots +inf */
+    int32_t row[LIST_MAX]; /* empty slots INT32_MAX, so any real (key, row) comes first */
+} List32;
+
+/* Inserts (key, row) into a sorted list it belongs in (it beats the last entry kept). */
+__attribute__((target("avx512f"), always_inline))
+static inline void list_insert(List32 *list, float key, int32_t row) {
+    static const int32_t shift_lo[16] = {0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14};
+    static const int32_t shift_hi[16] = {15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30};
+    __m512 k0 = _mm512_loadu_ps(list->key), k1 = _mm512_loadu_ps(list->key + 16);
+    __m512i r0 = _mm512_loadu_si512((const void *)list->row), r1 = _mm512_loadu_si512((const void *)(list->row + 16));
+    __m512 vk = _mm512_set1_ps(key);
+    __m512i vr = _mm512_set1_epi32(row);
+    /* entries before (key, row): a prefix of the list */
+    __mmask16 b0 = _mm512_cmp_ps_mask(k0, vk, _CMP_LT_OQ) |
+                   (_mm512_cmp_ps_mask(k0, vk, _CMP_EQ_OQ) & _mm512_cmplt_epi32_mask(r0, vr));
+    __mmask16 b1 = _mm512_cmp_ps_mask(k1, vk, _CMP_LT_OQ) |
+                   (_mm512_cmp_ps_mask(k1, vk, _CMP_EQ_OQ) & _mm512_cmplt_epi32_mask(r1, vr));
+    __mmask16 at0 = (__mmask16)((b0 + 1u) & ~(unsigned)b0);                  /* the new entry's lane, if in 0..15 */
+    __mmask16 at1 = b0 == 0xFFFF ? (__mmask16)((b1 + 1u) & ~(unsigned)b1) : 0; /* or in 16..31 */
+    __m512i lo = _mm512_loadu_si512((const void *)shift_lo), hi = _mm512_loadu_si512((const void *)shift_hi);
+    __m512 s0 = _mm512_permutex2var_ps(k0, lo, k1), s1 = _mm512_permutex2var_ps(k0, hi, k1);
+    __m512i t0 = _mm512_permutex2var_epi32(r0, lo, r1), t1 = _mm512_permutex2var_epi32(r0, hi, r1);
+    _mm512_storeu_ps(list->key, _mm512_mask_mov_ps(_mm512_mask_blend_ps(b0, s0, k0), at0, vk));
+    _mm512_storeu_ps(list->key + 16, _mm512_mask_mov_ps(_mm512_mask_blend_ps(b1, s1, k1), at1, vk));
+    _mm512_storeu_si512((void *)list->row, _mm512_mask_mov_epi32(_mm512_mask_blend_epi32(b0, t0, r0), at0, vr));
+    _mm512_storeu_si512((void *)(list->row + 16), _mm512_mask_mov_epi32(_mm512_mask_blend_epi32(b1, t1, r1), at1, vr));
+}
+
+/* The hits of one row for one query block: returns the block's k-th keys, updated. */
+__attribute__((target("avx512f"), always_inline))
+static inline __m512 list_hits(const Ctx *c, int64_t q0, int lanes, int32_t row, __mmask16 hits, __m512 key,
+                               __m512 kth) {
+    float keys[QB];
+    _mm512_storeu_ps(keys, key);
+    while (hits) {
+        int l = __builtin_ctz(hits);
+        hits &= hits - 1;
+        if (l >= lanes) break; /* padded lanes (their k-th is -inf: never here) */
+        List32 *list = c->lists + q0 + l;
+        int64_t last = c->k - 1;
+        float kk = list->key[last];
+        if (!(keys[l] < kk || (keys[l] == kk && row < list->row[last]))) continue; /* an earlier hit moved it */
+        list_insert(list, keys[l], row);
+        kth = _mm512_mask_mov_ps(kth, (__mmask16)(1u << l), _mm512_set1_ps(list->key[last]));
+    }
+    return kth;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline))
+static inline void pair_rows_512(const Ctx *c, int64_t qb, int64_t m0, int64_t m1, float *kth, const int64_t g) {
+    const uint8_t *qp0 = c->qpack + qb * c->g * QB * 4, *qp1 = qp0 + c->g * QB * 4;
+    const int64_t q0 = qb * QB, q1 = q0 + QB;
+    const int lanes0 = (int)(c->nq - q0 < QB ? c->nq - q0 : QB);
+    const int lanes1 = (int)(c->nq <= q1 ? 0 : c->nq - q1 < QB ? c->nq - q1 : QB);
+    const __m512 vcq0 = _mm512_loadu_ps(c->cq + q0), vcq1 = _mm512_loadu_ps(c->cq + q1);
+    __m512 vk0 = _mm512_loadu_ps(kth), vk1 = _mm512_loadu_ps(kth + QB);
+    const int64_t stride = c->stride;
+    for (int64_t m = m0; m < m1; m += PAIR_ROWS) {
+        const int8_t *rp = c->rows + m * stride;
+        /* named accumulators, not an array: GCC keeps an asm operand array in memory when the loop stays rolled */
+        __m512i a00 = _mm512_setzero_si512(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+        for (int64_t j = 0; j < g; j++) {
+            __m512i a = _mm512_loadu_si512((const void *)(qp0 + j * QB * 4));
+            __m512i b = _mm512_loadu_si512((const void *)(qp1 + j * QB * 4));
+            __m512i w0 = _mm512_set1_epi32(load_dword(rp + 4 * j)), w1 = _mm512_set1_epi32(load_dword(rp + stride + 4 * j));
+            __m512i w2 = _mm512_set1_epi32(load_dword(rp + 2 * stride + 4 * j));
+            __m512i w3 = _mm512_set1_epi32(load_dword(rp + 3 * stride + 4 * j));
+            DPBUSD512(a00, a, w0);
+            DPBUSD512(a01, b, w0);
+            DPBUSD512(a10, a, w1);
+            DPBUSD512(a11, b, w1);
+            DPBUSD512(a20, a, w2);
+            DPBUSD512(a21, b, w2);
+            DPBUSD512(a30, a, w3);
+            DPBUSD512(a31, b, w3);
+        }
+        const __m512i acc[PAIR_ROWS][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+        for (int r = 0; r < PAIR_ROWS; r++) {
+            __m512i corr = _mm512_set1_epi32(c->corr[m + r]);
+            __m512 bias = _mm512_set1_ps(c->bias[m + r]);
+            __m512 key0 = _mm512_sub_ps(bias, _mm512_mul_ps(vcq0, _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][0], corr))));
+            __m512 key1 = _mm512_sub_ps(bias, _mm512_mul_ps(vcq1, _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][1], corr))));
+            __mmask16 hit0 = _mm512_cmp_ps_mask(key0, vk0, _CMP_LE_OQ), hit1 = _mm512_cmp_ps_mask(key1, vk1, _CMP_LE_OQ);
+            if (__builtin_expect(hit0 != 0, 0)) vk0 = list_hits(c, q0, lanes0, (int32_t)(m + r), hit0, key0, vk0);
+            if (__builtin_expect(hit1 != 0, 0)) vk1 = list_hits(c, q1, lanes1, (int32_t)(m + r), hit1, key1, vk1);
+        }
+    }
+    _mm512_storeu_ps(kth, vk0);
+    _mm512_storeu_ps(kth + QB, vk1);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static void pair_rows_512_any(const Ctx *c, int64_t qb, int64_t m0, int64_t m1, float *kth) {
+    switch (c->g) { /* constant trip counts: WRN50's 32-d projections, Lite0's 152 codes + 8 coordinates */
+    case 8: pair_rows_512(c, qb, m0, m1, kth, 8); break;
+    case 40: pair_rows_512(c, qb, m0, m1, kth, 40); break;
+    default: pair_rows_512(c, qb, m0, m1, kth, c->g);
+    }
+}
+
+/* One row past the last whole PAIR_ROWS group, for both blocks of a pair. */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static void pair_row_tail_512(const Ctx *c, int64_t qb, int64_t m, float *kth) {
+    const int8_t *rp = c->rows + m * c->stride;
+    for (int h = 0; h < 2; h++) {
+        const uint8_t *qp = c->qpack + (qb + h) * c->g * QB * 4;
+        int64_t q0 = (qb + h) * QB;
+        int lanes = (int)(c->nq <= q0 ? 0 : c->nq - q0 < QB ? c->nq - q0 : QB);
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t j = 0; j < c->g; j++)
+            DPBUSD512(acc, _mm512_loadu_si512((const void *)(qp + j * QB * 4)), _mm512_set1_epi32(load_dword(rp + 4 * j)));
+        __m512 key = _mm512_sub_ps(_mm512_set1_ps(c->bias[m]),
+                                   _mm512_mul_ps(_mm512_loadu_ps(c->cq + q0),
+                                                 _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_set1_epi32(c->corr[m])))));
+        __m512 vk = _mm512_loadu_ps(kth + h * QB);
+        __mmask16 hit = _mm512_cmp_ps_mask(key, vk, _CMP_LE_OQ);
+        if (hit) _mm512_storeu_ps(kth + h * QB, list_hits(c, q0, lanes, (int32_t)m, hit, key, vk));
+    }
+}
+
+/* The driver (the caller pads the block count to even and fills the lists with empty slots): rows in
+ * L2-sized chunks, last first, as run_job. */
+__attribute__((target("avx512f")))
+static void *run_job_512(void *arg) {
+    const Job *job = (const Job *)arg;
+    const Ctx *c = job->c;
+    int64_t nblocks = job->qb1 - job->qb0;
+    float *kth = (float *)malloc(sizeof(float) * (size_t)(nblocks > 0 ? nblocks : 1) * QB);
+    if (!kth) return (void *)1;
+    for (int64_t i = 0; i < nblocks * QB; i++) kth[i] = job->qb0 * QB + i < c->nq ? INFINITY : -INFINITY;
+    int64_t chunk = CHUNK_BYTES / (c->g * 4);
+    chunk = chunk < PAIR_ROWS ? PAIR_ROWS : chunk - chunk % PAIR_ROWS;
+    for (int64_t c0 = (c->m - 1) / chunk * chunk; c0 >= 0; c0 -= chunk) {
+        int64_t c1 = c0 + chunk < c->m ? c0 + chunk : c->m;
+        int64_t body = c0 + (c1 - c0) / PAIR_ROWS * PAIR_ROWS;
+        for (int64_t qb = job->qb0; qb < job->qb1; qb += 2) {
+            float *bkth = kth + (qb - job->qb0) * QB;
+            pair_rows_512_any(c, qb, c0, body, bkth);
+            for (int64_t m = body; m < c1; m++) pair_row_tail_512(c, qb, m, bkth);
+        }
+    }
+    free(kth);
+    return NULL;
+}
 #endif
 
 /* ---- public entry points --------------------------------------------------------------------- */
@@ -539,14 +706,25 @@ static int run(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows,
     if (!all_keys && (k < 1 || k > m)) return -1;
     if (nq == 0) return 0;
     isa = ecs_effective_isa(isa, 4 * g);
-    int unit = isa == ISA_AMX ? 2 : 1; /* query blocks per step (the AMX driver pairs them) */
+    int listed = isa == ISA_AVX512VNNI && !all_keys && k <= LIST_MAX; /* run_job_512 */
+    int unit = isa == ISA_AMX || listed ? 2 : 1; /* query blocks per step (the AMX and list drivers pair them) */
     int64_t nqb = (nq + QB - 1) / QB;
     nqb = (nqb + unit - 1) / unit * unit;
     uint8_t *qpack = (uint8_t *)calloc((size_t)(nqb * g * QB * 4), 1);
     float *cqp = (float *)calloc((size_t)(nqb * QB), sizeof(float));
     int8_t *zero = (int8_t *)calloc((size_t)(g * 4), 1);
-    if (!qpack || !cqp || !zero) {
-        free(qpack); free(cqp); free(zero);
+    struct List32 *lists = NULL;
+#ifdef ECS_X86
+    if (listed && (lists = (List32 *)malloc(sizeof(List32) * (size_t)nq)) != NULL) {
+        for (int64_t q = 0; q < nq; q++)
+            for (int j = 0; j < LIST_MAX; j++) {
+                lists[q].key[j] = INFINITY;
+                lists[q].row[j] = INT32_MAX;
+            }
+    }
+#endif
+    if (!qpack || !cqp || !zero || (listed && !lists)) {
+        free(qpack); free(cqp); free(zero); free(lists);
         return -2;
     }
     for (int64_t q = 0; q < nq; q++) {
@@ -564,7 +742,7 @@ static int run(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows,
             out_idx[i] = -1;
         }
     }
-    Ctx c = {qpack, nq, g, rows, stride, m, bias, corr, cqp, k, out_idx, out_key, all_keys, zero, 0};
+    Ctx c = {qpack, nq, g, rows, stride, m, bias, corr, cqp, k, out_idx, out_key, all_keys, zero, 0, lists};
     int64_t units = nqb / unit;
     if (threads < 1) threads = 1;
     if (threads > units) threads = (int)units;
@@ -581,6 +759,7 @@ static int run(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows,
     void *(*job_fn)(void *) = run_job;
 #ifdef ECS_X86
     if (isa == ISA_AMX) job_fn = run_job_amx;
+    if (listed) job_fn = run_job_512;
 #endif
     int started = 0;
     for (int t = 1; t < threads; t++) {
@@ -595,7 +774,13 @@ static int run(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows,
     }
     for (int t = started + 1; t < threads; t++) /* threads that could not start: run their share here */
         if (job_fn(&jobs[t]) != NULL) rc = -3;
-    free(qpack); free(cqp); free(zero);
+#ifdef ECS_X86
+    for (int64_t q = 0; listed && q < nq; q++) {
+        memcpy(out_key + q * k, lists[q].key, sizeof(float) * (size_t)k);
+        memcpy(out_idx + q * k, lists[q].row, sizeof(int32_t) * (size_t)k);
+    }
+#endif
+    free(qpack); free(cqp); free(zero); free(lists);
     return rc;
 }
 
