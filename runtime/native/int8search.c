@@ -12,13 +12,13 @@
  *
  * Paths, chosen at run time (the file itself is compiled for the baseline ISA, no -march):
  *   amx         AMX-INT8 tdpbsud: 16 rows x 32 queries per step, K in 64-byte tiles (Sapphire Rapids+)
- *   avx512vnni  vpdpbusd zmm with a row-dword broadcast
+ *   avx512vnni  vpdpbusd zmm with a row-dword broadcast; for k <= 32 run_job_512 (SIMD list insertion)
  *   avxvnni     vpdpbusd ymm (VEX)
  *   avx2        u8/s8 widened to int16 + vpmaddwd (never the saturating vpmaddubsw)
  *   neon        sdot (vdotq_s32) on aarch64 with the dot-product extension (HWCAP_ASIMDDP)
  *   scalar      plain C
  * The keys are never materialised as a Q x M matrix: a vector compare against each query's current
- * k-th key, and a scalar insertion on the (rare, after warm-up) hits. Ties: (key, row) order.
+ * k-th key, and an insertion on the hits (scalar, or SIMD in run_job_512). Ties: (key, row) order.
  */
 #include <math.h>
 #include <pthread.h>
@@ -156,6 +156,13 @@ static inline int32_t load_dword(const int8_t *p) {
 #define DPBUSD512(acc, a, w) ((acc) = _mm512_dpbusd_epi32((acc), (a), (w)))
 #endif
 
+/* The keys of 16 query lanes from u8-biased dots: key = bias - cq * (float)(acc - corr) (every zmm path). */
+__attribute__((target("avx512f"), always_inline))
+static inline __m512 keys512(__m512i acc, int32_t corr, float bias, __m512 cq) {
+    __m512i dot = _mm512_sub_epi32(acc, _mm512_set1_epi32(corr));
+    return _mm512_sub_ps(_mm512_set1_ps(bias), _mm512_mul_ps(cq, _mm512_cvtepi32_ps(dot)));
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 static uint64_t tile_avx512vnni(const Ctx *c, int64_t qb, const Tile *t, const float *cq, const float *kth,
                                 float *keys) {
@@ -173,8 +180,7 @@ static uint64_t tile_avx512vnni(const Ctx *c, int64_t qb, const Tile *t, const f
     __m512 vcq = _mm512_loadu_ps(cq), vkth = _mm512_loadu_ps(kth);
     uint64_t mask = 0;
     for (int r = 0; r < ROW_TILE; r++) {
-        __m512i dot = _mm512_sub_epi32(acc[r], _mm512_set1_epi32(t->corr[r]));
-        __m512 key = _mm512_sub_ps(_mm512_set1_ps(t->bias[r]), _mm512_mul_ps(vcq, _mm512_cvtepi32_ps(dot)));
+        __m512 key = keys512(acc[r], t->corr[r], t->bias[r], vcq);
         _mm512_storeu_ps(keys + r * QB, key);
         mask |= (uint64_t)_mm512_cmp_ps_mask(key, vkth, _CMP_LE_OQ) << (r * QB);
     }
@@ -330,8 +336,7 @@ __attribute__((target("avx512f")))
 static void amx_consume(const Ctx *c, int64_t q0, int lanes, int64_t m0, const int32_t *dots, float *kth, float *keys) {
     __m512 vcq = _mm512_loadu_ps(c->cq + q0), vkth = _mm512_loadu_ps(kth);
     for (int r = 0; r < AMX_ROWS; r++) {
-        __m512i d = _mm512_sub_epi32(_mm512_loadu_si512((const void *)(dots + r * QB)), _mm512_set1_epi32(c->corr[m0 + r]));
-        __m512 key = _mm512_sub_ps(_mm512_set1_ps(c->bias[m0 + r]), _mm512_mul_ps(vcq, _mm512_cvtepi32_ps(d)));
+        __m512 key = keys512(_mm512_loadu_si512((const void *)(dots + r * QB)), c->corr[m0 + r], c->bias[m0 + r], vcq);
         if (c->all_keys) {
             _mm512_storeu_ps(keys, key);
             store_keys(c, q0, lanes, m0 + r, 1, keys);
@@ -607,10 +612,8 @@ static inline void pair_rows_512(const Ctx *c, int64_t qb, int64_t m0, int64_t m
         const __m512i acc[PAIR_ROWS][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31},
                                            {a40, a41}, {a50, a51}, {a60, a61}, {a70, a71}};
         for (int r = 0; r < PAIR_ROWS; r++) {
-            __m512i corr = _mm512_set1_epi32(c->corr[m + r]);
-            __m512 bias = _mm512_set1_ps(c->bias[m + r]);
-            __m512 key0 = _mm512_sub_ps(bias, _mm512_mul_ps(vcq0, _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][0], corr))));
-            __m512 key1 = _mm512_sub_ps(bias, _mm512_mul_ps(vcq1, _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][1], corr))));
+            __m512 key0 = keys512(acc[r][0], c->corr[m + r], c->bias[m + r], vcq0);
+            __m512 key1 = keys512(acc[r][1], c->corr[m + r], c->bias[m + r], vcq1);
             __mmask16 hit0 = _mm512_cmp_ps_mask(key0, vk0, _CMP_LE_OQ), hit1 = _mm512_cmp_ps_mask(key1, vk1, _CMP_LE_OQ);
             if (__builtin_expect(hit0 != 0, 0)) vk0 = list_hits(c, q0, lanes0, (int32_t)(m + r), hit0, key0, vk0);
             if (__builtin_expect(hit1 != 0, 0)) vk1 = list_hits(c, q1, lanes1, (int32_t)(m + r), hit1, key1, vk1);
@@ -640,9 +643,7 @@ static void pair_row_tail_512(const Ctx *c, int64_t qb, int64_t m, float *kth) {
         __m512i acc = _mm512_setzero_si512();
         for (int64_t j = 0; j < c->g; j++)
             DPBUSD512(acc, _mm512_loadu_si512((const void *)(qp + j * QB * 4)), _mm512_set1_epi32(load_dword(rp + 4 * j)));
-        __m512 key = _mm512_sub_ps(_mm512_set1_ps(c->bias[m]),
-                                   _mm512_mul_ps(_mm512_loadu_ps(c->cq + q0),
-                                                 _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_set1_epi32(c->corr[m])))));
+        __m512 key = keys512(acc, c->corr[m], c->bias[m], _mm512_loadu_ps(c->cq + q0));
         __m512 vk = _mm512_loadu_ps(kth + h * QB);
         __mmask16 hit = _mm512_cmp_ps_mask(key, vk, _CMP_LE_OQ);
         if (hit) _mm512_storeu_ps(kth + h * QB, list_hits(c, q0, lanes, (int32_t)m, hit, key, vk));
@@ -736,7 +737,7 @@ static int run(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows,
     }
     for (int64_t q = nq; q < nqb * QB; q++) /* padded lanes: u8 128 = code 0 */
         for (int64_t j = 0; j < g; j++) memset(qpack + ((q / QB * g + j) * QB + q % QB) * 4, 0x80, 4);
-    if (!all_keys) {
+    if (!all_keys && !listed) { /* run_job's lists (the list driver keeps its own) */
         for (int64_t i = 0; i < nq * k; i++) {
             out_key[i] = INFINITY;
             out_idx[i] = -1;
