@@ -30,6 +30,9 @@ from edgecore.runtime import native
 # Orthogonal-projection lower bounds are shrunk by this relative margin before pruning: the stored
 # basis is orthonormal only to float32 rounding, and the projections are float32.
 _BOUND_SLACK = 1e-4
+# Candidates measured by direct difference after ranking on the codes (rerank): the float32 key orders
+# neighbours like their distances up to rounding, so the runner-up is measured too (near ties).
+MEASURED = 2
 
 
 class CodeRows:
@@ -49,7 +52,7 @@ class CodeRows:
         self._coord_scale = arrays["coord_scale"].astype(np.float32)
         self.shape = self._codes.shape
         self.dtype = np.dtype(np.float32)
-        self._norms = self._center = self._offset_centred = None  # prepare_ranking()
+        self._norms = self._center = self._basis_t = self._center_coords = None  # prepare_ranking()
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -80,20 +83,39 @@ class CodeRows:
     def rank_keys(self, queries: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Q×K keys that order each query's candidates ``index`` (Q×K) like their L2 distances.
 
-        ‖y − μ‖² − 2 (x − μ)·(y − μ) with y decoded on the fly: the int8 part is one batched
-        product with the raw codes, the PCA part a k-wide one — no candidate row is decoded.
-        Centred on the coreset mean, as ``ExactSearch``, so near neighbours keep their order.
-        Needs :meth:`prepare_ranking` once.
+        ‖y − μ‖² − 2 (x − μ)·(y − μ) with y decoded on the fly, less a per-query constant: the int8 part is
+        one product with the raw codes, the PCA part a k-wide one — no candidate row is decoded (natively
+        where the kernel loads: ``runtime.native.Int8Kernel.rank_keys``). Centred on the coreset mean, as
+        ``ExactSearch``, so near neighbours keep their order. Needs :meth:`prepare_ranking` once.
         """
+        found = _native_decoder(self)
+        if found is not None:
+            return found[0].rank_keys(queries, self._rank_tables(queries), index)
         centred = queries - self._center
         # einsum reads the int8 codes directly (casting in small buffers): 4× faster than
         # converting the Q×K×D gather to float32 and calling a batched matmul.
         dots = np.einsum("qkd,qd->qk", self._codes[index], centred * self._scale, dtype=np.float32, casting="unsafe")
-        dots += (centred @ self._offset_centred)[:, None]
         if self._basis.shape[0]:
-            coords = self._coord_codes[index].astype(np.float32) * self._coord_scale + self._coord_offset  # Q×K×k
-            dots += np.einsum("qkc,qc->qk", coords, centred @ self._basis.T)
+            dots += np.einsum("qkc,qc->qk", self._coord_codes[index].astype(np.float32), self._coord_weights(queries))
         return self._norms[index] - 2.0 * dots
+
+    def rank_best(self, queries: np.ndarray, index: np.ndarray, keep: int) -> np.ndarray:
+        """Q×keep of each query's candidates ``index`` with the smallest :meth:`rank_keys`, ascending
+        (ties by candidate position)."""
+        found = _native_decoder(self)
+        if found is not None:
+            return found[0].rank_best(queries, self._rank_tables(queries), index, keep)
+        order = np.argsort(self.rank_keys(queries, index), axis=1, kind="stable")[:, :keep]
+        return np.take_along_axis(index, order, axis=1)
+
+    def _coord_weights(self, queries: np.ndarray) -> np.ndarray:
+        """Q×k ((x − μ) · basisⱼ) · coord_scaleⱼ, as q · basisⱼ − μ · basisⱼ: one product with the raw
+        queries (no Q×D centred copy; only the ranking uses it, and the winners are measured exactly)."""
+        return (queries @ self._basis_t - self._center_coords) * self._coord_scale
+
+    def _rank_tables(self, queries: np.ndarray) -> native.RankTables:
+        return native.RankTables(self._codes, self._coord_codes, self._center, self._scale, self._norms,
+                                 self._coord_weights(queries))
 
     def prepare_ranking(self) -> None:
         """The coreset mean and each row's centred squared norm (M floats), two passes over the codes."""
@@ -101,7 +123,8 @@ class CodeRows:
         for _, block in self.blocks():
             center += block.sum(axis=0, dtype=np.float64)
         self._center = (center / self.shape[0]).astype(np.float32)
-        self._offset_centred = self._offset - self._center
+        self._basis_t = np.ascontiguousarray(self._basis.T)
+        self._center_coords = self._center @ self._basis_t
         norms = np.empty(self.shape[0], np.float32)
         for start, block in self.blocks():
             block -= self._center
@@ -124,7 +147,7 @@ class CodeRows:
         """Bytes of the float32 tables made at load (the codes themselves are the stored arrays)."""
         tables = [self._scale, self._offset, self._basis, self._coord_offset, self._coord_scale]
         if self._norms is not None:
-            tables += [self._norms, self._center, self._offset_centred]
+            tables += [self._norms, self._center, self._basis_t, self._center_coords]
         return sum(a.nbytes for a in tables)
 
 
@@ -155,20 +178,19 @@ def rerank(queries: np.ndarray, rows: CodeRows, candidates: np.ndarray, k: int) 
     """The ``k`` best of each query's ``candidates`` by direct difference (true L2 of the stored rows,
     not a GEMM expansion), ascending; ties keep the earlier candidate.
 
-    Native kernel: every candidate is measured. numpy: candidates are ranked on the codes
-    (:meth:`CodeRows.rank_keys`) and only the best ``k`` measured (decoding all of them costs more).
+    Candidates are ranked on the codes (:meth:`CodeRows.rank_keys`, one multiply-add per element) and only
+    the best ``max(k, MEASURED)`` decoded and measured (decoding costs ncoord + 2 per element), natively
+    where the kernel loads.
     """
+    measure = max(int(k), MEASURED)
+    if candidates.shape[1] > measure:
+        candidates = rows.rank_best(queries, candidates, measure)
     found = _native_decoder(rows)
     if found is not None:
         return found[0].rerank(queries, found[1], candidates, k)
-    order = np.argsort(rows.rank_keys(queries, candidates), axis=1, kind="stable")[:, :k]
-    indices = np.take_along_axis(candidates, order, axis=1)
-    distances = direct_l2(queries, rows, indices)
-    if k > 1:
-        order = np.argsort(distances, axis=1, kind="stable")
-        distances = np.take_along_axis(distances, order, axis=1)
-        indices = np.take_along_axis(indices, order, axis=1)
-    return distances, indices
+    distances = direct_l2(queries, rows, candidates)
+    order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(distances, order, axis=1), np.take_along_axis(candidates, order, axis=1)
 
 
 class Proposer(Protocol):
@@ -269,13 +291,17 @@ class CoarseSearch:
         kth = np.inf if k > 1 else float(bound)
         if k == 1:
             best_d, best_i = np.array([bound], np.float32), np.array([holder], np.int64)
-        for start in range(0, self.size, batch):
-            if start == len(order):  # past the partially sorted head (rare): append the rest, sorted
+        start = 0
+        while start < self.size:
+            if start == len(order):  # past the partially sorted head: append the rest that can still win, sorted
                 rest = np.ones(self.size, bool)
                 rest[order] = False
-                rest = np.flatnonzero(rest)
+                rest = np.flatnonzero(rest & (lower <= kth))
+                if rest.size == 0:
+                    break
                 order = np.concatenate([order, rest[np.argsort(lower[rest], kind="stable")]])
             ids = order[start : start + batch]
+            start += len(ids)
             if lower[ids[0]] > kth:
                 break
             d = direct_l2(query[None], self.rows, ids[None])[0]

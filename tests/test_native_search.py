@@ -438,3 +438,60 @@ def test_coarse_exact_search_with_native_distances_equals_exact_search(data):
         d, i = searcher.exact(query, searcher.project(query[None])[0], np.inf, -1, k=4)
         np.testing.assert_array_equal(i, want_i[row])
         np.testing.assert_allclose(d, want_d[row], rtol=1e-5)
+
+
+# ---- rank keys (ecs_rank_keys / ecs_rank_best): the re-rank's order without decoding a row ----
+
+def reference_rank_keys(queries, rows, candidates):
+    """float64 ‖y − μ‖² − 2 (x − μ)·(y − μ) less the per-query constant (the kernel's key, exactly rounded)."""
+    centred = queries.astype(np.float64) - rows._center
+    codes = rows._codes[candidates].astype(np.float64)
+    coords = rows._coord_codes[candidates].astype(np.float64)
+    weights = (centred @ rows._basis.T.astype(np.float64)) * rows._coord_scale
+    dots = np.einsum("qkd,qd->qk", codes, centred * rows._scale) + np.einsum("qkc,qc->qk", coords, weights)
+    return rows._norms[candidates] - 2.0 * dots
+
+
+@pytest.mark.parametrize("m,dim,ncoord", [(300, 203, 17), (120, 1024, 32), (90, 7, 0), (60, 64, 16)])
+def test_rank_keys_are_bit_identical_on_every_path_and_order_candidates_like_their_distances(m, dim, ncoord):
+    rng = np.random.default_rng(dim + ncoord)
+    rows = code_rows(rng, m, dim, ncoord, duplicates=True)
+    queries = (rows[rng.integers(0, m, 70)] + rng.normal(0.0, 0.3, (70, dim))).astype(np.float32)
+    candidates = rng.integers(0, m, (70, 9))
+    candidates[:, 4] = candidates[:, 1]  # equal keys: the earlier position ranks first
+    tables = rows._rank_tables(queries)
+    keys = [kernel.rank_keys(queries, tables, candidates, isa=isa) for isa in kernel.available]
+    for got in keys[1:]:
+        np.testing.assert_array_equal(got, keys[0])
+    want = reference_rank_keys(queries, rows, candidates)
+    np.testing.assert_allclose(keys[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # the key is the squared distance to the decoded row less one constant per query
+    gap = numpy_l2(queries, rows, candidates) ** 2 - want
+    np.testing.assert_allclose(gap, np.repeat(gap[:, :1], gap.shape[1], axis=1), rtol=0, atol=1e-6 * np.abs(want).max())
+    expected = np.take_along_axis(candidates, np.argsort(keys[0], axis=1, kind="stable")[:, :3], axis=1)
+    for isa in kernel.available:
+        np.testing.assert_array_equal(kernel.rank_best(queries, tables, candidates, 3, isa=isa), expected)
+    with pytest.raises(ValueError, match="candidate ids"):
+        kernel.rank_keys(queries, tables, np.full_like(candidates, m))
+    with pytest.raises(ValueError, match="keep must be"):
+        kernel.rank_best(queries, tables, candidates, 10)
+
+
+def test_rerank_measures_the_best_ranked_candidates_only(monkeypatch):
+    """rerank decodes MEASURED candidates per query, on every path: the rest are never measured, so a
+    candidate ranked last can win only by being measured — here the best-ranked ones are the nearest."""
+    from edgecore.runtime import search_coarse
+
+    rng = np.random.default_rng(5)
+    rows = code_rows(rng, 400, 96, 8)
+    queries = (rows[rng.integers(0, 400, 30)] + rng.normal(0.0, 0.3, (30, 96))).astype(np.float32)
+    candidates = rng.integers(0, 400, (30, 12))
+    measured = []
+    original = search_coarse.direct_l2
+    monkeypatch.setattr(search_coarse, "direct_l2", lambda q, r, i: measured.append(i.shape) or original(q, r, i))
+    for isa in ("auto", "off"):
+        monkeypatch.setenv(native.ENV_ISA, isa)
+        distances, indices = search_coarse.rerank(queries, rows, candidates, 1)
+        true = numpy_l2(queries, rows, candidates)
+        np.testing.assert_allclose(distances[:, 0], true.min(axis=1), rtol=1e-5)
+    assert measured == [(30, search_coarse.MEASURED)]  # the numpy path measured 2 of 12 (native: kernel.rerank)

@@ -62,6 +62,19 @@ class DecodeTables(NamedTuple):
                 and coord_codes.strides[0] % 2 == 0)
 
 
+class RankTables(NamedTuple):
+    """What the kernel needs for rank keys (``Int8Kernel.rank_keys``): the codes, the coreset mean
+    ``center``, the per-dimension ``scale`` and each row's centred squared norm (``norms``, M), plus the
+    call's per-query coordinate weights Q×k, ((x − μ) · basisⱼ) · coord_scaleⱼ."""
+
+    codes: np.ndarray
+    coord_codes: np.ndarray
+    center: np.ndarray
+    scale: np.ndarray
+    norms: np.ndarray
+    coord_weights: np.ndarray
+
+
 class NativeUnavailable(RuntimeError):
     """The library is missing, unloadable, or switched off (``EDGECORE_NATIVE_ISA=off``)."""
 
@@ -97,6 +110,10 @@ class Int8Kernel:
         lib.ecs_l2.argtypes = decode + [_f32, ctypes.c_int, ctypes.c_int]
         lib.ecs_rerank.argtypes = decode + [_i64, _f32, _f32, _idx, ctypes.c_int, ctypes.c_int]
         lib.ecs_narrow.argtypes = [_f32, _i64, _i64, _f32, _i64, _idx, _i64, _i64, _idx]
+        rank = [_f32, _f32, _f32, _f32, _i64, _i64, ctypes.c_void_p, _i64, _i64, ctypes.c_void_p, _i64, _f32, _i64,
+                _idx, _i64]
+        lib.ecs_rank_keys.argtypes = rank + [_f32, ctypes.c_int]
+        lib.ecs_rank_best.argtypes = rank + [_i64, _idx, ctypes.c_int]
         self.available = tuple(name for i, name in enumerate(ISAS) if lib.ecs_isa_supported(i))
         best = ISAS[lib.ecs_best_isa()]
         self.isa = best if isa in (None, "", "auto") else isa
@@ -169,6 +186,61 @@ class Int8Kernel:
         idx = np.empty((shape[0], k), np.int64)
         self._raise(self._lib.ecs_rerank(*args, k, scratch, dist, idx, self._isa_id(isa), self.threads))
         return dist, idx
+
+    def rank_keys(self, queries: np.ndarray, ranking: RankTables, candidates: np.ndarray,
+                  isa: str | None = None) -> np.ndarray:
+        """Keys that order each query's candidates like their L2 distances, without decoding a row:
+        ``norms[m] − 2 (w_q · code_m + coord_weights_q · coord_code_m)`` with w_q = (x_q − μ) ⊙ scale
+        (``CodeRows.rank_keys`` less its per-query constant): one multiply-add per element, float32 in one
+        fixed order, bit-identical on every path.
+
+        Args:
+            queries: Q×D float32; ranking: the coreset's :class:`RankTables` with this call's Q×k
+                ``coord_weights``; candidates: Q×K row ids.
+
+        Returns:
+            Q×K float32 keys, in candidate order.
+        """
+        args, shape = self._rank_args(queries, ranking, candidates)
+        out = np.empty(shape, np.float32)
+        self._raise_rank(self._lib.ecs_rank_keys(*args, out, self._isa_id(isa)), shape)
+        return out
+
+    def rank_best(self, queries: np.ndarray, ranking: RankTables, candidates: np.ndarray, keep: int,
+                  isa: str | None = None) -> np.ndarray:
+        """The ``keep`` candidates of each query with the smallest :meth:`rank_keys`, ascending by
+        (key, candidate position): Q×keep int64 row ids."""
+        args, shape = self._rank_args(queries, ranking, candidates)
+        if not 1 <= keep <= shape[1]:
+            raise ValueError(f"keep must be in [1, {shape[1]}], got {keep}")
+        out = np.empty((shape[0], keep), np.int64)
+        self._raise_rank(self._lib.ecs_rank_best(*args, keep, out, self._isa_id(isa)), shape)
+        return out
+
+    @staticmethod
+    def _rank_args(queries: np.ndarray, r: "RankTables", candidates: np.ndarray) -> tuple[list, tuple[int, int]]:
+        m, dim = r.codes.shape
+        ncoord = r.coord_codes.shape[1]
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        weights = np.ascontiguousarray(r.coord_weights, dtype=np.float32)
+        cand = np.ascontiguousarray(candidates, dtype=np.int64)
+        if not DecodeTables.usable(r.codes, r.coord_codes) or r.coord_codes.shape[0] != m:
+            raise ValueError("rank tables: codes M×D int8 and coord_codes M×k uint16 with contiguous rows")
+        for name, array, size in (("center", r.center, dim), ("scale", r.scale, dim), ("norms", r.norms, m)):
+            if array.dtype != np.float32 or array.shape != (size,) or not array.flags.c_contiguous:
+                raise ValueError(f"{name} must be a contiguous float32 vector of {size}")
+        if (queries.ndim != 2 or queries.shape[1] != dim or weights.shape != (queries.shape[0], ncoord)
+                or cand.ndim != 2 or cand.shape[0] != queries.shape[0]):
+            raise ValueError(f"queries Q×{dim}, coord_weights Q×{ncoord} and candidates Q×K, got {queries.shape}, "
+                             f"{weights.shape}, {cand.shape}")
+        coord_stride = r.coord_codes.strides[0] // 2 if ncoord else 0
+        return [queries, r.center, r.scale, weights, queries.shape[0], dim, r.codes.ctypes.data, r.codes.strides[0],
+                ncoord, r.coord_codes.ctypes.data, coord_stride, r.norms, m, cand, cand.shape[1]], cand.shape
+
+    def _raise_rank(self, rc: int, shape: tuple[int, int]) -> None:
+        if rc == -1:
+            raise ValueError("candidate ids must be in [0, M)")
+        self._raise(rc)
 
     def narrow(self, queries: np.ndarray, points: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
         """The ``k`` nearest of each query's candidates in float32 distance over ``points`` (coarse mode's

@@ -1110,3 +1110,203 @@ int ecs_narrow(const float *queries, int64_t nq, int64_t p, const float *points,
     }
     return 0;
 }
+
+/* ---- rank keys: order each query's candidates by L2 without decoding them ----------------------
+ *
+ * key[q, i] = norm[m] - 2 * (w_q . code_m + cw_q . coord_m) for candidate m = cand[q, i], where
+ * w_q = (x_q - mu) * scale (D float32) and cw_q[j] = ((x_q - mu) . basis_j) * coord_scale[j]: the squared
+ * distance to the decoded row less a per-query constant (CodeRows.rank_keys). One multiply-add per
+ * element instead of the decode's ncoord + 2, so re-rank measures only the best few (search_coarse).
+ * float32 throughout, in one fixed order on every path (a multiply then an add, -ffp-contract=off), so
+ * every path is bit-identical: code terms in RK_LANES lanes (lane d % 64, increasing d), folded to 16 as
+ * (l + l+16) + (l+32 + l+48); coordinate terms in 16 lanes (j % 16) added to them; then a halving tree
+ * (i + i+8, i + i+4, i + i+2, 0 + 1). */
+
+#define RK_LANES 64
+#define RK_AHEAD 4 /* candidates between a row's prefetch and its use (rows are read at random) */
+
+static inline void rk_prefetch(const int8_t *row, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
+}
+
+/* The reference every SIMD path equals. */
+static float rk_key_c(const float *w, const int8_t *code, int64_t dim, const float *cw, const uint16_t *coord,
+                      int64_t ncoord, float norm) {
+    float lane[RK_LANES] = {0}, t[16];
+    for (int64_t d = 0; d < dim; d++) lane[d % RK_LANES] = lane[d % RK_LANES] + w[d] * (float)code[d];
+    float c[16] = {0};
+    for (int64_t j = 0; j < ncoord; j++) c[j % 16] = c[j % 16] + cw[j] * (float)coord[j];
+    for (int l = 0; l < 16; l++) t[l] = ((lane[l] + lane[l + 16]) + (lane[l + 32] + lane[l + 48])) + c[l];
+    for (int half = 8; half >= 1; half /= 2)
+        for (int l = 0; l < half; l++) t[l] = t[l] + t[l + half];
+    return norm - 2.0f * t[0];
+}
+
+#ifdef ECS_X86
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static float rk_key_avx512(const float *w, const int8_t *code, int64_t dim, const float *cw, const uint16_t *coord,
+                           int64_t ncoord, float norm) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int64_t d = 0;
+    for (; d + 64 <= dim; d += 64)
+        for (int b = 0; b < 4; b++) {
+            __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(code + d + 16 * b))));
+            acc[b] = _mm512_add_ps(acc[b], _mm512_mul_ps(_mm512_loadu_ps(w + d + 16 * b), c));
+        }
+    for (int b = 0; b < 4; b++) { /* the last < 64 dims, zero-masked past dim (adds +0); b constant: registers */
+        int64_t at = d + 16 * b;
+        if (at >= dim) break;
+        __mmask16 in = dim - at >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (dim - at)) - 1);
+        __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(in, code + at)));
+        acc[b] = _mm512_add_ps(acc[b], _mm512_mul_ps(_mm512_maskz_loadu_ps(in, w + at), c));
+    }
+    __m512 cs = _mm512_setzero_ps();
+    for (int64_t j = 0; j < ncoord; j += 16) {
+        __mmask16 in = ncoord - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ncoord - j)) - 1);
+        __m512 cv = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, coord + j)));
+        cs = _mm512_add_ps(cs, _mm512_mul_ps(_mm512_maskz_loadu_ps(in, cw + j), cv));
+    }
+    __m512 t16 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])), cs);
+    __m256 t8 = _mm256_add_ps(_mm512_castps512_ps256(t16),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t16), 1)));
+    __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));
+    __m128 t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+    __m128 t1 = _mm_add_ss(t2, _mm_shuffle_ps(t2, t2, 1));
+    return norm - 2.0f * _mm_cvtss_f32(t1);
+}
+
+/* 64 lanes in 8 ymm: acc[a] holds lanes 8a..8a+7. */
+__attribute__((target("avx2")))
+static float rk_key_avx2(const float *w, const int8_t *code, int64_t dim, const float *cw, const uint16_t *coord,
+                         int64_t ncoord, float norm) {
+    __m256 acc[8];
+    for (int a = 0; a < 8; a++) acc[a] = _mm256_setzero_ps();
+    int8_t ctail[8];
+    float wtail[8];
+    for (int64_t d = 0; d < dim; d += 8) {
+        int a = (int)((d % RK_LANES) / 8);
+        const int8_t *cp = code + d;
+        const float *wp = w + d;
+        if (dim - d < 8) { /* zero-padded copies of the last < 8 dims (adds +0) */
+            memset(ctail, 0, sizeof ctail);
+            memset(wtail, 0, sizeof wtail);
+            memcpy(ctail, cp, (size_t)(dim - d));
+            memcpy(wtail, wp, (size_t)(dim - d) * 4);
+            cp = ctail;
+            wp = wtail;
+        }
+        __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)cp)));
+        acc[a] = _mm256_add_ps(acc[a], _mm256_mul_ps(_mm256_loadu_ps(wp), c));
+    }
+    float cs[16] = {0};
+    for (int64_t j = 0; j < ncoord; j++) cs[j % 16] = cs[j % 16] + cw[j] * (float)coord[j];
+    __m256 lo = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[4], acc[6])),
+                              _mm256_loadu_ps(cs));
+    __m256 hi = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[1], acc[3]), _mm256_add_ps(acc[5], acc[7])),
+                              _mm256_loadu_ps(cs + 8));
+    __m256 t8 = _mm256_add_ps(lo, hi);
+    __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));
+    __m128 t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+    __m128 t1 = _mm_add_ss(t2, _mm_shuffle_ps(t2, t2, 1));
+    return norm - 2.0f * _mm_cvtss_f32(t1);
+}
+#endif
+
+typedef float (*RankKeyFn)(const float *, const int8_t *, int64_t, const float *, const uint16_t *, int64_t, float);
+
+static RankKeyFn rank_key_fn(int isa) {
+#ifdef ECS_X86
+    if (isa == ISA_AMX || isa == ISA_AVX512VNNI) return rk_key_avx512;
+    if (isa == ISA_AVX2 || isa == ISA_AVXVNNI) return rk_key_avx2;
+#endif
+    (void)isa;
+    return rk_key_c;
+}
+
+/* Shared by ecs_rank_keys / ecs_rank_best: calls emit(ctx, q, i, key) for every candidate in order, with
+ * w_q = (x_q - center) * scale formed here (a float32 subtract, then multiply: numpy's order). */
+typedef void (*RankEmit)(void *, int64_t, int64_t, float);
+
+static int rank_candidates(const float *queries, const float *center, const float *scale, const float *cw, int64_t nq,
+                           int64_t dim, const int8_t *codes, int64_t code_stride, int64_t ncoord, const uint16_t *coords,
+                           int64_t coord_stride, const float *norm, int64_t m, const int64_t *cand, int64_t ncand,
+                           int isa, RankEmit emit, void *ctx) {
+    if (nq < 0 || dim < 1 || ncand < 0 || ncoord < 0 || code_stride < dim || (ncoord && coord_stride < ncoord) ||
+        !ecs_isa_supported(isa))
+        return -1;
+    int64_t pairs = nq * ncand;
+    for (int64_t p = 0; p < pairs; p++)
+        if (cand[p] < 0 || cand[p] >= m) return -1;
+    float *w = (float *)malloc((size_t)dim * sizeof(float));
+    if (!w) return -2;
+    RankKeyFn key = rank_key_fn(isa);
+    for (int64_t q = 0; q < nq; q++) {
+        for (int64_t d = 0; d < dim; d++) w[d] = (queries[q * dim + d] - center[d]) * scale[d];
+        for (int64_t i = 0; i < ncand; i++) {
+            int64_t p = q * ncand + i;
+            if (p + RK_AHEAD < pairs) rk_prefetch(codes + cand[p + RK_AHEAD] * code_stride, dim);
+            int64_t row = cand[p];
+            emit(ctx, q, i, key(w, codes + row * code_stride, dim, cw + q * ncoord, coords + row * coord_stride, ncoord,
+                                norm[row]));
+        }
+    }
+    free(w);
+    return 0;
+}
+
+typedef struct {
+    float *out;
+    int64_t ncand;
+} KeysOut;
+
+static void emit_key(void *ctx, int64_t q, int64_t i, float key) {
+    KeysOut *o = (KeysOut *)ctx;
+    o->out[q * o->ncand + i] = key;
+}
+
+/* Rank keys of each query's ncand candidates, out[q * ncand + i] (see above). queries: nq x dim; center,
+ * scale: dim; cw: nq x ncoord; norm: m. Returns 0, or -1 (bad arguments, a candidate outside [0, m),
+ * unsupported isa), -2 (out of memory). */
+int ecs_rank_keys(const float *queries, const float *center, const float *scale, const float *cw, int64_t nq,
+                  int64_t dim, const int8_t *codes, int64_t code_stride, int64_t ncoord, const uint16_t *coords,
+                  int64_t coord_stride, const float *norm, int64_t m, const int64_t *cand, int64_t ncand, float *out,
+                  int isa) {
+    KeysOut o = {out, ncand};
+    return rank_candidates(queries, center, scale, cw, nq, dim, codes, code_stride, ncoord, coords, coord_stride, norm,
+                           m, cand, ncand, isa, emit_key, &o);
+}
+
+typedef struct {
+    float *best; /* nq x keep */
+    int64_t *pos, *filled;
+    int64_t keep;
+} BestOut;
+
+static void emit_best(void *ctx, int64_t q, int64_t i, float key) {
+    BestOut *o = (BestOut *)ctx;
+    keep_smallest(o->best + q * o->keep, o->pos + q * o->keep, o->filled + q, o->keep, key, i);
+}
+
+/* The keep candidates of each query with the smallest rank keys, ascending by (key, candidate position):
+ * out_idx is nq x keep row ids (ecs_rerank then measures them). Returns as ecs_rank_keys. */
+int ecs_rank_best(const float *queries, const float *center, const float *scale, const float *cw, int64_t nq,
+                  int64_t dim, const int8_t *codes, int64_t code_stride, int64_t ncoord, const uint16_t *coords,
+                  int64_t coord_stride, const float *norm, int64_t m, const int64_t *cand, int64_t ncand, int64_t keep,
+                  int64_t *out_idx, int isa) {
+    if (keep < 1 || keep > ncand) return -1;
+    float *best = (float *)malloc((size_t)(nq * keep) * sizeof(float));
+    int64_t *filled = (int64_t *)calloc((size_t)(nq > 0 ? nq : 1), sizeof(int64_t));
+    if (!best || !filled) {
+        free(best);
+        free(filled);
+        return -2;
+    }
+    BestOut o = {best, out_idx, filled, keep}; /* positions first, row ids at the end */
+    int rc = rank_candidates(queries, center, scale, cw, nq, dim, codes, code_stride, ncoord, coords, coord_stride, norm,
+                             m, cand, ncand, isa, emit_best, &o);
+    if (rc == 0)
+        for (int64_t p = 0; p < nq * keep; p++) out_idx[p] = cand[p / keep * ncand + out_idx[p]];
+    free(best);
+    free(filled);
+    return rc;
+}
