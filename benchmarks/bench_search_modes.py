@@ -125,7 +125,7 @@ def kernel(args: argparse.Namespace) -> None:
     paths = [isa for isa in k.available if isa != "scalar" or args.scalar]  # plain C: seconds per call
     int8 = build_index(data.coreset, "int8", "int8", patches_per_image=p).searcher
     coarse = build_index(data.coreset, "int8", "coarse", patches_per_image=p).searcher
-    codes, cq, _, _ = int8._weights(queries)
+    codes, cq, *_ = int8._weights(queries)
     proposer = coarse.proposer
     pcodes, step = quantize_queries(coarse.project(queries) * proposer._step, proposer._table.shape[1])
     tables = {
@@ -189,7 +189,7 @@ def _candidates(searcher, queries: np.ndarray) -> np.ndarray:
     """The candidates the searcher re-ranks for these queries (int8 mode: the kernel's; coarse: proposed)."""
     if hasattr(searcher, "proposer"):
         return searcher.proposer.propose(searcher.project(queries), searcher.candidates)
-    codes, cq, _, _ = searcher._weights(queries)
+    codes, cq, *_ = searcher._weights(queries)
     return searcher.kernel.topk(codes, searcher._table, searcher._norms, searcher._corr, cq, searcher.candidates)[1]
 
 

@@ -676,19 +676,28 @@ class _CoarseSearcher(CoarseSearch):
     def __init__(self, arrays: dict[str, np.ndarray], graph: dict[str, np.ndarray], params: dict) -> None:
         kernel = native.kernel_or_warn("coarse mode's stored hnswlib graph")
         size = arrays["codes"].shape[0]
-        self.candidate_stage = "stored hnswlib graph (no native kernel)"
+        stored_basis = graph["proj_basis"]
+        path = kernel.path_for(pad4(stored_basis.shape[0])) if kernel is not None else None
+        native_stage = path is not None and path not in NO_DOT_PRODUCT_PATHS
+        if native_stage:
+            self.candidate_stage = f"native {path}"
+        elif path is not None:
+            self.candidate_stage = f"stored hnswlib graph (the kernel's {path} path has no int8 dot product)"
+        else:
+            self.candidate_stage = "stored hnswlib graph (no native kernel)"
 
         def proposer(projected: np.ndarray):
-            if kernel is not None:
-                path = kernel.path_for(pad4(projected.shape[1]))
-                if path not in NO_DOT_PRODUCT_PATHS:
-                    self.candidate_stage = f"native {path}"
-                    return ProjectedCandidates(projected, kernel)
-                self.candidate_stage = f"stored hnswlib graph (the kernel's {path} path has no int8 dot product)"
+            if native_stage:
+                return ProjectedCandidates(projected, kernel)
             return GraphProposer(_hnswlib_index(graph, projected, params), params["ef_search"],
                                  lambda index: _hnswlib_bytes(index, size))
 
-        super().__init__(CodeRows(arrays), graph["proj_basis"], graph["proj_center"], proposer,
+        # The native stage projects on the codes' own principal directions when they have the stored
+        # projection's width: the same subspace, and the projection then doubles as the re-rank's PCA
+        # coordinates (RESULTS.md #11). The graph was built in the stored projection, so it keeps that one.
+        own_basis = native_stage and arrays["basis"].shape == stored_basis.shape
+        super().__init__(CodeRows(arrays), None if own_basis else stored_basis,
+                         None if own_basis else graph["proj_center"], proposer,
                          candidates=params["candidates"], certify_block=params["certify_block"])
         self.shape = self.rows.shape
 

@@ -77,42 +77,47 @@ class CodeRows:
         return native.DecodeTables(self._codes, self._scale, self._offset, self._basis, self._coord_codes,
                                    self._coord_scale, self._coord_offset)
 
-    def rank_keys(self, queries: np.ndarray, index: np.ndarray) -> np.ndarray:
+    def rank_keys(self, queries: np.ndarray, index: np.ndarray, coords: np.ndarray | None = None) -> np.ndarray:
         """Q×K keys that order each query's candidates ``index`` (Q×K) like their L2 distances.
 
         ‖y − μ‖² − 2 (x − μ)·(y − μ) with y decoded on the fly, less a per-query constant: the int8 part is
         one product with the raw codes, the PCA part a k-wide one — no candidate row is decoded (natively
         where the kernel loads: ``runtime.native.Int8Kernel.rank_keys``). Centred on the coreset mean, as
-        ``ExactSearch``, so near neighbours keep their order. Needs :meth:`prepare_ranking` once.
+        ``ExactSearch``, so near neighbours keep their order. ``coords``: the queries' PCA coordinates
+        (x − μ) · basisⱼ (μ: :attr:`center`) where the caller has them. Needs :meth:`prepare_ranking` once.
         """
         found = _native_decoder(self)
         if found is not None:
-            return found[0].rank_keys(queries, self._rank_tables(queries), index)
+            return found[0].rank_keys(queries, self._rank_tables(queries, coords), index)
         centred = queries - self._center
         # einsum reads the int8 codes directly (casting in small buffers): 4× faster than
         # converting the Q×K×D gather to float32 and calling a batched matmul.
         dots = np.einsum("qkd,qd->qk", self._codes[index], centred * self._scale, dtype=np.float32, casting="unsafe")
         if self._basis.shape[0]:
-            dots += np.einsum("qkc,qc->qk", self._coord_codes[index].astype(np.float32), self._coord_weights(queries))
+            dots += np.einsum("qkc,qc->qk", self._coord_codes[index].astype(np.float32),
+                              self._coord_weights(queries, coords))
         return self._norms[index] - 2.0 * dots
 
-    def rank_best(self, queries: np.ndarray, index: np.ndarray, keep: int) -> np.ndarray:
+    def rank_best(self, queries: np.ndarray, index: np.ndarray, keep: int,
+                  coords: np.ndarray | None = None) -> np.ndarray:
         """Q×keep of each query's candidates ``index`` with the smallest :meth:`rank_keys`, ascending
         (ties by candidate position)."""
         found = _native_decoder(self)
         if found is not None:
-            return found[0].rank_best(queries, self._rank_tables(queries), index, keep)
-        order = np.argsort(self.rank_keys(queries, index), axis=1, kind="stable")[:, :keep]
+            return found[0].rank_best(queries, self._rank_tables(queries, coords), index, keep)
+        order = np.argsort(self.rank_keys(queries, index, coords), axis=1, kind="stable")[:, :keep]
         return np.take_along_axis(index, order, axis=1)
 
-    def _coord_weights(self, queries: np.ndarray) -> np.ndarray:
-        """Q×k ((x − μ) · basisⱼ) · coord_scaleⱼ, as q · basisⱼ − μ · basisⱼ: one product with the raw
-        queries (no Q×D centred copy; only the ranking uses it, and the winners are measured exactly)."""
-        return (queries @ self._basis_t - self._center_coords) * self._coord_scale
+    def _coord_weights(self, queries: np.ndarray, coords: np.ndarray | None) -> np.ndarray:
+        """Q×k ((x − μ) · basisⱼ) · coord_scaleⱼ; without ``coords`` as q · basisⱼ − μ · basisⱼ: one product with
+        the raw queries (no Q×D centred copy; only the ranking uses it, and the winners are measured exactly)."""
+        if coords is None:
+            coords = queries @ self._basis_t - self._center_coords
+        return coords * self._coord_scale
 
-    def _rank_tables(self, queries: np.ndarray) -> native.RankTables:
+    def _rank_tables(self, queries: np.ndarray, coords: np.ndarray | None) -> native.RankTables:
         return native.RankTables(self._codes, self._coord_codes, self._center, self._scale, self._norms,
-                                 self._coord_weights(queries))
+                                 self._coord_weights(queries, coords))
 
     def prepare_ranking(self) -> None:
         """The coreset mean and each row's centred squared norm (M floats), two passes over the codes."""
@@ -127,6 +132,16 @@ class CodeRows:
             block -= self._center
             norms[start : start + len(block)] = np.einsum("md,md->m", block, block)
         self._norms = norms
+
+    @property
+    def basis(self) -> np.ndarray:
+        """k×D principal directions of the codes' 16-bit coordinates."""
+        return self._basis
+
+    @property
+    def center(self) -> np.ndarray:
+        """The coreset mean μ (after :meth:`prepare_ranking`)."""
+        return self._center
 
     def ranking_tables(self) -> tuple[np.ndarray, np.ndarray]:
         """(coreset mean D, centred squared norms M) of :meth:`prepare_ranking`, for engines that
@@ -171,7 +186,8 @@ def direct_l2(queries: np.ndarray, rows: CodeRows, index: np.ndarray) -> np.ndar
     return np.sqrt(np.einsum("qkd,qkd->qk", diff, diff, dtype=np.float64)).astype(np.float32)
 
 
-def rerank(queries: np.ndarray, rows: CodeRows, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def rerank(queries: np.ndarray, rows: CodeRows, candidates: np.ndarray, k: int,
+           coords: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best of each query's ``candidates`` by direct difference (true L2 of the stored rows,
     not a GEMM expansion), ascending; ties keep the earlier candidate.
 
@@ -179,10 +195,11 @@ def rerank(queries: np.ndarray, rows: CodeRows, candidates: np.ndarray, k: int) 
     the best ``k`` decoded and measured (decoding costs ncoord + 2 per element), natively where the kernel
     loads. The float32 key orders candidates like their distances up to rounding: measuring the runner-up
     as well changed no bottle neighbour (recall@1 0.9983 WRN50 coarse, 0.9917 Lite0 int8 either way,
-    RESULTS.md #11), and the image maximum is certified exact afterwards regardless.
+    RESULTS.md #11), and the image maximum is certified exact afterwards regardless. ``coords``: the
+    queries' PCA coordinates (:meth:`CodeRows.rank_keys`), where the caller has computed them already.
     """
     if candidates.shape[1] > k:
-        candidates = rows.rank_best(queries, candidates, k)
+        candidates = rows.rank_best(queries, candidates, k, coords)
     found = _native_decoder(rows)
     if found is not None:
         return found[0].rerank(queries, found[1], candidates, k)
@@ -220,24 +237,29 @@ class CoarseSearch:
 
     Args:
         rows: the quantized coreset.
-        basis: p×D orthonormal projection; ``center``: D vector subtracted first.
+        basis: p×D orthonormal projection; ``center``: D vector subtracted first. None: the codes' own
+            principal directions and the coreset mean, so the projection is the queries' PCA coordinates
+            and the re-rank's ranking reuses it (one Q×D×p product per image instead of two).
         make_proposer: projected M×p float32 points → the candidate stage over them (the native int8
             brute force, or hnswlib's graph: :class:`GraphProposer`).
         candidates: points re-ranked exactly per query.
         certify_block: queries per image (the block whose maximum is made exact).
     """
 
-    def __init__(self, rows: CodeRows, basis: np.ndarray, center: np.ndarray,
+    def __init__(self, rows: CodeRows, basis: np.ndarray | None, center: np.ndarray | None,
                  make_proposer: Callable[[np.ndarray], Proposer], candidates: int, certify_block: int) -> None:
         self.rows = rows
         self.size, self.dim = rows.shape
+        rows.prepare_ranking()
+        self._projects_coords = basis is None
+        if basis is None:
+            basis, center = rows.basis, rows.center
         self._basis_t = np.ascontiguousarray(basis.T, dtype=np.float32)  # D×p
         self._center = center.astype(np.float32)
         self.candidates = min(int(candidates), self.size)
         self.certify_block = int(certify_block)
         self._projected = self.project_rows()  # M×p float32: the lower bounds' side of the coreset
         self.proposer = make_proposer(self._projected)
-        rows.prepare_ranking()
 
     def project(self, vectors: np.ndarray) -> np.ndarray:
         return (vectors - self._center) @ self._basis_t
@@ -255,7 +277,7 @@ class CoarseSearch:
         k = min(int(k), self.size)
         projected = self.project(queries)
         candidates = self.proposer.propose(projected, max(self.candidates, k))
-        distances, indices = rerank(queries, self.rows, candidates, k)
+        distances, indices = rerank(queries, self.rows, candidates, k, projected if self._projects_coords else None)
         for start in range(0, queries.shape[0], self.certify_block):
             stop = min(start + self.certify_block, queries.shape[0])
             self._certify_max(queries, projected, distances, indices, start, stop)

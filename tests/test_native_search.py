@@ -153,7 +153,7 @@ def test_int8_exact_query_equals_exact_search_for_k_neighbours(int8, data):
     searcher: Int8Search = int8.searcher
     exact = build_index(data["points"], "int8", "exact")
     queries = data["queries"][[0, 7, 51, 99]]
-    codes, cq, constant, coord_w = searcher._weights(queries)
+    codes, cq, constant, coord_w, _ = searcher._weights(queries)
     want_d, want_i = exact.search(queries, 5)
     for row in range(len(queries)):
         d, i = searcher.exact(queries[row], codes[row], cq[row], constant[row], coord_w[row], np.inf, k=5)
@@ -459,8 +459,11 @@ def test_rank_keys_are_bit_identical_on_every_path_and_order_candidates_like_the
     queries = (rows[rng.integers(0, m, 70)] + rng.normal(0.0, 0.3, (70, dim))).astype(np.float32)
     candidates = rng.integers(0, m, (70, 9))
     candidates[:, 4] = candidates[:, 1]  # equal keys: the earlier position ranks first
-    tables = rows._rank_tables(queries)
+    tables = rows._rank_tables(queries, None)
     keys = [kernel.rank_keys(queries, tables, candidates, isa=isa) for isa in kernel.available]
+    coords = (queries - rows.center) @ rows.basis.T  # a caller's own PCA coordinates give the same keys
+    np.testing.assert_allclose(rows.rank_keys(queries, candidates, coords), keys[0], rtol=1e-5,
+                               atol=1e-5 * np.abs(keys[0]).max())
     for got in keys[1:]:
         np.testing.assert_array_equal(got, keys[0])
     want = reference_rank_keys(queries, rows, candidates)

@@ -95,21 +95,21 @@ class Int8Search:
         extra = self._table.nbytes - self._table[:, : self.shape[1]].size
         return extra + self._corr.nbytes + self._l1.nbytes + self.rows.table_bytes()
 
-    def _weights(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(int8 query codes, cq = 2 · step, per-query constant 2·C_q, coordinate weights Q×k)."""
+    def _weights(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(int8 query codes, cq = 2 · step, per-query constant 2·C_q, coordinate weights Q×k, PCA coordinates Q×k)."""
         centred = queries - self._center
         coords = centred @ self._basis.T  # Q×k
         coord_w = coords * self._coord_weight
         codes, step = quantize_queries(np.concatenate([centred * self._scale, coord_w], axis=1), self._table.shape[1])
         constant = (centred.astype(np.float64) @ self._offset_centred + coords.astype(np.float64) @ self._coord_offset
                     + 128.0 * coord_w.astype(np.float64).sum(axis=1))
-        return codes, (2.0 * step).astype(np.float32), 2.0 * constant, coord_w
+        return codes, (2.0 * step).astype(np.float32), 2.0 * constant, coord_w, coords
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         k = min(int(k), self.size)
-        codes, cq, constant, coord_w = self._weights(queries)
+        codes, cq, constant, coord_w, coords = self._weights(queries)
         _, candidates = self.kernel.topk(codes, self._table, self._norms, self._corr, cq, max(self.candidates, k))
-        distances, indices = rerank(queries, self.rows, candidates, k)
+        distances, indices = rerank(queries, self.rows, candidates, k, coords)
         for start in range(0, queries.shape[0], self.certify_block):
             stop = min(start + self.certify_block, queries.shape[0])
             order = start + np.argsort(-distances[start:stop, 0], kind="stable")
