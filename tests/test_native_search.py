@@ -480,6 +480,24 @@ def test_rank_keys_are_bit_identical_on_every_path_and_order_candidates_like_the
         kernel.rank_best(queries, tables, candidates, 10)
 
 
+def test_rank_keys_do_not_depend_on_the_thread_count():
+    rng = np.random.default_rng(12)
+    rows = code_rows(rng, 500, 1024, 32)
+    queries = rng.normal(0.0, 1.0, (800, 1024)).astype(np.float32)
+    candidates = rng.integers(0, 500, (800, 8))  # 6.6 M multiply-adds: three threads of RK_MIN_WORK
+    tables = rows._rank_tables(queries, None)
+    saved = kernel.threads
+    try:
+        results = []
+        for threads in (1, 3):
+            kernel.threads = threads
+            results.append((kernel.rank_keys(queries, tables, candidates), kernel.rank_best(queries, tables, candidates, 2)))
+    finally:
+        kernel.threads = saved
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
 def test_rerank_measures_the_best_ranked_candidates_only(monkeypatch):
     """rerank decodes only the k best-ranked candidates per query (ranked on the codes), on every path,
     and they are the nearest ones."""

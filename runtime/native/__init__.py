@@ -112,8 +112,8 @@ class Int8Kernel:
         lib.ecs_narrow.argtypes = [_f32, _i64, _i64, _f32, _i64, _idx, _i64, _i64, _idx]
         rank = [_f32, _f32, _f32, _f32, _i64, _i64, ctypes.c_void_p, _i64, _i64, ctypes.c_void_p, _i64, _f32, _i64,
                 _idx, _i64]
-        lib.ecs_rank_keys.argtypes = rank + [_f32, ctypes.c_int]
-        lib.ecs_rank_best.argtypes = rank + [_i64, _idx, ctypes.c_int]
+        lib.ecs_rank_keys.argtypes = rank + [_f32, ctypes.c_int, ctypes.c_int]
+        lib.ecs_rank_best.argtypes = rank + [_i64, _idx, ctypes.c_int, ctypes.c_int]
         self.available = tuple(name for i, name in enumerate(ISAS) if lib.ecs_isa_supported(i))
         best = ISAS[lib.ecs_best_isa()]
         self.isa = best if isa in (None, "", "auto") else isa
@@ -203,7 +203,7 @@ class Int8Kernel:
         """
         args, shape = self._rank_args(queries, ranking, candidates)
         out = np.empty(shape, np.float32)
-        self._raise_rank(self._lib.ecs_rank_keys(*args, out, self._isa_id(isa)), shape)
+        self._raise_rank(self._lib.ecs_rank_keys(*args, out, self._isa_id(isa), self.threads), shape)
         return out
 
     def rank_best(self, queries: np.ndarray, ranking: RankTables, candidates: np.ndarray, keep: int,
@@ -214,7 +214,7 @@ class Int8Kernel:
         if not 1 <= keep <= shape[1]:
             raise ValueError(f"keep must be in [1, {shape[1]}], got {keep}")
         out = np.empty((shape[0], keep), np.int64)
-        self._raise_rank(self._lib.ecs_rank_best(*args, keep, out, self._isa_id(isa)), shape)
+        self._raise_rank(self._lib.ecs_rank_best(*args, keep, out, self._isa_id(isa), self.threads), shape)
         return out
 
     @staticmethod

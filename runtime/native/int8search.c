@@ -812,7 +812,7 @@ int ecs_keys(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows, i
 #define RR_ROWS 8   /* candidate rows sharing one pass over the basis */
 #define RR_LANES 16 /* float64 partial sums per row */
 #define RR_MAX_COORDS 256 /* PCA coordinates per row the kernel takes (the exporter stores far fewer) */
-#define RR_MIN_WORK (16 * 1024 * 1024) /* multiply-adds per thread of ecs_l2, at least */
+#define RR_MIN_WORK (12 * 1024 * 1024) /* multiply-adds per thread of ecs_l2, at least */
 
 typedef struct {
     const float *queries; /* nq x dim */
@@ -1015,7 +1015,8 @@ int ecs_l2(const float *queries, int64_t nq, int64_t dim, const int8_t *codes, i
     int64_t groups = (pairs + RR_ROWS - 1) / RR_ROWS;
     /* A thread only for RR_MIN_WORK multiply-adds or more: a second thread on a few hundred pairs (the
      * certification's batches) costs more than it saves, and far more on a busy CPU, where the join waits
-     * for a time slice (RESULTS.md #11: 256 pairs at 1024-d, 2-3 ms on 2 threads vs 0.3 ms on one). */
+     * for a time slice (RESULTS.md #11: 256 pairs at 1024-d, 2-3 ms on 2 threads vs 0.3 ms on one); one
+     * image's 784 winners at 1024-d (27 M) take two. */
     int64_t work = pairs * dim * (ncoord + 2), most = work / RR_MIN_WORK > 0 ? work / RR_MIN_WORK : 1;
     if (threads < 1) threads = 1;
     if (threads > 64) threads = 64;
@@ -1229,35 +1230,80 @@ static RankKeyFn rank_key_fn(int isa) {
     return rk_key_c;
 }
 
-/* Shared by ecs_rank_keys / ecs_rank_best: calls emit(ctx, q, i, key) for every candidate in order, with
- * w_q = (x_q - center) * scale formed here (a float32 subtract, then multiply: numpy's order). */
+/* Shared by ecs_rank_keys / ecs_rank_best: calls emit(ctx, q, i, key) for every candidate, queries split
+ * between threads (each query's candidates in order, on one thread), with w_q = (x_q - center) * scale formed
+ * here (a float32 subtract, then multiply: numpy's order). */
 typedef void (*RankEmit)(void *, int64_t, int64_t, float);
+
+#define RK_MIN_WORK (2 * 1024 * 1024) /* multiply-adds per thread of the ranking, at least */
+
+typedef struct {
+    const float *queries, *center, *scale, *cw, *norm;
+    int64_t dim, ncoord, ncand, code_stride, coord_stride;
+    const int8_t *codes;
+    const uint16_t *coords;
+    const int64_t *cand;
+    RankKeyFn key;
+    RankEmit emit;
+    void *ctx;
+    int64_t q0, q1;
+} RankJob;
+
+static void *rank_run(void *arg) {
+    const RankJob *j = (const RankJob *)arg;
+    float *w = (float *)malloc((size_t)j->dim * sizeof(float));
+    if (!w) return (void *)1;
+    int64_t end = j->q1 * j->ncand;
+    for (int64_t q = j->q0; q < j->q1; q++) {
+        for (int64_t d = 0; d < j->dim; d++) w[d] = (j->queries[q * j->dim + d] - j->center[d]) * j->scale[d];
+        for (int64_t i = 0; i < j->ncand; i++) {
+            int64_t p = q * j->ncand + i;
+            if (p + RK_AHEAD < end) rk_prefetch(j->codes + j->cand[p + RK_AHEAD] * j->code_stride, j->dim);
+            int64_t row = j->cand[p];
+            j->emit(j->ctx, q, i, j->key(w, j->codes + row * j->code_stride, j->dim, j->cw + q * j->ncoord,
+                                         j->coords + row * j->coord_stride, j->ncoord, j->norm[row]));
+        }
+    }
+    free(w);
+    return NULL;
+}
 
 static int rank_candidates(const float *queries, const float *center, const float *scale, const float *cw, int64_t nq,
                            int64_t dim, const int8_t *codes, int64_t code_stride, int64_t ncoord, const uint16_t *coords,
                            int64_t coord_stride, const float *norm, int64_t m, const int64_t *cand, int64_t ncand,
-                           int isa, RankEmit emit, void *ctx) {
+                           int isa, int threads, RankEmit emit, void *ctx) {
     if (nq < 0 || dim < 1 || ncand < 0 || ncoord < 0 || code_stride < dim || (ncoord && coord_stride < ncoord) ||
         !ecs_isa_supported(isa))
         return -1;
     int64_t pairs = nq * ncand;
     for (int64_t p = 0; p < pairs; p++)
         if (cand[p] < 0 || cand[p] >= m) return -1;
-    float *w = (float *)malloc((size_t)dim * sizeof(float));
-    if (!w) return -2;
-    RankKeyFn key = rank_key_fn(isa);
-    for (int64_t q = 0; q < nq; q++) {
-        for (int64_t d = 0; d < dim; d++) w[d] = (queries[q * dim + d] - center[d]) * scale[d];
-        for (int64_t i = 0; i < ncand; i++) {
-            int64_t p = q * ncand + i;
-            if (p + RK_AHEAD < pairs) rk_prefetch(codes + cand[p + RK_AHEAD] * code_stride, dim);
-            int64_t row = cand[p];
-            emit(ctx, q, i, key(w, codes + row * code_stride, dim, cw + q * ncoord, coords + row * coord_stride, ncoord,
-                                norm[row]));
-        }
+    int64_t most = pairs * dim / RK_MIN_WORK;
+    if (threads > 64) threads = 64;
+    if (threads > most) threads = (int)most;
+    if (threads > nq) threads = (int)nq;
+    if (threads < 1) threads = 1;
+    RankJob jobs[64];
+    pthread_t tids[64];
+    for (int t = 0; t < threads; t++) {
+        RankJob job = {queries, center, scale, cw, norm, dim, ncoord, ncand, code_stride, coord_stride, codes, coords,
+                       cand, rank_key_fn(isa), emit, ctx, nq * t / threads, nq * (t + 1) / threads};
+        jobs[t] = job;
     }
-    free(w);
-    return 0;
+    int started = 0, rc = 0;
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&tids[t], NULL, rank_run, &jobs[t]) != 0) break;
+        started = t;
+    }
+    if (rank_run(&jobs[0]) != NULL) rc = -2;
+    for (int t = 1; t <= started; t++) {
+        void *res = NULL;
+        pthread_join(tids[t], &res);
+        if (res != NULL) rc = -2;
+    }
+    for (int t = started + 1; t < threads; t++) /* threads that could not start: run their share here */
+        if (rank_run(&jobs[t]) != NULL) rc = -2;
+    return rc;
 }
 
 typedef struct {
@@ -1270,16 +1316,16 @@ static void emit_key(void *ctx, int64_t q, int64_t i, float key) {
     o->out[q * o->ncand + i] = key;
 }
 
-/* Rank keys of each query's ncand candidates, out[q * ncand + i] (see above). queries: nq x dim; center,
- * scale: dim; cw: nq x ncoord; norm: m. Returns 0, or -1 (bad arguments, a candidate outside [0, m),
+/* Rank keys of each query's ncand candidates, out[q * ncand + i] (see above), on up to `threads` threads
+ * (one per RK_MIN_WORK multiply-adds). queries: nq x dim; center, scale: dim; cw: nq x ncoord; norm: m. Returns 0, or -1 (bad arguments, a candidate outside [0, m),
  * unsupported isa), -2 (out of memory). */
 int ecs_rank_keys(const float *queries, const float *center, const float *scale, const float *cw, int64_t nq,
                   int64_t dim, const int8_t *codes, int64_t code_stride, int64_t ncoord, const uint16_t *coords,
                   int64_t coord_stride, const float *norm, int64_t m, const int64_t *cand, int64_t ncand, float *out,
-                  int isa) {
+                  int isa, int threads) {
     KeysOut o = {out, ncand};
     return rank_candidates(queries, center, scale, cw, nq, dim, codes, code_stride, ncoord, coords, coord_stride, norm,
-                           m, cand, ncand, isa, emit_key, &o);
+                           m, cand, ncand, isa, threads, emit_key, &o);
 }
 
 typedef struct {
@@ -1298,7 +1344,7 @@ static void emit_best(void *ctx, int64_t q, int64_t i, float key) {
 int ecs_rank_best(const float *queries, const float *center, const float *scale, const float *cw, int64_t nq,
                   int64_t dim, const int8_t *codes, int64_t code_stride, int64_t ncoord, const uint16_t *coords,
                   int64_t coord_stride, const float *norm, int64_t m, const int64_t *cand, int64_t ncand, int64_t keep,
-                  int64_t *out_idx, int isa) {
+                  int64_t *out_idx, int isa, int threads) {
     if (keep < 1 || keep > ncand) return -1;
     float *best = (float *)malloc((size_t)(nq * keep) * sizeof(float));
     int64_t *filled = (int64_t *)calloc((size_t)(nq > 0 ? nq : 1), sizeof(int64_t));
@@ -1309,7 +1355,7 @@ int ecs_rank_best(const float *queries, const float *center, const float *scale,
     }
     BestOut o = {best, out_idx, filled, keep}; /* positions first, row ids at the end */
     int rc = rank_candidates(queries, center, scale, cw, nq, dim, codes, code_stride, ncoord, coords, coord_stride, norm,
-                             m, cand, ncand, isa, emit_best, &o);
+                             m, cand, ncand, isa, threads, emit_best, &o);
     if (rc == 0)
         for (int64_t p = 0; p < nq * keep; p++) out_idx[p] = cand[p / keep * ncand + out_idx[p]];
     free(best);
