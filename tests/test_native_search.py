@@ -63,6 +63,8 @@ def test_kernel_topk_equals_the_numpy_reference(isa, nq, m, width, k, ties):
     dots = queries.astype(np.int64) @ rows.astype(np.int64).T
     all_keys = kernel.keys(queries, rows, bias, corr, cq, isa=isa)
     np.testing.assert_array_equal(all_keys, bias[None, :] - cq[:, None] * dots.astype(np.float32))
+    # one query (the certification's exact search) has its own AVX-512 loop: the same keys
+    np.testing.assert_array_equal(kernel.keys(queries[-1:], rows, bias, corr, cq[-1:], isa=isa), all_keys[-1:])
 
 
 def test_every_isa_path_gives_bit_identical_results_on_strided_rows():
@@ -76,6 +78,10 @@ def test_every_isa_path_gives_bit_identical_results_on_strided_rows():
         np.testing.assert_array_equal(idx, first[1], err_msg=isa)
         np.testing.assert_array_equal(keys, first[0], err_msg=isa)
     assert len(kernel.available) >= 2 or kernel.available == ("scalar",)
+    dots = queries[:1, :152].astype(np.int64) @ rows.astype(np.int64).T
+    for isa in kernel.available:  # one query on the strided rows
+        np.testing.assert_array_equal(kernel.keys(queries[:1, :152], rows, bias, corr, cq[:1], isa=isa),
+                                      bias[None, :] - cq[:1, None] * dots.astype(np.float32), err_msg=isa)
 
 
 def test_thread_count_does_not_change_results():
@@ -153,10 +159,11 @@ def test_int8_exact_query_equals_exact_search_for_k_neighbours(int8, data):
     searcher: Int8Search = int8.searcher
     exact = build_index(data["points"], "int8", "exact")
     queries = data["queries"][[0, 7, 51, 99]]
-    codes, cq, constant, coord_w, _ = searcher._weights(queries)
+    codes, cq, centred, coord_w, coords = searcher._weights(queries)
     want_d, want_i = exact.search(queries, 5)
     for row in range(len(queries)):
-        d, i = searcher.exact(queries[row], codes[row], cq[row], constant[row], coord_w[row], np.inf, k=5)
+        constant = searcher._constant(centred[row], coords[row], coord_w[row])
+        d, i = searcher.exact(queries[row], codes[row], cq[row], constant, coord_w[row], np.inf, k=5)
         np.testing.assert_array_equal(i, want_i[row])
         np.testing.assert_allclose(d, want_d[row], rtol=1e-5)
 

@@ -792,9 +792,43 @@ int ecs_topk(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows, i
     return run(queries, nq, g, rows, stride, m, bias, corr, cq, k, out_idx, out_key, 0, isa, threads);
 }
 
+#ifdef ECS_X86
+/* Every key of ONE query (the certification's exact search): rows are the vectors, 64 bytes per vpdpbusd,
+ * 4 rows per step; the same exact int32 dot and the same two float32 operations as the tiles (keys512). */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static void keys_one_avx512(const int8_t *query, int64_t g, const int8_t *rows, int64_t stride, int64_t m,
+                            const float *bias, const int32_t *corr, float cq, float *out_key) {
+    int64_t width = 4 * g, chunks = (width + 63) / 64;
+    __m512i q[64]; /* up to 4 096-byte rows (RR_MAX-sized tables are far smaller); larger widths take run() */
+    __mmask64 tail = width % 64 ? ((__mmask64)1 << (width % 64)) - 1 : ~(__mmask64)0;
+    for (int64_t c = 0; c < chunks; c++) {
+        __mmask64 in = c == chunks - 1 ? tail : ~(__mmask64)0;
+        q[c] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(in, query + 64 * c), _mm512_maskz_set1_epi8(in, (char)0x80));
+    }
+    for (int64_t r = 0; r < m; r++) {
+        const int8_t *row = rows + r * stride;
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t c = 0; c < chunks; c++) {
+            __m512i v = _mm512_maskz_loadu_epi8(c == chunks - 1 ? tail : ~(__mmask64)0, row + 64 * c);
+            DPBUSD512(acc, q[c], v);
+        }
+        int32_t dot = _mm512_reduce_add_epi32(acc) - corr[r];
+        out_key[r] = bias[r] - cq * (float)dot;
+    }
+}
+#endif
+
 int ecs_keys(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows, int64_t stride, int64_t m,
              const float *bias, const int32_t *corr, const float *cq, float *out_key, int isa, int threads) {
     if (!out_key) return -1;
+#ifdef ECS_X86
+    int eff = isa >= 0 && isa < ISA_COUNT ? ecs_effective_isa(isa, 4 * g) : -1;
+    if (nq == 1 && g >= 1 && g <= 1024 && m >= 1 && stride >= 4 * g && (eff == ISA_AVX512VNNI || eff == ISA_AMX) &&
+        ecs_isa_supported(isa)) {
+        keys_one_avx512(queries, g, rows, stride, m, bias, corr, cq[0], out_key);
+        return 0;
+    }
+#endif
     return run(queries, nq, g, rows, stride, m, bias, corr, cq, 0, NULL, out_key, 1, isa, threads);
 }
 

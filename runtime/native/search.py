@@ -96,18 +96,23 @@ class Int8Search:
         return extra + self._corr.nbytes + self._l1.nbytes + self.rows.table_bytes()
 
     def _weights(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(int8 query codes, cq = 2 · step, per-query constant 2·C_q, coordinate weights Q×k, PCA coordinates Q×k)."""
+        """(int8 query codes, cq = 2 · step, centred queries, coordinate weights Q×k, PCA coordinates Q×k)."""
         centred = queries - self._center
         coords = centred @ self._basis.T  # Q×k
-        coord_w = coords * self._coord_weight
-        codes, step = quantize_queries(np.concatenate([centred * self._scale, coord_w], axis=1), self._table.shape[1])
-        constant = (centred.astype(np.float64) @ self._offset_centred + coords.astype(np.float64) @ self._coord_offset
-                    + 128.0 * coord_w.astype(np.float64).sum(axis=1))
-        return codes, (2.0 * step).astype(np.float32), 2.0 * constant, coord_w, coords
+        weights = np.empty((queries.shape[0], self.shape[1] + self._coords), np.float32)
+        np.multiply(centred, self._scale, out=weights[:, : self.shape[1]])
+        coord_w = np.multiply(coords, self._coord_weight, out=weights[:, self.shape[1] :])
+        codes, step = quantize_queries(weights, self._table.shape[1])
+        return codes, (2.0 * step).astype(np.float32), centred, coord_w, coords
+
+    def _constant(self, centred: np.ndarray, coords: np.ndarray, coord_w: np.ndarray) -> float:
+        """2·C_q of one query, the key's per-query constant (only the certified queries need it)."""
+        return 2.0 * (centred.astype(np.float64) @ self._offset_centred + coords.astype(np.float64) @ self._coord_offset
+                      + 128.0 * coord_w.astype(np.float64).sum())
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         k = min(int(k), self.size)
-        codes, cq, constant, coord_w, coords = self._weights(queries)
+        codes, cq, centred, coord_w, coords = self._weights(queries)
         _, candidates = self.kernel.topk(codes, self._table, self._norms, self._corr, cq, max(self.candidates, k))
         distances, indices = rerank(queries, self.rows, candidates, k, coords)
         for start in range(0, queries.shape[0], self.certify_block):
@@ -117,7 +122,8 @@ class Int8Search:
             for row in order:  # decreasing re-ranked distance, an upper bound of the true one
                 if distances[row, 0] <= best:
                     break
-                distances[row], indices[row] = self.exact(queries[row], codes[row], cq[row], constant[row],
+                constant = self._constant(centred[row], coords[row], coord_w[row])
+                distances[row], indices[row] = self.exact(queries[row], codes[row], cq[row], constant,
                                                           coord_w[row], float(distances[row, k - 1]), k)
                 best = max(best, float(distances[row, 0]))
         return distances, indices
