@@ -5,14 +5,15 @@ hardware limit"):
 
 * **Coarse.** A ``proj_dim``-dimensional PCA projection of the decoded coreset proposes ``candidates``
   points per query: by the native int8 brute force over the projections (``runtime.native.search``,
-  see benchmarks/RESULTS.md) where the kernel loads, else by the stored hnswlib graph over them.
+  see benchmarks/RESULTS.md) where the kernel loads — on the codes' own principal directions, so the
+  projection is also the re-rank's PCA coordinates — else by the stored hnswlib graph over the stored projection.
   hnswlib keeps its own float32 copy of what it indexes, so at 32 dims that copy is 1/32 of the fp32
   coreset, and every graph hop costs 32 multiply-adds instead of 1024 (hnswlib's SSE build: no
   AVX-512 needed, see ``.ci/install``).
-* **Re-rank.** The candidates' true L2 distances are computed on the int8 codes themselves
-  (:class:`CodeRows`): no fp32 copy of the coreset exists in memory, rows are decoded on demand —
-  by the native kernel (``runtime.native``: every candidate decoded and measured, float64 sums)
-  where it loads, else by numpy (ranked on the codes, the best ``k`` measured).
+* **Re-rank.** The candidates are ranked on the int8 codes themselves (:meth:`CodeRows.rank_keys`, one
+  multiply-add per element; natively where the kernel loads) and only the best are decoded and measured
+  (:class:`CodeRows`: no fp32 copy of the coreset exists in memory, rows are decoded on demand, float64
+  sums), so every distance returned is a true L2 distance to a stored row.
 * **Certified maximum.** The image score is the largest nearest-neighbour distance, which is where an
   approximate search is least reliable. As in hnsw mode, the block's worst queries are re-searched
   exactly until the maximum is proven; here the exact search is pruned by the projection: an orthogonal

@@ -203,7 +203,7 @@ class Int8Kernel:
         """
         args, shape = self._rank_args(queries, ranking, candidates)
         out = np.empty(shape, np.float32)
-        self._raise_rank(self._lib.ecs_rank_keys(*args, out, self._isa_id(isa), self.threads), shape)
+        self._raise_rank(self._lib.ecs_rank_keys(*args, out, self._isa_id(isa), self.threads))
         return out
 
     def rank_best(self, queries: np.ndarray, ranking: RankTables, candidates: np.ndarray, keep: int,
@@ -214,7 +214,7 @@ class Int8Kernel:
         if not 1 <= keep <= shape[1]:
             raise ValueError(f"keep must be in [1, {shape[1]}], got {keep}")
         out = np.empty((shape[0], keep), np.int64)
-        self._raise_rank(self._lib.ecs_rank_best(*args, keep, out, self._isa_id(isa), self.threads), shape)
+        self._raise_rank(self._lib.ecs_rank_best(*args, keep, out, self._isa_id(isa), self.threads))
         return out
 
     @staticmethod
@@ -237,7 +237,7 @@ class Int8Kernel:
         return [queries, r.center, r.scale, weights, queries.shape[0], dim, r.codes.ctypes.data, r.codes.strides[0],
                 ncoord, r.coord_codes.ctypes.data, coord_stride, r.norms, m, cand, cand.shape[1]], cand.shape
 
-    def _raise_rank(self, rc: int, shape: tuple[int, int]) -> None:
+    def _raise_rank(self, rc: int) -> None:
         if rc == -1:
             raise ValueError("candidate ids must be in [0, M)")
         self._raise(rc)
