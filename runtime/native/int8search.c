@@ -700,6 +700,26 @@ int ecs_best_isa(void) {
  * nq x m). queries: nq x 4g int8 codes; rows: m rows of 4g int8 codes, `stride` bytes apart; corr[m] =
  * 128 * sum of row m's codes. Returns 0, or -1 (bad arguments / unsupported isa), -2 (out of memory),
  * -3 (a thread failed). */
+/* Runs fn over `threads` jobs (job t at jobs + t * size): jobs 1.. on new threads, job 0 on this one, and any
+ * job whose thread could not start here afterwards. Returns 1 when a job returned non-NULL (its failure). */
+static int run_jobs(void *(*fn)(void *), void *jobs, size_t size, int threads) {
+    pthread_t tids[64];
+    int started = 0, failed = 0;
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&tids[t], NULL, fn, (char *)jobs + (size_t)t * size) != 0) break;
+        started = t;
+    }
+    if (fn(jobs) != NULL) failed = 1;
+    for (int t = 1; t <= started; t++) {
+        void *res = NULL;
+        pthread_join(tids[t], &res);
+        if (res != NULL) failed = 1;
+    }
+    for (int t = started + 1; t < threads; t++)
+        if (fn((char *)jobs + (size_t)t * size) != NULL) failed = 1;
+    return failed;
+}
+
 static int run(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows, int64_t stride, int64_t m,
                const float *bias, const int32_t *corr, const float *cq, int64_t k, int32_t *out_idx,
                float *out_key, int all_keys, int isa, int threads) {
@@ -748,7 +768,6 @@ static int run(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows,
     if (threads < 1) threads = 1;
     if (threads > units) threads = (int)units;
     Job jobs[64];
-    pthread_t tids[64];
     if (threads > 64) threads = 64;
     int rc = 0;
     for (int t = 0; t < threads; t++) {
@@ -762,19 +781,7 @@ static int run(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows,
     if (isa == ISA_AMX) job_fn = run_job_amx;
     if (listed) job_fn = run_job_512;
 #endif
-    int started = 0;
-    for (int t = 1; t < threads; t++) {
-        if (pthread_create(&tids[t], NULL, job_fn, &jobs[t]) != 0) break;
-        started = t;
-    }
-    if (job_fn(&jobs[0]) != NULL) rc = -3;
-    for (int t = 1; t <= started; t++) {
-        void *res = NULL;
-        pthread_join(tids[t], &res);
-        if (res != NULL) rc = -3;
-    }
-    for (int t = started + 1; t < threads; t++) /* threads that could not start: run their share here */
-        if (job_fn(&jobs[t]) != NULL) rc = -3;
+    if (run_jobs(job_fn, jobs, sizeof(Job), threads)) rc = -3;
 #ifdef ECS_X86
     for (int64_t q = 0; listed && q < nq; q++) {
         memcpy(out_key + q * k, lists[q].key, sizeof(float) * (size_t)k);
@@ -793,13 +800,14 @@ int ecs_topk(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows, i
 }
 
 #ifdef ECS_X86
-/* Every key of ONE query (the certification's exact search): rows are the vectors, 64 bytes per vpdpbusd,
- * 4 rows per step; the same exact int32 dot and the same two float32 operations as the tiles (keys512). */
+/* Every key of ONE query (the certification's exact search): each row is the vector, 64 bytes per vpdpbusd
+ * (a padded 16-query block would do 16x the work); the same exact int32 dot and the same two float32
+ * operations as the tiles (keys512). */
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 static void keys_one_avx512(const int8_t *query, int64_t g, const int8_t *rows, int64_t stride, int64_t m,
                             const float *bias, const int32_t *corr, float cq, float *out_key) {
     int64_t width = 4 * g, chunks = (width + 63) / 64;
-    __m512i q[64]; /* up to 4 096-byte rows (RR_MAX-sized tables are far smaller); larger widths take run() */
+    __m512i q[64]; /* rows of up to 4 096 bytes (ecs_keys sends wider ones to run()) */
     __mmask64 tail = width % 64 ? ((__mmask64)1 << (width % 64)) - 1 : ~(__mmask64)0;
     for (int64_t c = 0; c < chunks; c++) {
         __mmask64 in = c == chunks - 1 ? tail : ~(__mmask64)0;
@@ -1057,7 +1065,6 @@ int ecs_l2(const float *queries, int64_t nq, int64_t dim, const int8_t *codes, i
     if (threads > groups) threads = (int)groups;
     if (threads > most) threads = (int)most;
     RrJob jobs[64];
-    pthread_t tids[64];
     for (int t = 0; t < threads; t++) {
         jobs[t].r = &r;
         jobs[t].isa = isa;
@@ -1065,20 +1072,7 @@ int ecs_l2(const float *queries, int64_t nq, int64_t dim, const int8_t *codes, i
         int64_t end = groups * (t + 1) / threads * RR_ROWS;
         jobs[t].p1 = end < pairs ? end : pairs;
     }
-    int started = 0;
-    for (int t = 1; t < threads; t++) {
-        if (pthread_create(&tids[t], NULL, rr_run, &jobs[t]) != 0) break;
-        started = t;
-    }
-    int rc = rr_run(&jobs[0]) != NULL ? -2 : 0;
-    for (int t = 1; t <= started; t++) {
-        void *res = NULL;
-        pthread_join(tids[t], &res);
-        if (res != NULL) rc = -2;
-    }
-    for (int t = started + 1; t < threads; t++) /* threads that could not start: run their share here */
-        if (rr_run(&jobs[t]) != NULL) rc = -2;
-    return rc;
+    return run_jobs(rr_run, jobs, sizeof(RrJob), threads) ? -2 : 0;
 }
 
 /* Insert (d, i) into the ascending list best/pos of *filled <= k entries, keeping the k smallest; an
@@ -1318,26 +1312,12 @@ static int rank_candidates(const float *queries, const float *center, const floa
     if (threads > nq) threads = (int)nq;
     if (threads < 1) threads = 1;
     RankJob jobs[64];
-    pthread_t tids[64];
     for (int t = 0; t < threads; t++) {
         RankJob job = {queries, center, scale, cw, norm, dim, ncoord, ncand, code_stride, coord_stride, codes, coords,
                        cand, rank_key_fn(isa), emit, ctx, nq * t / threads, nq * (t + 1) / threads};
         jobs[t] = job;
     }
-    int started = 0, rc = 0;
-    for (int t = 1; t < threads; t++) {
-        if (pthread_create(&tids[t], NULL, rank_run, &jobs[t]) != 0) break;
-        started = t;
-    }
-    if (rank_run(&jobs[0]) != NULL) rc = -2;
-    for (int t = 1; t <= started; t++) {
-        void *res = NULL;
-        pthread_join(tids[t], &res);
-        if (res != NULL) rc = -2;
-    }
-    for (int t = started + 1; t < threads; t++) /* threads that could not start: run their share here */
-        if (rank_run(&jobs[t]) != NULL) rc = -2;
-    return rc;
+    return run_jobs(rank_run, jobs, sizeof(RankJob), threads) ? -2 : 0;
 }
 
 typedef struct {
