@@ -29,6 +29,21 @@ def mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
 # The backbone is quantized; the head stays fp32 (it is a few % of the FLOPs).
 HEAD_OP_TYPES = ["AvgPool", "Interpolate", "Concat", "MatMul"]
 
+# A portable engine has 7-bit weights (NNCF's overflow fix, so CPUs without VNNI do not saturate). Rounding
+# every convolution to 7 bits broke the host-vs-camera contract on bottle Lite0 (image-score Spearman 0.984 < 0.99,
+# AVX2-only AMD EPYC); with the first convolution (3 input channels, the least redundant layer) and the depthwise
+# convolutions (one 3x3 filter per channel) kept fp32 it is 0.997; the first convolution alone 0.988
+# (benchmarks/RESULTS.md #11, "Portable INT8 fidelity").
+PORTABLE_FP32_TYPES = ["GroupConvolution"]
+
+
+def _first_convolution(model) -> list[str]:
+    """Name of the graph's first convolution in execution order (the stem), as NNCF's ignored scope names it."""
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "Convolution":
+            return [op.get_friendly_name()]
+    return []
+
 
 def quantize(model, crops: np.ndarray, max_drop: float | None = None, vnni: bool = False):
     """NNCF PTQ of the backbone (mixed preset: symmetric weights, asymmetric activations).
@@ -36,6 +51,7 @@ def quantize(model, crops: np.ndarray, max_drop: float | None = None, vnni: bool
     ``vnni=True`` keeps full 8-bit weights (NNCF's overflow fix off): measured cosine
     0.997 vs 0.991 with it, but the engine is then only correct on VNNI/AMX CPUs —
     the manifest records that and the runtime refuses such an engine elsewhere.
+    Without it (portable) the first and the depthwise convolutions stay fp32 (``PORTABLE_FP32_TYPES``).
     With ``max_drop``, the accuracy-aware variant keeps more layers in fp32 until the
     mean embedding cosine drop is within bounds.
     """
@@ -45,11 +61,11 @@ def quantize(model, crops: np.ndarray, max_drop: float | None = None, vnni: bool
 
     items = [crop[None] for crop in crops]
     dataset = nncf.Dataset(items)
-    common = dict(
-        preset=nncf.QuantizationPreset.MIXED,
-        subset_size=len(items),
-        ignored_scope=nncf.IgnoredScope(types=HEAD_OP_TYPES, validate=False),
-    )
+    kept_fp32 = nncf.IgnoredScope(types=HEAD_OP_TYPES, validate=False)
+    if not vnni:
+        kept_fp32 = nncf.IgnoredScope(names=_first_convolution(model), types=HEAD_OP_TYPES + PORTABLE_FP32_TYPES,
+                                      validate=False)
+    common = dict(preset=nncf.QuantizationPreset.MIXED, subset_size=len(items), ignored_scope=kept_fp32)
     advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix.DISABLE if vnni else OverflowFix.ENABLE)
     if max_drop is None:
         return nncf.quantize(model, dataset, advanced_parameters=advanced, **common)

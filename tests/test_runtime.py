@@ -229,6 +229,17 @@ def test_portable_int8_runs_under_an_avx2_cap(bundle_copy, synthetic_category, m
     assert result.exit_code == 0, result.output
     entry = verify_bundle(bundle_copy).manifest["engines"]["openvino-int8"]
     assert entry["requires_vnni"] is False and entry["calibration"]["overflow_fix"] is True
+    # 7-bit weights: the first and the depthwise convolutions stay fp32 (the host-vs-camera contract), the rest int8
+    import openvino as ov
+
+    convs = [op for op in ov.Core().read_model(str(bundle_copy / entry["xml"])).get_ordered_ops()
+             if op.get_type_name() in ("Convolution", "GroupConvolution")]
+    quantized = {op.get_friendly_name(): op.input_value(0).get_node().get_type_name() == "FakeQuantize" for op in convs}
+    depthwise = [op.get_friendly_name() for op in convs if op.get_type_name() == "GroupConvolution"]
+    assert depthwise and not any(quantized[name] for name in depthwise)
+    assert not quantized[convs[0].get_friendly_name()]
+    assert sum(quantized.values()) >= len(convs) - len(depthwise) - 1 > 0
+    assert entry["calibration"]["kept_fp32"] == ["head", "first convolution", "depthwise convolutions"]
     with Detector.open(bundle_copy, precision="int8") as detector:
         assert detector.detect(synthetic_category / "test" / "good" / "000.png").score > 0
     entry_vnni = dict(entry, requires_vnni=True)
