@@ -29,20 +29,27 @@ def mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
 # The backbone is quantized; the head stays fp32 (it is a few % of the FLOPs).
 HEAD_OP_TYPES = ["AvgPool", "Interpolate", "Concat", "MatMul"]
 
-# A portable engine has 7-bit weights (NNCF's overflow fix, so CPUs without VNNI do not saturate). Rounding
-# every convolution to 7 bits broke the host-vs-camera contract on bottle Lite0 (image-score Spearman 0.984 < 0.99,
-# AVX2-only AMD EPYC); with the first convolution (3 input channels, the least redundant layer) and the depthwise
-# convolutions (one 3x3 filter per channel) kept fp32 it is 0.997; the first convolution alone 0.988
-# (benchmarks/RESULTS.md #11, "Portable INT8 fidelity").
+# A portable engine has 7-bit weights (NNCF's overflow fix, so CPUs without VNNI do not saturate). Rounding every
+# convolution to 7 bits broke the host-vs-camera contract on bottle (image-score Spearman < 0.99 on an AVX2-only AMD
+# EPYC: Lite0 0.984, Lite1 0.980, Lite2 0.983). Kept fp32: the depthwise convolutions (one 3x3 filter per channel)
+# and the convolutions at the first convolution's output resolution (the stem and what follows it before the first
+# downsampling: few channels, little redundancy) -> Lite0 0.999, Lite2 0.998, at no measurable engine cost
+# (benchmarks/RESULTS.md #11, "A real AVX2-only CPU").
 PORTABLE_FP32_TYPES = ["GroupConvolution"]
 
 
-def _first_convolution(model) -> list[str]:
-    """Name of the graph's first convolution in execution order (the stem), as NNCF's ignored scope names it."""
-    for op in model.get_ordered_ops():
-        if op.get_type_name() == "Convolution":
-            return [op.get_friendly_name()]
-    return []
+def _full_resolution_convolutions(model) -> list[str]:
+    """Names (as NNCF's ignored scope takes them) of the first convolution in execution order and of every
+    convolution whose output has its spatial size; the first alone where shapes are dynamic."""
+    convolutions = [op for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
+    if not convolutions:
+        return []
+    first = convolutions[0].get_output_partial_shape(0)
+    if not first.is_static:
+        return [convolutions[0].get_friendly_name()]
+    size = tuple(first.to_shape())[2:]
+    return [op.get_friendly_name() for op in convolutions
+            if op.get_output_partial_shape(0).is_static and tuple(op.get_output_partial_shape(0).to_shape())[2:] == size]
 
 
 def quantize(model, crops: np.ndarray, max_drop: float | None = None, vnni: bool = False):
@@ -51,7 +58,7 @@ def quantize(model, crops: np.ndarray, max_drop: float | None = None, vnni: bool
     ``vnni=True`` keeps full 8-bit weights (NNCF's overflow fix off): measured cosine
     0.997 vs 0.991 with it, but the engine is then only correct on VNNI/AMX CPUs —
     the manifest records that and the runtime refuses such an engine elsewhere.
-    Without it (portable) the first and the depthwise convolutions stay fp32 (``PORTABLE_FP32_TYPES``).
+    Without it (portable) the full-resolution and the depthwise convolutions stay fp32 (see above).
     With ``max_drop``, the accuracy-aware variant keeps more layers in fp32 until the
     mean embedding cosine drop is within bounds.
     """
@@ -63,7 +70,7 @@ def quantize(model, crops: np.ndarray, max_drop: float | None = None, vnni: bool
     dataset = nncf.Dataset(items)
     kept_fp32 = nncf.IgnoredScope(types=HEAD_OP_TYPES, validate=False)
     if not vnni:
-        kept_fp32 = nncf.IgnoredScope(names=_first_convolution(model), types=HEAD_OP_TYPES + PORTABLE_FP32_TYPES,
+        kept_fp32 = nncf.IgnoredScope(names=_full_resolution_convolutions(model), types=HEAD_OP_TYPES + PORTABLE_FP32_TYPES,
                                       validate=False)
     common = dict(preset=nncf.QuantizationPreset.MIXED, subset_size=len(items), ignored_scope=kept_fp32)
     advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix.DISABLE if vnni else OverflowFix.ENABLE)

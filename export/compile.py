@@ -80,7 +80,7 @@ def _compile_locked(bundle, precision, calib, num_calib, max_drop, refit, portab
         description["calibration"] = {
             "source": str(calib), "images": int(len(crops)), "preset": "mixed", "head_kept_fp32": True,
             "overflow_fix": not vnni,
-            "kept_fp32": ["head"] + ([] if vnni else ["first convolution", "depthwise convolutions"]),
+            "kept_fp32": ["head"] + ([] if vnni else ["full-resolution convolutions", "depthwise convolutions"]),
             "accuracy_control": {"metric": "embedding cosine", "max_drop": max_drop} if max_drop is not None else None,
             "seconds": round(time.perf_counter() - start, 2),
         }

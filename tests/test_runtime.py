@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -229,21 +230,33 @@ def test_portable_int8_runs_under_an_avx2_cap(bundle_copy, synthetic_category, m
     assert result.exit_code == 0, result.output
     entry = verify_bundle(bundle_copy).manifest["engines"]["openvino-int8"]
     assert entry["requires_vnni"] is False and entry["calibration"]["overflow_fix"] is True
-    # 7-bit weights: the first and the depthwise convolutions stay fp32 (the host-vs-camera contract), the rest int8
+    # 7-bit weights: the depthwise convolutions and those at the first one's resolution stay fp32 (the
+    # host-vs-camera contract), every other convolution runs int8
     import openvino as ov
 
     convs = [op for op in ov.Core().read_model(str(bundle_copy / entry["xml"])).get_ordered_ops()
              if op.get_type_name() in ("Convolution", "GroupConvolution")]
-    quantized = {op.get_friendly_name(): op.input_value(0).get_node().get_type_name() == "FakeQuantize" for op in convs}
-    depthwise = [op.get_friendly_name() for op in convs if op.get_type_name() == "GroupConvolution"]
-    assert depthwise and not any(quantized[name] for name in depthwise)
-    assert not quantized[convs[0].get_friendly_name()]
-    assert sum(quantized.values()) >= len(convs) - len(depthwise) - 1 > 0
-    assert entry["calibration"]["kept_fp32"] == ["head", "first convolution", "depthwise convolutions"]
-    with Detector.open(bundle_copy, precision="int8") as detector:
-        assert detector.detect(synthetic_category / "test" / "good" / "000.png").score > 0
+    full_size = tuple(convs[0].get_output_shape(0))[2:]
+    kept = {op.get_friendly_name() for op in convs
+            if op.get_type_name() == "GroupConvolution" or tuple(op.get_output_shape(0))[2:] == full_size}
+    quantized = {op.get_friendly_name() for op in convs if op.input_value(0).get_node().get_type_name() == "FakeQuantize"}
+    assert convs[0].get_friendly_name() in kept and len(kept) < len(convs)
+    assert quantized == {op.get_friendly_name() for op in convs} - kept
+    assert entry["calibration"]["kept_fp32"] == ["head", "full-resolution convolutions", "depthwise convolutions"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a current portable engine opens without a word
+        with Detector.open(bundle_copy, precision="int8") as detector:
+            assert detector.detect(synthetic_category / "test" / "good" / "000.png").score > 0
     entry_vnni = dict(entry, requires_vnni=True)
     import edgecore.runtime.backends.openvino as ov_backend
+
+    class OldPortableBundle:  # as an older edgecore wrote it: 7-bit weights everywhere, no kept_fp32 record
+        path = bundle_copy
+        manifest = {**verify_bundle(bundle_copy).manifest, "engines": {"openvino-int8": dict(entry, calibration={
+            key: value for key, value in entry["calibration"].items() if key != "kept_fp32"})}}
+
+    with pytest.warns(RuntimeWarning, match="every convolution to 7-bit.*--portable"):
+        ov_backend.OpenVINOBackend(OldPortableBundle(), precision="int8")
 
     class FakeBundle:  # the manifest the backend sees, with a VNNI-only engine
         path = bundle_copy

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -51,6 +52,17 @@ def _not_runnable_why(entry: dict, precision: str) -> str | None:
     if entry.get("requires_vnni") and not has_vnni():
         return "compiled with full 8-bit weights for VNNI/AMX CPUs; this CPU has no VNNI"
     return None
+
+
+def _stale_portable_why(entry: dict | None) -> str | None:
+    """Why a portable INT8 engine should be compiled again (None: it need not). Engines compiled before the
+    first and depthwise convolutions were kept fp32 carry no ``calibration.kept_fp32``: they still run, but
+    their scores drift further from the workstation's (bottle Lite0 Spearman 0.984 vs 0.999, RESULTS.md #11)."""
+    calibration = (entry or {}).get("calibration") or {}
+    if not calibration.get("overflow_fix") or "kept_fp32" in calibration:
+        return None
+    return ("its portable INT8 engine rounds every convolution to 7-bit weights (compiled by an older edgecore), so "
+            f"its scores drift further from the workstation's than the fidelity contract allows; {_portable_hint('int8')}")
 
 
 def _portable_hint(precision: str) -> str:
@@ -139,6 +151,9 @@ class OpenVINOBackend:
                 f"{bundle.path}: the {precision} engine was compiled for CPUs with VNNI/AMX (full 8-bit weights) and "
                 f"would saturate on this CPU; {_portable_hint(precision)}"
             )
+        stale = _stale_portable_why(entry)
+        if stale:
+            warnings.warn(f"{bundle.path}: {stale}", RuntimeWarning, stacklevel=2)
         core = shared_core()
         if entry is not None:
             model_path = Path(bundle.path) / entry["xml"]
