@@ -56,7 +56,7 @@ def _not_runnable_why(entry: dict, precision: str) -> str | None:
 
 def _stale_portable_why(entry: dict | None) -> str | None:
     """Why a portable INT8 engine should be compiled again (None: it need not). Engines compiled before the
-    first and depthwise convolutions were kept fp32 carry no ``calibration.kept_fp32``: they still run, but
+    full-resolution and depthwise convolutions were kept fp32 carry no ``calibration.kept_fp32``: they still run, but
     their scores drift further from the workstation's (bottle Lite0 Spearman 0.984 vs 0.999, RESULTS.md #11)."""
     calibration = (entry or {}).get("calibration") or {}
     if not calibration.get("overflow_fix") or "kept_fp32" in calibration:
