@@ -12,7 +12,7 @@ import numpy as np
 # One implementation of "which normal images calibrate", shared with TensorRT's on-camera build.
 from edgecore.runtime.frames import DEFAULT_NUM_CALIB, calibration_crops
 
-__all__ = ["DEFAULT_NUM_CALIB", "calibration_crops", "mean_cosine", "quantize"]
+__all__ = ["DEFAULT_NUM_CALIB", "KEPT_FP32", "PORTABLE_KEPT_FP32", "calibration_crops", "mean_cosine", "quantize"]
 
 
 def mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -36,6 +36,15 @@ HEAD_OP_TYPES = ["AvgPool", "Interpolate", "Concat", "MatMul"]
 # downsampling: few channels, little redundancy) -> Lite0 0.999, Lite2 0.998, at no measurable engine cost
 # (benchmarks/RESULTS.md #11, "A real AVX2-only CPU").
 PORTABLE_FP32_TYPES = ["GroupConvolution"]
+# What the manifest records as kept fp32 (``calibration.kept_fp32``; the runtime warns about portable engines without it).
+KEPT_FP32 = ("head",)
+PORTABLE_KEPT_FP32 = KEPT_FP32 + ("full-resolution convolutions", "depthwise convolutions")
+
+
+def _spatial_size(op) -> tuple[int, ...] | None:
+    """Height × width of an op's output, None where the shape is dynamic."""
+    shape = op.get_output_partial_shape(0)
+    return tuple(shape.to_shape())[2:] if shape.is_static else None
 
 
 def _full_resolution_convolutions(model) -> list[str]:
@@ -44,12 +53,10 @@ def _full_resolution_convolutions(model) -> list[str]:
     convolutions = [op for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
     if not convolutions:
         return []
-    first = convolutions[0].get_output_partial_shape(0)
-    if not first.is_static:
+    size = _spatial_size(convolutions[0])
+    if size is None:
         return [convolutions[0].get_friendly_name()]
-    size = tuple(first.to_shape())[2:]
-    return [op.get_friendly_name() for op in convolutions
-            if op.get_output_partial_shape(0).is_static and tuple(op.get_output_partial_shape(0).to_shape())[2:] == size]
+    return [op.get_friendly_name() for op in convolutions if _spatial_size(op) == size]
 
 
 def quantize(model, crops: np.ndarray, max_drop: float | None = None, vnni: bool = False):
@@ -68,10 +75,9 @@ def quantize(model, crops: np.ndarray, max_drop: float | None = None, vnni: bool
 
     items = [crop[None] for crop in crops]
     dataset = nncf.Dataset(items)
-    kept_fp32 = nncf.IgnoredScope(types=HEAD_OP_TYPES, validate=False)
-    if not vnni:
-        kept_fp32 = nncf.IgnoredScope(names=_full_resolution_convolutions(model), types=HEAD_OP_TYPES + PORTABLE_FP32_TYPES,
-                                      validate=False)
+    kept_fp32 = (nncf.IgnoredScope(types=HEAD_OP_TYPES, validate=False) if vnni else
+                 nncf.IgnoredScope(names=_full_resolution_convolutions(model),
+                                   types=HEAD_OP_TYPES + PORTABLE_FP32_TYPES, validate=False))
     common = dict(preset=nncf.QuantizationPreset.MIXED, subset_size=len(items), ignored_scope=kept_fp32)
     advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix.DISABLE if vnni else OverflowFix.ENABLE)
     if max_drop is None:

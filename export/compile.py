@@ -59,7 +59,8 @@ def compile_openvino(
 
 
 def _compile_locked(bundle, precision, calib, num_calib, max_drop, refit, portable, log, keep_threshold) -> dict:
-    from edgecore.calibration.int8 import DEFAULT_NUM_CALIB, calibration_crops, quantize
+    from edgecore.calibration.int8 import (DEFAULT_NUM_CALIB, KEPT_FP32, PORTABLE_KEPT_FP32, calibration_crops,
+                                          quantize)
     from edgecore.runtime.cpu import has_vnni
 
     verified = verify_bundle(bundle)
@@ -78,9 +79,9 @@ def _compile_locked(bundle, precision, calib, num_calib, max_drop, refit, portab
         model = quantize(model, crops, max_drop=max_drop, vnni=vnni)
         description["requires_vnni"] = vnni
         description["calibration"] = {
-            "source": str(calib), "images": int(len(crops)), "preset": "mixed", "head_kept_fp32": True,
+            "source": str(calib), "images": int(len(crops)), "preset": "mixed",
             "overflow_fix": not vnni,
-            "kept_fp32": ["head"] + ([] if vnni else ["full-resolution convolutions", "depthwise convolutions"]),
+            "kept_fp32": list(KEPT_FP32 if vnni else PORTABLE_KEPT_FP32),
             "accuracy_control": {"metric": "embedding cosine", "max_drop": max_drop} if max_drop is not None else None,
             "seconds": round(time.perf_counter() - start, 2),
         }
