@@ -53,6 +53,8 @@ def problem(rng, nq, m, width, ties=False):
     (1, 1, 4, 1, False), (37, 101, 12, 1, False), (16, 16, 4, 16, True), (50, 1003, 160, 8, True),
     (5, 33, 36, 5, False), (33, 517, 68, 33, True), (70, 2000, 1028, 3, False),
     (45, 1501, 32, 32, True), (200, 6151, 160, 16, False),  # the AVX-512 list driver's k <= 32, odd blocks
+    (40, 1500, 96, 40, True), (64, 1500, 96, 8, False),  # AMX: a right-aligned last K step and a chunk's odd
+    # 16 rows, with the scalar (k > 32) and the SIMD lists
 ])
 def test_kernel_topk_equals_the_numpy_reference(isa, nq, m, width, k, ties):
     queries, rows, bias, corr, cq = problem(np.random.default_rng(nq * m + width), nq, m, width, ties)

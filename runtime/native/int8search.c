@@ -11,7 +11,8 @@
  * broadcast: dot_u8 = dot + 128 * rowsum(row), corrected by the caller's corr[m] = 128 * rowsum(row_m).
  *
  * Paths, chosen at run time (the file itself is compiled for the baseline ISA, no -march):
- *   amx         AMX-INT8 tdpbsud: 16 rows x 32 queries per step, K in 64-byte tiles (Sapphire Rapids+)
+ *   amx         AMX-INT8 tdpbssd: 32 rows x 32 queries per step, K in 64-byte tiles (Sapphire Rapids+);
+ *               for k <= 32 the hits go into run_job_512's SIMD lists
  *   avx512vnni  vpdpbusd zmm with a row-dword broadcast; for k <= 32 run_job_512 (SIMD list insertion)
  *   avxvnni     vpdpbusd ymm (VEX)
  *   avx2        u8/s8 widened to int16 + vpmaddwd (never the saturating vpmaddubsw)
@@ -64,6 +65,8 @@ typedef struct {
     const int8_t *zero_row;
     int64_t row_start;    /* rows before it are done (the AMX driver's AVX-512 tail) */
     struct List32 *lists; /* the AVX-512 top-k driver's lists (k <= LIST_MAX), else NULL */
+    const uint8_t *tpack; /* the AMX driver's B tiles (nqb x tiles x AMX_TILE), else NULL */
+    int64_t tiles;        /* 64-byte K steps of a row (AMX) */
 } Ctx;
 
 /* One tile: ROW_TILE rows x one block of QB queries. A path's tile function computes the exact int32
@@ -156,11 +159,16 @@ static inline int32_t load_dword(const int8_t *p) {
 #define DPBUSD512(acc, a, w) ((acc) = _mm512_dpbusd_epi32((acc), (a), (w)))
 #endif
 
+/* The same keys from exact dots (the AMX path's s8 x s8 tiles: nothing to correct). */
+__attribute__((target("avx512f"), always_inline))
+static inline __m512 keys512_exact(__m512i dot, float bias, __m512 cq) {
+    return _mm512_sub_ps(_mm512_set1_ps(bias), _mm512_mul_ps(cq, _mm512_cvtepi32_ps(dot)));
+}
+
 /* The keys of 16 query lanes from u8-biased dots: key = bias - cq * (float)(acc - corr) (every zmm path). */
 __attribute__((target("avx512f"), always_inline))
 static inline __m512 keys512(__m512i acc, int32_t corr, float bias, __m512 cq) {
-    __m512i dot = _mm512_sub_epi32(acc, _mm512_set1_epi32(corr));
-    return _mm512_sub_ps(_mm512_set1_ps(bias), _mm512_mul_ps(cq, _mm512_cvtepi32_ps(dot)));
+    return keys512_exact(_mm512_sub_epi32(acc, _mm512_set1_epi32(corr)), bias, cq);
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
@@ -250,12 +258,16 @@ static uint64_t tile_avx2(const Ctx *c, int64_t qb, const Tile *t, const float *
 
 /* ---- AMX-INT8 ----
  * C[16 rows x 16 queries] += A[16 rows x 64 code bytes] . B[16 dwords x 16 queries x 4 bytes]: A is the
- * row-major table itself (stride = row stride), B is exactly one packed query block (u8, VNNI layout),
- * so tdpbsud (s8 x u8) gives the same u8-biased dots as vpdpbusd. Tiles: 0,1 C (two query blocks), 2 A,
- * 3,4 B, 5-7 the K tail (width % 64). Rows past the last multiple of 16 go through the AVX-512 tile. */
+ * row-major table itself (stride = row stride), B one 64-byte K step of a query block (u8, VNNI layout,
+ * Ctx.tpack, s8), so tdpbssd (s8 x s8) gives the exact dots with no u8 bias to correct. Every tile is 16 x 64 bytes:
+ * the last K step starts at width - 64 (never past a row) and its B rows that an earlier step covered are
+ * 0, so each byte counts once and no tail tiles exist. One step is 32 rows x two query blocks: tiles 0-3 C,
+ * 4,5 A, 6,7 B, each tile load feeding two tdpbssd (one A and two B loads per pair stalled on the B
+ * loads: bottle Lite0 5.5 ms vs 3.4). Rows past the last multiple of 16 go through AVX-512. */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 #define AMX_ROWS 16
+#define AMX_TILE 1024 /* bytes of one B tile */
 
 typedef struct __attribute__((packed)) {
     uint8_t palette, start_row, reserved[14];
@@ -278,20 +290,13 @@ static int amx_permitted(void) { /* the kernel must grant this process the tile 
 }
 
 __attribute__((target("amx-tile,amx-int8")))
-static void amx_configure(int64_t width) {
+static void amx_configure(void) {
     TileConfig cfg;
     memset(&cfg, 0, sizeof(cfg));
     cfg.palette = 1;
-    for (int t = 0; t < 5; t++) {
+    for (int t = 0; t < 8; t++) {
         cfg.rows[t] = 16;
         cfg.colsb[t] = 64;
-    }
-    int tail = (int)(width % 64);
-    if (tail) {
-        cfg.rows[5] = 16;
-        cfg.colsb[5] = (uint16_t)tail;
-        cfg.rows[6] = cfg.rows[7] = (uint8_t)(tail / 4);
-        cfg.colsb[6] = cfg.colsb[7] = 64;
     }
     /* not _tile_loadconfig: GCC 12 declares it reads only the first 8 bytes, and drops the other stores */
     __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
@@ -300,27 +305,61 @@ static void amx_configure(int64_t width) {
 __attribute__((target("amx-tile")))
 static void amx_release(void) { _tile_release(); }
 
-/* dots[2][16 rows][16 queries] (u8-biased) of rows m0..m0+15 and query blocks qb, qb+1 */
+/* The first row dword of K step t (of `tiles`): 16 t, the last step right-aligned at g - 16. */
+static inline int64_t amx_first(int64_t t, int64_t tiles, int64_t g) { return t + 1 < tiles ? 16 * t : g - 16; }
+
+/* B tiles (nqb x tiles x 16 dwords x QB x 4) of the s8 query codes, from the packed u8 blocks; the last
+ * step's rows that an earlier step covered are 0. */
+static void amx_pack(const uint8_t *qpack, int64_t nqb, int64_t g, int64_t tiles, uint8_t *tpack) {
+    for (int64_t b = 0; b < nqb; b++)
+        for (int64_t t = 0; t < tiles; t++)
+            for (int64_t d = 0; d < 16; d++) {
+                int64_t j = amx_first(t, tiles, g) + d;
+                uint8_t *dst = tpack + ((b * tiles + t) * 16 + d) * QB * 4;
+                const uint8_t *src = qpack + (b * g + j) * QB * 4;
+                for (int e = 0; e < QB * 4; e++) dst[e] = j < 16 * t ? 0 : (uint8_t)(src[e] ^ 0x80); /* s8 codes */
+            }
+}
+
+/* dots[4][16 rows][16 queries] (u8-biased): rows m0.. and m0+16.. x query blocks qb, qb+1, in that order */
 __attribute__((target("amx-tile,amx-int8")))
-static void amx_block(const Ctx *c, int64_t qb, int64_t m0, int32_t *dots) {
-    const int8_t *a = c->rows + m0 * c->stride;
-    const uint8_t *b0 = c->qpack + qb * c->g * QB * 4, *b1 = b0 + c->g * QB * 4;
-    int64_t full = c->g / 16, tail = c->g % 16;
+static void amx_step32(const Ctx *c, int64_t qb, int64_t m0, int32_t *dots) {
+    const int8_t *a0 = c->rows + m0 * c->stride, *a1 = a0 + AMX_ROWS * c->stride;
+    const uint8_t *b0 = c->tpack + qb * c->tiles * AMX_TILE, *b1 = b0 + c->tiles * AMX_TILE;
     _tile_zero(0);
     _tile_zero(1);
-    for (int64_t t = 0; t < full; t++) {
-        _tile_loadd(2, a + 64 * t, c->stride);
-        _tile_loadd(3, b0 + 1024 * t, 64);
-        _tile_loadd(4, b1 + 1024 * t, 64);
-        _tile_dpbsud(0, 2, 3);
-        _tile_dpbsud(1, 2, 4);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t t = 0; t < c->tiles; t++) {
+        int64_t off = 4 * amx_first(t, c->tiles, c->g);
+        _tile_loadd(4, a0 + off, c->stride);
+        _tile_loadd(6, b0 + t * AMX_TILE, 64);
+        _tile_dpbssd(0, 4, 6);
+        _tile_loadd(7, b1 + t * AMX_TILE, 64);
+        _tile_dpbssd(1, 4, 7);
+        _tile_loadd(5, a1 + off, c->stride);
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
     }
-    if (tail) {
-        _tile_loadd(5, a + 64 * full, c->stride);
-        _tile_loadd(6, b0 + 1024 * full, 64);
-        _tile_loadd(7, b1 + 1024 * full, 64);
-        _tile_dpbsud(0, 5, 6);
-        _tile_dpbsud(1, 5, 7);
+    _tile_stored(0, dots, 64);
+    _tile_stored(1, dots + AMX_ROWS * QB, 64);
+    _tile_stored(2, dots + 2 * AMX_ROWS * QB, 64);
+    _tile_stored(3, dots + 3 * AMX_ROWS * QB, 64);
+}
+
+/* dots[2][16 rows][16 queries]: the 16 rows m0.. x query blocks qb, qb+1 (a chunk's last odd 16 rows) */
+__attribute__((target("amx-tile,amx-int8")))
+static void amx_step16(const Ctx *c, int64_t qb, int64_t m0, int32_t *dots) {
+    const int8_t *a0 = c->rows + m0 * c->stride;
+    const uint8_t *b0 = c->tpack + qb * c->tiles * AMX_TILE, *b1 = b0 + c->tiles * AMX_TILE;
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t t = 0; t < c->tiles; t++) {
+        _tile_loadd(4, a0 + 4 * amx_first(t, c->tiles, c->g), c->stride);
+        _tile_loadd(6, b0 + t * AMX_TILE, 64);
+        _tile_dpbssd(0, 4, 6);
+        _tile_loadd(7, b1 + t * AMX_TILE, 64);
+        _tile_dpbssd(1, 4, 7);
     }
     _tile_stored(0, dots, 64);
     _tile_stored(1, dots + AMX_ROWS * QB, 64);
@@ -336,7 +375,7 @@ __attribute__((target("avx512f")))
 static void amx_consume(const Ctx *c, int64_t q0, int lanes, int64_t m0, const int32_t *dots, float *kth, float *keys) {
     __m512 vcq = _mm512_loadu_ps(c->cq + q0), vkth = _mm512_loadu_ps(kth);
     for (int r = 0; r < AMX_ROWS; r++) {
-        __m512 key = keys512(_mm512_loadu_si512((const void *)(dots + r * QB)), c->corr[m0 + r], c->bias[m0 + r], vcq);
+        __m512 key = keys512_exact(_mm512_loadu_si512((const void *)(dots + r * QB)), c->bias[m0 + r], vcq);
         if (c->all_keys) {
             _mm512_storeu_ps(keys, key);
             store_keys(c, q0, lanes, m0 + r, 1, keys);
@@ -476,42 +515,77 @@ static void *run_job(void *arg) {
 }
 
 #ifdef ECS_X86
+__attribute__((target("avx512f")))
+static void amx_consume_listed(const Ctx *c, int64_t q0, int lanes, int64_t m0, const int32_t *dots, float *kth);
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static void pair_row_tail_512(const Ctx *c, int64_t qb, int64_t m, float *kth);
+
 /* The AMX driver: whole 16-row blocks by tiles, two query blocks at a time (the caller pads the block
- * count to even); the rows past the last multiple of 16 by the AVX-512 tile. */
+ * count to even); the rows past the last multiple of 16 by AVX-512. With the AVX-512 lists (k <= LIST_MAX)
+ * the hits go into them as in run_job_512 (Lite0 bottle: the scalar insertion cost as much as the tiles). */
 static void *run_job_amx(void *arg) {
     const Job *job = (const Job *)arg;
     const Ctx *c = job->c;
     int64_t nblocks = job->qb1 - job->qb0;
     float *kth = (float *)malloc(sizeof(float) * (size_t)(nblocks > 0 ? nblocks : 1) * QB);
-    int32_t *dots = (int32_t *)malloc(sizeof(int32_t) * 2 * AMX_ROWS * QB);
+    int32_t *dots = (int32_t *)aligned_alloc(64, sizeof(int32_t) * 2 * 4 * AMX_ROWS * QB); /* two steps' */
     if (!kth || !dots) {
         free(kth); free(dots);
         return (void *)1;
     }
-    init_kth(c, job->qb0, nblocks, kth);
-    amx_configure(c->g * 4);
+    int listed = c->lists != NULL;
+    if (listed)
+        for (int64_t i = 0; i < nblocks * QB; i++) kth[i] = job->qb0 * QB + i < c->nq ? INFINITY : -INFINITY;
+    else
+        init_kth(c, job->qb0, nblocks, kth);
+    amx_configure();
+    const int64_t step = 2 * AMX_ROWS;
     int64_t chunk = CHUNK_BYTES / (c->g * 4);
-    chunk = chunk < AMX_ROWS ? AMX_ROWS : chunk - chunk % AMX_ROWS;
+    chunk = chunk < step ? step : chunk - chunk % step;
     int64_t whole = c->m - c->m % AMX_ROWS;
     float keys[AMX_ROWS * QB];
     for (int64_t c0 = whole > 0 ? (whole - 1) / chunk * chunk : -1; c0 >= 0; c0 -= chunk) {
         int64_t c1 = c0 + chunk < whole ? c0 + chunk : whole; /* chunks last first (see take_hits) */
         for (int64_t qb = job->qb0; qb < job->qb1; qb += 2) {
-            for (int64_t m0 = c0; m0 < c1; m0 += AMX_ROWS) {
-                amx_block(c, qb, m0, dots);
-                for (int h = 0; h < 2; h++) {
-                    int64_t q0 = (qb + h) * QB;
-                    if (q0 >= c->nq) continue;
-                    int lanes = (int)(c->nq - q0 < QB ? c->nq - q0 : QB);
-                    amx_consume(c, q0, lanes, m0, dots + h * AMX_ROWS * QB, kth + (qb + h - job->qb0) * QB, keys);
+            /* one step behind: the tiles of step m0 are issued before the AVX-512 work on step m0 - 32's dots,
+             * so the two overlap (the tile unit and the vector ports are separate) */
+            int64_t pending = -1;
+            for (int64_t m0 = c0;; m0 += step) {
+                int32_t *cur = dots + (m0 - c0) / step % 2 * 4 * AMX_ROWS * QB;
+                int more = m0 < c1;
+                if (more) {
+                    if (c1 - m0 >= step)
+                        amx_step32(c, qb, m0, cur);
+                    else
+                        amx_step16(c, qb, m0, cur);
                 }
+                if (pending >= 0) {
+                    const int32_t *done = dots + (pending - c0) / step % 2 * 4 * AMX_ROWS * QB;
+                    int blocks = c1 - pending >= step ? 2 : 1;
+                    for (int rb = 0; rb < blocks; rb++)
+                        for (int h = 0; h < 2; h++) {
+                            int64_t q0 = (qb + h) * QB;
+                            if (q0 >= c->nq) continue;
+                            int lanes = (int)(c->nq - q0 < QB ? c->nq - q0 : QB);
+                            const int32_t *d = done + (rb * 2 + h) * AMX_ROWS * QB;
+                            float *bkth = kth + (qb + h - job->qb0) * QB;
+                            if (listed)
+                                amx_consume_listed(c, q0, lanes, pending + rb * AMX_ROWS, d, bkth);
+                            else
+                                amx_consume(c, q0, lanes, pending + rb * AMX_ROWS, d, bkth, keys);
+                        }
+                }
+                if (!more) break;
+                pending = m0;
             }
         }
     }
     amx_release();
+    for (int64_t m = whole; listed && m < c->m; m++) /* the last m % 16 rows */
+        for (int64_t qb = job->qb0; qb < job->qb1; qb += 2) pair_row_tail_512(c, qb, m, kth + (qb - job->qb0) * QB);
     free(dots);
     free(kth);
-    if (whole < c->m) { /* the last m % 16 rows */
+    if (!listed && whole < c->m) { /* the last m % 16 rows */
         Ctx rest = *c;
         Job tail = *job;
         tail.isa = ISA_AVX512VNNI;
@@ -632,6 +706,19 @@ static void pair_rows_512_any(const Ctx *c, int64_t qb, int64_t m0, int64_t m1, 
     }
 }
 
+/* The AMX driver's hits of 16 rows x one block's 16 query lanes, into the lists. */
+__attribute__((target("avx512f")))
+static void amx_consume_listed(const Ctx *c, int64_t q0, int lanes, int64_t m0, const int32_t *dots, float *kth) {
+    const __m512 vcq = _mm512_loadu_ps(c->cq + q0);
+    __m512 vk = _mm512_loadu_ps(kth);
+    for (int r = 0; r < AMX_ROWS; r++) {
+        __m512 key = keys512_exact(_mm512_loadu_si512((const void *)(dots + r * QB)), c->bias[m0 + r], vcq);
+        __mmask16 hit = _mm512_cmp_ps_mask(key, vk, _CMP_LE_OQ);
+        if (__builtin_expect(hit != 0, 0)) vk = list_hits(c, q0, lanes, (int32_t)(m0 + r), hit, key, vk);
+    }
+    _mm512_storeu_ps(kth, vk);
+}
+
 /* One row past the last whole PAIR_ROWS group, for both blocks of a pair. */
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 static void pair_row_tail_512(const Ctx *c, int64_t qb, int64_t m, float *kth) {
@@ -727,7 +814,7 @@ static int run(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows,
     if (!all_keys && (k < 1 || k > m)) return -1;
     if (nq == 0) return 0;
     isa = ecs_effective_isa(isa, 4 * g);
-    int listed = isa == ISA_AVX512VNNI && !all_keys && k <= LIST_MAX; /* run_job_512 */
+    int listed = (isa == ISA_AVX512VNNI || isa == ISA_AMX) && !all_keys && k <= LIST_MAX; /* SIMD lists */
     int unit = isa == ISA_AMX || listed ? 2 : 1; /* query blocks per step (the AMX and list drivers pair them) */
     int64_t nqb = (nq + QB - 1) / QB;
     nqb = (nqb + unit - 1) / unit * unit;
@@ -763,7 +850,18 @@ static int run(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows,
             out_idx[i] = -1;
         }
     }
-    Ctx c = {qpack, nq, g, rows, stride, m, bias, corr, cqp, k, out_idx, out_key, all_keys, zero, 0, lists};
+    int64_t tiles = isa == ISA_AMX ? (g + 15) / 16 : 0;
+    uint8_t *tpack = NULL;
+#ifdef ECS_X86
+    if (tiles) {
+        if ((tpack = (uint8_t *)aligned_alloc(64, (size_t)(nqb * tiles * AMX_TILE))) == NULL) {
+            free(qpack); free(cqp); free(zero); free(lists);
+            return -2;
+        }
+        amx_pack(qpack, nqb, g, tiles, tpack);
+    }
+#endif
+    Ctx c = {qpack, nq, g, rows, stride, m, bias, corr, cqp, k, out_idx, out_key, all_keys, zero, 0, lists, tpack, tiles};
     int64_t units = nqb / unit;
     if (threads < 1) threads = 1;
     if (threads > units) threads = (int)units;
@@ -778,8 +876,8 @@ static int run(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows,
     }
     void *(*job_fn)(void *) = run_job;
 #ifdef ECS_X86
+    if (isa == ISA_AVX512VNNI && listed) job_fn = run_job_512;
     if (isa == ISA_AMX) job_fn = run_job_amx;
-    if (listed) job_fn = run_job_512;
 #endif
     if (run_jobs(job_fn, jobs, sizeof(Job), threads)) rc = -3;
 #ifdef ECS_X86
@@ -788,7 +886,7 @@ static int run(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows,
         memcpy(out_idx + q * k, lists[q].row, sizeof(int32_t) * (size_t)k);
     }
 #endif
-    free(qpack); free(cqp); free(zero); free(lists);
+    free(qpack); free(cqp); free(zero); free(lists); free(tpack);
     return rc;
 }
 
