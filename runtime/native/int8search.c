@@ -258,12 +258,13 @@ static uint64_t tile_avx2(const Ctx *c, int64_t qb, const Tile *t, const float *
 
 /* ---- AMX-INT8 ----
  * C[16 rows x 16 queries] += A[16 rows x 64 code bytes] . B[16 dwords x 16 queries x 4 bytes]: A is the
- * row-major table itself (stride = row stride), B one 64-byte K step of a query block (u8, VNNI layout,
- * Ctx.tpack, s8), so tdpbssd (s8 x s8) gives the exact dots with no u8 bias to correct. Every tile is 16 x 64 bytes:
- * the last K step starts at width - 64 (never past a row) and its B rows that an earlier step covered are
- * 0, so each byte counts once and no tail tiles exist. One step is 32 rows x two query blocks: tiles 0-3 C,
- * 4,5 A, 6,7 B, each tile load feeding two tdpbssd (one A and two B loads per pair stalled on the B
- * loads: bottle Lite0 5.5 ms vs 3.4). Rows past the last multiple of 16 go through AVX-512. */
+ * row-major table itself (stride = row stride), B one 64-byte K step of a query block in the VNNI layout
+ * as s8 codes (Ctx.tpack), so tdpbssd (s8 x s8) gives the exact dots, with no u8 bias to correct. Every
+ * tile is 16 x 64 bytes: the last K step starts at width - 64 (never past a row) and its B rows that an
+ * earlier step covered are 0, so each byte counts once and no tail tiles exist. One step is 32 rows x two
+ * query blocks: tiles 0-3 C, 4,5 A, 6,7 B, so each tile load feeds two tdpbssd (the former 16-row step,
+ * one A and two B loads per two products, waited on its B loads). Rows past the last multiple of 16 go
+ * through AVX-512. */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 #define AMX_ROWS 16
@@ -321,7 +322,7 @@ static void amx_pack(const uint8_t *qpack, int64_t nqb, int64_t g, int64_t tiles
             }
 }
 
-/* dots[4][16 rows][16 queries] (u8-biased): rows m0.. and m0+16.. x query blocks qb, qb+1, in that order */
+/* dots[4][16 rows][16 queries] (exact): rows m0.. and m0+16.. x query blocks qb, qb+1, in that order */
 __attribute__((target("amx-tile,amx-int8")))
 static void amx_step32(const Ctx *c, int64_t qb, int64_t m0, int32_t *dots) {
     const int8_t *a0 = c->rows + m0 * c->stride, *a1 = a0 + AMX_ROWS * c->stride;
