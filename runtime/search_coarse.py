@@ -298,14 +298,14 @@ class CoarseSearch:
             best = max(best, float(d[0]))
 
     def exact(self, query: np.ndarray, projected: np.ndarray, bound: float, holder: int, k: int = 1,
-              batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+              batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """Exact k nearest of one query, pruned by projection lower bounds.
 
         ``bound``: a distance already reached (to point ``holder``); points whose lower bound is above
-        the current k-th best are never decoded. Returns (k distances, k indices), nearest first.
+        the current k-th best are never decoded. ``batch``: points decoded per step (bottle WRN50's certified
+        query needs 66 on average; 256 per step decoded four times that). Returns (k distances, k indices), nearest first.
         """
-        diff = self._projected - projected
-        lower = np.sqrt(np.einsum("md,md->m", diff, diff)) * (1.0 - _BOUND_SLACK)
+        lower = _distances_to(self._projected, projected) * (1.0 - _BOUND_SLACK)
         order = _ascending_first(lower, batch)
         best_d = np.empty(0, np.float32)
         best_i = np.empty(0, np.int64)
@@ -333,6 +333,18 @@ class CoarseSearch:
             if len(best_d) == k:
                 kth = float(best_d[-1])
         return best_d, best_i
+
+
+def _distances_to(points: np.ndarray, point: np.ndarray, rows: int = 2048) -> np.ndarray:
+    """float32 ‖points − point‖ by direct difference, in row blocks: the values of one M×p difference
+    without its M×p temporary, whose fresh pages cost more than the arithmetic (bottle WRN50's 14 739 × 32
+    lower bounds alone: 0.29 vs 0.56 ms; with 64-point steps the certified maximum per frame in the detector
+    is 0.76–0.84 ms instead of 0.98–1.10)."""
+    out = np.empty(len(points), np.float32)
+    for start in range(0, len(points), rows):
+        diff = points[start : start + rows] - point
+        np.einsum("md,md->m", diff, diff, out=out[start : start + rows])
+    return np.sqrt(out, out=out)
 
 
 def _ascending_first(values: np.ndarray, count: int) -> np.ndarray:

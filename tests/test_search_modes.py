@@ -13,7 +13,7 @@ import pytest
 
 from edgecore.export.index_build import build_index
 from edgecore.runtime.index import QuantizedIndex
-from edgecore.runtime.search_coarse import CodeRows
+from edgecore.runtime.search_coarse import CodeRows, _distances_to
 
 DIM, BLOCK = 256, 100
 
@@ -76,10 +76,18 @@ def test_coarse_exact_query_is_exact_for_k_neighbours(indexes, data):
     for row in (0, 5, 17):
         q = queries[row]
         want_d, want_i = exact.search(q[None], 5)
-        for batch in (4, 256):  # 4: the search runs past the partially sorted head of the bounds
+        for batch in (4, 64, 256):  # 4: the search runs past the partially sorted head of the bounds
             d, i = coarse.searcher.exact(q, coarse.searcher.project(q[None])[0], np.inf, -1, k=5, batch=batch)
             np.testing.assert_array_equal(i, want_i[0])
             np.testing.assert_allclose(d, want_d[0], rtol=1e-5)
+
+
+def test_projected_lower_bounds_in_row_blocks_equal_one_full_difference():
+    rng = np.random.default_rng(3)
+    points, point = rng.normal(size=(5001, 32)).astype(np.float32), rng.normal(size=32).astype(np.float32)
+    whole = np.sqrt(np.einsum("md,md->m", points - point, points - point))
+    for rows in (1, 7, 2048, 6000):  # blocks that do not divide the rows, and one block for all
+        np.testing.assert_array_equal(_distances_to(points, point, rows), whole)
 
 
 def test_coarse_distances_are_true_l2_to_the_decoded_codes(indexes, data):
