@@ -413,26 +413,6 @@ def test_native_distances_are_bit_identical_on_every_path_and_thread_count():
     np.testing.assert_allclose(results[0], numpy_l2(queries, rows, candidates), rtol=1e-5)
 
 
-def test_narrow_keeps_the_k_nearest_in_sequential_float32_projected_distance():
-    """Coarse mode's 4·k → k narrowing: the float32 distance summed in dimension order (cumsum is
-    sequential), ascending, ties by candidate position — duplicated candidates make ties."""
-    rng = np.random.default_rng(4)
-    points = rng.normal(0.0, 1.0, (500, 32)).astype(np.float32)
-    queries = rng.normal(0.0, 1.0, (60, 32)).astype(np.float32)
-    points[250:] = points[:250]  # rows m and m + 250 are equal: ties between different ids
-    candidates = rng.integers(0, 500, (60, 32))
-    candidates[:, :12] %= 250
-    candidates[:, 20:] = candidates[:, :12] + 250  # the later position must lose each tie
-    diff = points[candidates] - queries[:, None, :]
-    dist = np.cumsum(diff * diff, axis=2, dtype=np.float32)[..., -1]
-    expected = np.take_along_axis(candidates, np.argsort(dist, axis=1, kind="stable")[:, :8], axis=1)
-    np.testing.assert_array_equal(kernel.narrow(queries, points, candidates, 8), expected)
-    with pytest.raises(ValueError, match="candidate ids"):
-        kernel.narrow(queries, points, np.full((60, 32), 500), 8)
-    with pytest.raises(ValueError, match="k must be"):
-        kernel.narrow(queries, points, candidates, 33)
-
-
 def test_native_rerank_refuses_bad_arguments():
     rows = code_rows(np.random.default_rng(1), 20, 8, 2)
     queries = np.zeros((2, 8), np.float32)

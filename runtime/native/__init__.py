@@ -109,7 +109,6 @@ class Int8Kernel:
                   ctypes.c_void_p, ctypes.c_void_p, _idx, _i64]
         lib.ecs_l2.argtypes = decode + [_f32, ctypes.c_int, ctypes.c_int]
         lib.ecs_rerank.argtypes = decode + [_i64, _f32, _f32, _idx, ctypes.c_int, ctypes.c_int]
-        lib.ecs_narrow.argtypes = [_f32, _i64, _i64, _f32, _i64, _idx, _i64, _i64, _idx]
         rank = [_f32, _f32, _f32, _f32, _i64, _i64, ctypes.c_void_p, _i64, _i64, ctypes.c_void_p, _i64, _f32, _i64,
                 _idx, _i64]
         lib.ecs_rank_keys.argtypes = rank + [_f32, ctypes.c_int, ctypes.c_int]
@@ -241,33 +240,6 @@ class Int8Kernel:
         if rc == -1:
             raise ValueError("candidate ids must be in [0, M)")
         self._raise(rc)
-
-    def narrow(self, queries: np.ndarray, points: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
-        """The ``k`` nearest of each query's candidates in float32 distance over ``points`` (coarse mode's
-        projections), ascending by (distance, candidate position); the same order on every CPU.
-
-        Args:
-            queries: Q×p float32; points: M×p float32; candidates: Q×W row ids; k: 1 ≤ k ≤ min(W, 256).
-
-        Returns:
-            Q×k int64 row ids.
-        """
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        points = np.ascontiguousarray(points, dtype=np.float32)
-        cand = np.ascontiguousarray(candidates, dtype=np.int64)
-        if (queries.ndim != 2 or points.ndim != 2 or queries.shape[1] != points.shape[1] or cand.ndim != 2
-                or cand.shape[0] != queries.shape[0]):
-            raise ValueError(f"queries Q×p, points M×p and candidates Q×W, got {queries.shape}, {points.shape}, "
-                             f"{cand.shape}")
-        if not 1 <= k <= min(cand.shape[1], 256):
-            raise ValueError(f"k must be in [1, {min(cand.shape[1], 256)}], got {k}")
-        out = np.empty((queries.shape[0], k), np.int64)
-        rc = self._lib.ecs_narrow(queries, queries.shape[0], queries.shape[1], points, points.shape[0], cand,
-                                  cand.shape[1], k, out)
-        if rc == -1:
-            raise ValueError(f"candidate ids must be in [0, {points.shape[0]})")
-        self._raise(rc)
-        return out
 
     @staticmethod
     def _decode_args(queries: np.ndarray, t: DecodeTables, candidates: np.ndarray) -> tuple[list, tuple[int, int]]:

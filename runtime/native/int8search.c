@@ -1212,40 +1212,6 @@ int ecs_rerank(const float *queries, int64_t nq, int64_t dim, const int8_t *code
     return 0;
 }
 
-#define NARROW_CHAINS 8 /* candidates summed side by side: independent add chains (each one in dimension order) */
-
-/* Coarse mode's narrowing: of each query's `wide` candidates (by int8 key), the k nearest in float32
- * projected distance, ascending by (distance, candidate position); out_idx holds their row ids. The
- * distance is summed in increasing dimension, one plain float32 multiply and add each (the library is
- * built with -ffp-contract=off), so every CPU gives the same order. Returns 0 or -1. */
-int ecs_narrow(const float *queries, int64_t nq, int64_t p, const float *points, int64_t m, const int64_t *cand,
-               int64_t wide, int64_t k, int64_t *out_idx) {
-    if (nq < 0 || p < 1 || m < 1 || k < 1 || k > wide || k > 256) return -1;
-    for (int64_t i = 0; i < nq * wide; i++)
-        if (cand[i] < 0 || cand[i] >= m) return -1;
-    for (int64_t q = 0; q < nq; q++) {
-        const float *x = queries + q * p;
-        const int64_t *cq = cand + q * wide;
-        float best[256];
-        int64_t pos[256];
-        int64_t filled = 0;
-        for (int64_t i0 = 0; i0 < wide; i0 += NARROW_CHAINS) {
-            int n = wide - i0 < NARROW_CHAINS ? (int)(wide - i0) : NARROW_CHAINS;
-            const float *y[NARROW_CHAINS];
-            float d[NARROW_CHAINS] = {0};
-            for (int c = 0; c < NARROW_CHAINS; c++) y[c] = points + cq[i0 + (c < n ? c : 0)] * p;
-            for (int64_t j = 0; j < p; j++)
-                for (int c = 0; c < NARROW_CHAINS; c++) {
-                    float t = y[c][j] - x[j];
-                    d[c] = d[c] + t * t;
-                }
-            for (int c = 0; c < n; c++) keep_smallest(best, pos, &filled, k, d[c], i0 + c);
-        }
-        for (int64_t j = 0; j < k; j++) out_idx[q * k + j] = cq[pos[j]];
-    }
-    return 0;
-}
-
 /* ---- rank keys: order each query's candidates by L2 without decoding them ----------------------
  *
  * key[q, i] = norm[m] - 2 * (w_q . code_m + cw_q . coord_m) for candidate m = cand[q, i], where
