@@ -303,7 +303,8 @@ class CoarseSearch:
 
         ``bound``: a distance already reached (to point ``holder``); points whose lower bound is above
         the current k-th best are never decoded. ``batch``: points decoded per step (bottle WRN50's certified
-        query needs 66 on average; 256 per step decoded four times that). Returns (k distances, k indices), nearest first.
+        query needs 66 on average; 256 per step decoded four times that). Returns (k distances, k indices),
+        nearest first.
         """
         lower = _distances_to(self._projected, projected) * (1.0 - _BOUND_SLACK)
         order = _ascending_first(lower, batch)

@@ -171,7 +171,7 @@ class ProjectedCandidates:
         self._mid = ((lo.astype(np.float64) + hi) / 2).astype(np.float32)
         half = (hi.astype(np.float64) - lo) / 2
         sigma = projected.std(axis=0, dtype=np.float64)
-        gain = (sigma.max() / np.where(sigma > 0, sigma, sigma.max() or 1.0)) ** PROJECTED_STEP_EXPONENT
+        gain = (sigma.max() / np.where(sigma > 0, sigma, 1.0)) ** PROJECTED_STEP_EXPONENT  # σ = 0: half = 0, step 1
         self._step = np.where(half > 0, half / 127.0 * gain, 1.0).astype(np.float32)
         codes = np.clip(np.rint((projected - self._mid) / self._step), -127, 127)
         self._table = np.zeros((projected.shape[0], pad4(projected.shape[1])), np.int8)
