@@ -469,11 +469,12 @@ typedef struct {
     int64_t qb0, qb1;
 } Job;
 
-/* Each lane's current k-th key (from the lists so far); padded lanes and the all-keys mode never hit. */
+/* Each lane's current k-th key (from the lists so far: the SIMD lists start empty); padded lanes and the
+ * all-keys mode never hit. */
 static void init_kth(const Ctx *c, int64_t qb0, int64_t nblocks, float *kth) {
     for (int64_t i = 0; i < nblocks * QB; i++) {
         int64_t q = qb0 * QB + i;
-        kth[i] = c->all_keys || q >= c->nq ? -INFINITY : c->out_key[q * c->k + c->k - 1];
+        kth[i] = c->all_keys || q >= c->nq ? -INFINITY : c->lists ? INFINITY : c->out_key[q * c->k + c->k - 1];
     }
 }
 
@@ -535,10 +536,7 @@ static void *run_job_amx(void *arg) {
         return (void *)1;
     }
     int listed = c->lists != NULL;
-    if (listed)
-        for (int64_t i = 0; i < nblocks * QB; i++) kth[i] = job->qb0 * QB + i < c->nq ? INFINITY : -INFINITY;
-    else
-        init_kth(c, job->qb0, nblocks, kth);
+    init_kth(c, job->qb0, nblocks, kth);
     amx_configure();
     const int64_t step = 2 * AMX_ROWS;
     int64_t chunk = CHUNK_BYTES / (c->g * 4);
@@ -747,7 +745,7 @@ static void *run_job_512(void *arg) {
     int64_t nblocks = job->qb1 - job->qb0;
     float *kth = (float *)malloc(sizeof(float) * (size_t)(nblocks > 0 ? nblocks : 1) * QB);
     if (!kth) return (void *)1;
-    for (int64_t i = 0; i < nblocks * QB; i++) kth[i] = job->qb0 * QB + i < c->nq ? INFINITY : -INFINITY;
+    init_kth(c, job->qb0, nblocks, kth);
     int64_t chunk = CHUNK_BYTES / (c->g * 4);
     chunk = chunk < PAIR_ROWS ? PAIR_ROWS : chunk - chunk % PAIR_ROWS;
     for (int64_t c0 = (c->m - 1) / chunk * chunk; c0 >= 0; c0 -= chunk) {
