@@ -1,4 +1,4 @@
-"""Builds the native int8 search kernel (edgecore.runtime.native); all metadata lives in pyproject.toml.
+"""Builds the native int8 search kernel and PNG unfilter (edgecore.runtime.native); metadata: pyproject.toml.
 
 Plain C loaded with ctypes (no Python C-API). Compiled for the baseline ISA only: the AVX2 / AVX-VNNI /
 AVX-512 VNNI / NEON paths are per-function targets chosen at run time, so a wheel built on a workstation
@@ -16,6 +16,12 @@ setup(
             extra_compile_args=["-O3", "-ffp-contract=off", "-std=gnu11"],
             extra_link_args=["-pthread"],
             optional=True,
-        )
+        ),
+        Extension(  # PNG row reconstruction for edgecore.runtime.png (plain C, no intrinsics)
+            "edgecore.runtime.native._pngfilter",
+            sources=["runtime/native/pngfilter.c"],
+            extra_compile_args=["-O2", "-std=gnu11"],  # -O3 if-converts the Paeth rows worse: 3.4 vs 2.6 ms
+            optional=True,
+        ),
     ]
 )

@@ -8,12 +8,17 @@ One interleaved run (round-robin, so load drift hits every variant alike) on rea
 * end to end: ``Detector.detect(rgb_array)`` — the raw-frame entry point, no decode — on each
   bundle given, per-stage p50 and "total excluding decode" against the engine.
 
+``--decode`` times decoding the PNG files themselves: Pillow (``load_image`` before the fast reader) vs
+``load_image`` now (``runtime/png.py``: zlib-ng + the native unfilter), and the reader's two halves,
+interleaved file by file from bytes in memory (the disk is not measured); every frame is checked equal.
+
 ``--fidelity DATA`` instead fits Lite0 twice on an MVTec category (``v1`` and ``v2``) and prints
 image / pixel AUROC of each, the check that v2 changes no verdict quality.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_frame_overhead.py --images ../shared/data/mvtec_bottle/test \\
         --bundle /tmp/pp/bottle.edgecore --bundle /tmp/pp/bottle_v2.edgecore
     OMP_NUM_THREADS=2 python benchmarks/bench_frame_overhead.py --fidelity ../shared/data/mvtec_bottle
+    python benchmarks/bench_frame_overhead.py --decode --images ../shared/data/mvtec_bottle/test --frames 40
 """
 from __future__ import annotations
 
@@ -108,6 +113,48 @@ def detect_run(detectors: dict, frames: list[np.ndarray], rounds: int) -> dict[s
     return out
 
 
+def decode_run(paths: list[Path], rounds: int) -> dict[str, float]:
+    """p50 ms per file of Pillow's decode vs load_image's, and of the fast reader's inflate / unfilter."""
+    import ctypes
+
+    from edgecore.runtime import png
+    from edgecore.runtime.imageio import MAX_PIXELS, _decode, _opener, _pil_to_rgb
+
+    blobs = [p.read_bytes() for p in paths]
+    plains = [png.plain_png(b) for b in blobs]
+    if any(p is None for p in plains):
+        raise SystemExit("--decode needs plain 8-bit PNG frames (runtime/png.py) and the built _pngfilter library")
+    for blob in blobs:  # the contract before the clock: the same pixels
+        assert np.array_equal(load_image(blob), _decode(*_opener(blob), MAX_PIXELS, _pil_to_rgb))
+    raws = [png._zlib.decompress(b"".join(p.data[a:b] for a, b in p.idat)) for p in plains]
+
+    def unfilter(i: int) -> None:
+        plain = plains[i]
+        out = np.empty((plain.height, plain.width, plain.channels), np.uint8)
+        png._unfilter()(raws[i], len(raws[i]), out.ctypes.data_as(ctypes.c_void_p), plain.height,
+                        plain.width * plain.channels, plain.channels)
+
+    variants = {
+        "pillow": lambda i: _decode(*_opener(blobs[i]), MAX_PIXELS, _pil_to_rgb),
+        "load_image (fast reader)": lambda i: load_image(blobs[i]),
+        "  inflate (zlib-ng)": lambda i: png._zlib.decompress(b"".join(plains[i].data[a:b] for a, b in plains[i].idat)),
+        "  inflate (stdlib zlib)": lambda i: __import__("zlib").decompress(b"".join(plains[i].data[a:b] for a, b in plains[i].idat)),
+        "  unfilter (native)": unfilter,
+    }
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(rounds):
+        for i in range(len(blobs)):
+            for k in range(len(names)):
+                name = names[(i + r + k) % len(names)]
+                start = time.perf_counter()
+                variants[name](i)
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    out = {name: _p50(values) for name, values in samples.items()}
+    out["speedup"] = out["pillow"] / out["load_image (fast reader)"]
+    return out
+
+
 def fidelity(data: Path) -> dict[str, dict[str, float]]:
     """Lite0 fitted with v1 and with v2 preprocessing on the same category: AUROC of each."""
     from edgecore.data.datasets import ImageStream, train_samples
@@ -135,16 +182,20 @@ def main() -> None:
     parser.add_argument("--precision", default=None, help="engine precision (default: the best compiled)")
     parser.add_argument("--frame-size", help="HxW: scale the frames to this size first (e.g. 1080x1920, a camera's)")
     parser.add_argument("--fidelity", type=Path, help="MVTec category: fit v1 and v2, print AUROC")
+    parser.add_argument("--decode", action="store_true", help="time PNG decoding: Pillow vs the fast reader")
     args = parser.parse_args()
     report: dict = {"load_before": os.getloadavg()}
     if args.fidelity:
         report["fidelity"] = fidelity(args.fidelity)
-    if args.bundle:
-        from edgecore.runtime.detector import Detector
-
+    if args.decode or args.bundle:
         folders = sorted(p for p in args.images.iterdir() if p.is_dir()) or [args.images]  # MVTec test/<type>/
         paths = expand_images(folders)
         step = max(1, len(paths) // args.frames)
+    if args.decode:
+        report["decode_p50_ms"] = decode_run(paths[::step][: args.frames], args.rounds)
+    if args.bundle:
+        from edgecore.runtime.detector import Detector
+
         frames = [load_image(p) for p in paths[::step][: args.frames]]
         if args.frame_size:
             height, width = (int(v) for v in args.frame_size.lower().split("x"))

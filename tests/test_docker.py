@@ -157,15 +157,15 @@ def test_host_image_pins_torch_and_runtime_images_do_not_mention_it():
 @pytest.mark.parametrize("name", ALL_IMAGES)
 def test_image_builds_the_native_kernel_and_loads_it(name):
     """Every file the package build reads is copied into the build stage (a wheel built without
-    setup.py silently lacks the native int8 search), and the final image fails to build if the
-    installed kernel does not load."""
+    setup.py silently lacks the native int8 search and PNG unfilter), and the final image fails to build
+    if either installed library does not load."""
     instructions = parse((DOCKER / name).read_text())
     copied = {word for ins in instructions if ins.keyword == "COPY" for word in ins.args.split()[:-1]}
     build_inputs = {"pyproject.toml", "setup.py", "README.md", "runtime"}
     assert build_inputs <= copied, f"{name} does not copy {sorted(build_inputs - copied)}"
     final_runs = " ".join(ins.args for ins in instructions[[i.keyword for i in instructions].index("FROM", 1):]
                           if ins.keyword == "RUN")
-    assert "from edgecore.runtime.native import kernel; kernel()" in final_runs
+    assert "from edgecore.runtime import native, png; native.kernel(); assert png._unfilter()" in final_runs
 
 
 @pytest.mark.parametrize("name", ALL_IMAGES)

@@ -79,11 +79,12 @@ class NativeUnavailable(RuntimeError):
     """The library is missing, unloadable, or switched off (``EDGECORE_NATIVE_ISA=off``)."""
 
 
-def library_path() -> Path | None:
-    """The built ``_int8search`` shared object next to this file (None when not built)."""
+def library_path(stem: str = "_int8search") -> Path | None:
+    """The built shared object ``stem`` next to this file (None when not built): ``_int8search``, the
+    search kernel, or ``_pngfilter``, the PNG unfilter of ``edgecore.runtime.png``."""
     here = Path(__file__).resolve().parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / f"_int8search{suffix}"
+        path = here / f"{stem}{suffix}"
         if path.is_file():
             return path
     return None
