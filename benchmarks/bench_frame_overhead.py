@@ -9,7 +9,8 @@ One interleaved run (round-robin, so load drift hits every variant alike) on rea
   bundle given, per-stage p50 and "total excluding decode" against the engine.
 
 ``--decode`` times decoding the PNG files themselves: Pillow (``load_image`` before the fast reader) vs
-``load_image`` now (``runtime/png.py``: zlib-ng + the native unfilter), and the reader's two halves,
+``load_image`` now (``runtime/png.py``: zlib-ng + the native unfilter, on 2 threads and on 1), and the
+reader's two halves,
 interleaved file by file from bytes in memory (the disk is not measured); every frame is checked equal.
 
 ``--fidelity DATA`` instead fits Lite0 twice on an MVTec category (``v1`` and ``v2``) and prints
@@ -132,11 +133,16 @@ def decode_run(paths: list[Path], rounds: int) -> dict[str, float]:
         plain = plains[i]
         out = np.empty((plain.height, plain.width, plain.channels), np.uint8)
         png._unfilter()(raws[i], len(raws[i]), out.ctypes.data_as(ctypes.c_void_p), plain.height,
-                        plain.width * plain.channels, plain.channels)
+                        plain.width * plain.channels, plain.channels, None)
+
+    def fast(i: int, threads: str) -> None:
+        os.environ[png.ENV_THREADS] = threads
+        load_image(blobs[i])
 
     variants = {
         "pillow": lambda i: _decode(*_opener(blobs[i]), MAX_PIXELS, _pil_to_rgb),
-        "load_image (fast reader)": lambda i: load_image(blobs[i]),
+        "load_image (fast reader)": lambda i: fast(i, "2"),
+        "load_image (fast reader, 1 thread)": lambda i: fast(i, "1"),
         "  inflate (zlib-ng)": lambda i: png._zlib.decompress(b"".join(plains[i].data[a:b] for a, b in plains[i].idat)),
         "  inflate (stdlib zlib)": lambda i: __import__("zlib").decompress(b"".join(plains[i].data[a:b] for a, b in plains[i].idat)),
         "  unfilter (native)": unfilter,
@@ -152,6 +158,7 @@ def decode_run(paths: list[Path], rounds: int) -> dict[str, float]:
                 samples[name].append((time.perf_counter() - start) * 1e3)
     out = {name: _p50(values) for name, values in samples.items()}
     out["speedup"] = out["pillow"] / out["load_image (fast reader)"]
+    out["speedup_1_thread"] = out["pillow"] / out["load_image (fast reader, 1 thread)"]
     return out
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edgecore.runtime import native
+from edgecore.runtime import native, png
 from edgecore.runtime.cpu import cpu_info
 from edgecore.runtime.frames import expand_images
 
@@ -302,7 +302,7 @@ def emulate_camera(bundle: str | Path, configs: list[BenchConfig], images: str |
     estimate). OpenVINO's CPU plugin honours ONEDNN_MAX_CPU_ISA, which must be set before it
     loads, hence the child (``python -m edgecore.runtime.bench``); it reports the kernel ISAs it
     actually used, so the report can say whether the cap took effect. numpy's BLAS is held to
-    1 thread too; hnswlib's query threads are not capped (stated in the report)."""
+    1 thread too, and so is PNG decoding; hnswlib's query threads are not capped (stated in the report)."""
     with tempfile.TemporaryDirectory() as scratch:
         spec, out = Path(scratch) / "spec.json", Path(scratch) / "camera.json"
         spec.write_text(json.dumps({
@@ -310,7 +310,7 @@ def emulate_camera(bundle: str | Path, configs: list[BenchConfig], images: str |
             "configs": [{**config.__dict__, "threads": 1} for config in configs],
         }))
         env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-               native.ENV_THREADS: "1"}
+               native.ENV_THREADS: "1", png.ENV_THREADS: "1"}
         if platform.machine().lower() in ("x86_64", "amd64"):  # the native search's AVX2 path, as on the camera
             env[native.ENV_ISA] = "avx2"
         command = [sys.executable, "-m", "edgecore.runtime.bench", str(spec), str(out)]
@@ -323,7 +323,7 @@ def emulate_camera(bundle: str | Path, configs: list[BenchConfig], images: str |
         capped = sum(n for isa, n in isas.items() if isa not in ("avx512", "amx"))
         run["isa_cap_honoured"] = f"{capped}/{sum(isas.values())} kernels at AVX2 or below" if isas else "unknown"
     report["estimate"] = (
-        "camera-class emulation: 1 inference thread, ONEDNN_MAX_CPU_ISA=AVX2, BLAS 1 thread, native int8 "
+        "camera-class emulation: 1 inference thread, ONEDNN_MAX_CPU_ISA=AVX2, BLAS 1 thread, PNG decode 1 thread, native int8 "
         f"search on its {report.get('native_search_isa', 'unknown')} path with 1 thread "
         "(an estimate, not a measurement on a camera; HNSW queries may still use every core)"
     )

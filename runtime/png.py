@@ -15,7 +15,10 @@ Torch-free (camera side): numpy, stdlib, and the optional zlib-ng.
 from __future__ import annotations
 
 import ctypes
+import os
+import queue
 import struct
+import threading
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -38,6 +41,8 @@ _CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}
 # private one) sends the file to Pillow.
 _IGNORED = frozenset({b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"pHYs", b"tIME", b"sBIT", b"bKGD", b"hIST", b"sPLT",
                       b"tEXt", b"zTXt", b"iTXt"})
+BLOCK_BYTES = 1 << 18  # inflated bytes handed to the unfilter at a time (97 rows of a 900-wide RGB frame)
+ENV_THREADS = "EDGECORE_DECODE_THREADS"
 _TEXT = frozenset({b"tEXt", b"zTXt", b"iTXt"})
 # Pillow reads EXIF (hence the orientation it applies) from a text chunk of this keyword too.
 _EXIF_TEXT_KEY = b"Raw profile type exif"
@@ -61,6 +66,10 @@ class PlainPng(NamedTuple):
         """The H×W×3 uint8 RGB pixels, a fresh C-contiguous array equal to Pillow's decode, or None
         (a stream that is truncated, too long or corrupt, or a bad filter byte: Pillow names the problem).
 
+        The rows are inflated in blocks of about ``BLOCK_BYTES``; with ``EDGECORE_DECODE_THREADS`` ≥ 2 (the
+        default where this process may use two CPUs) a second thread reconstructs each block while the next
+        one inflates (bottle's 900×900 frames: 5.4 instead of 8.0 ms).
+
         Raises:
             ImageError: a complete zlib stream that holds fewer rows than the header says. Pillow returns
                 such a frame with the missing rows black; a camera must not score pixels that are not there.
@@ -68,28 +77,149 @@ class PlainPng(NamedTuple):
         unfilter = _unfilter()
         if unfilter is None:
             return None
-        rowbytes = self.width * self.channels
-        expected = self.height * (rowbytes + 1)
-        stream = self.data[self.idat[0][0] : self.idat[0][1]] if len(self.idat) == 1 else b"".join(
-            self.data[start:stop] for start, stop in self.idat)  # the compressed bytes: ~1/5 of the rows'
-        inflater = _zlib.decompressobj()
-        try:  # one byte more than the rows need reveals a stream that is too long
-            raw = inflater.decompress(stream, expected + 1)
-        except _zlib.error:
-            return None
-        if inflater.eof and len(raw) < expected and not inflater.unused_data:
-            raise ImageError(f"{name}: truncated image data (the compressed rows end after {len(raw) // (rowbytes + 1)}"
-                             f" of {self.height} rows)")
-        if len(raw) != expected or not inflater.eof or inflater.unused_data or inflater.unconsumed_tail:
-            return None
+        step = self.width * self.channels + 1
         pixels = np.empty((self.height, self.width, self.channels), np.uint8)
-        if unfilter(raw, expected, pixels.ctypes.data_as(ctypes.c_void_p), self.height, rowbytes, self.channels):
+        threaded = self.height * step >= 2 * BLOCK_BYTES and decode_threads() > 1
+        rows = _Rows(unfilter, pixels, _worker() if threaded else None)
+        block = max(1, BLOCK_BYTES // step) * step if threaded else self.height * step  # serial: one block
+        try:
+            inflated = self._inflate(rows, step, block)
+        finally:
+            reconstructed = rows.finish()  # every block is done (or failed) before ``pixels`` can be dropped
+        if inflated is None or not reconstructed:
             return None
+        if inflated < self.height:
+            raise ImageError(f"{name}: truncated image data (the compressed rows end after {inflated} of "
+                             f"{self.height} rows)")
         if self.channels == 3:
             return pixels
         if self.channels == 4:  # Pillow's RGBA → RGB drops alpha
             return np.ascontiguousarray(pixels[:, :, :3])
         return np.ascontiguousarray(np.repeat(pixels[:, :, :1], 3, axis=2))  # gray (+ alpha): R = G = B
+
+    def _inflate(self, rows: "_Rows", step: int, block: int) -> int | None:
+        """Inflate the IDAT stream into ``rows``, ``block`` bytes (whole rows) at a time; the number of whole rows in a well-formed
+        stream (fewer than the height when it ends early), or None: a zlib error, more data than the header
+        allows, a stream without its end, data after it, or a partial last row."""
+        expected = self.height * step
+        inflater = _zlib.decompressobj()
+        pieces: list[bytes] = []
+        held = total = 0
+        chunks = [self.data[start:stop] for start, stop in self.idat]
+        if block == expected:  # one block: inflate the joined stream in one call (a fifth of the rows' bytes)
+            chunks = [chunks[0] if len(chunks) == 1 else b"".join(chunks)]
+        try:
+            for data in chunks:
+                while data:
+                    if inflater.eof:
+                        return None  # data after the end of the stream
+                    piece = inflater.decompress(data, block - held)  # held < block, so never 0 ("no limit")
+                    data = inflater.unconsumed_tail
+                    total += len(piece)
+                    if total > expected:
+                        return None
+                    pieces.append(piece)
+                    held += len(piece)
+                    if held == block:
+                        rows.add(b"".join(pieces), block // step)
+                        pieces, held = [], 0
+        except _zlib.error:
+            return None
+        if not inflater.eof or inflater.unused_data or held % step:
+            return None
+        if held:
+            rows.add(b"".join(pieces), held // step)
+        return total // step
+
+
+class _Rows:
+    """Hands inflated blocks of rows to the native unfilter, in order: directly, or on the background
+    ``worker``. Each block is reconstructed from the last row of the block before it."""
+
+    def __init__(self, unfilter, pixels: np.ndarray, worker: "_Worker | None") -> None:
+        self._unfilter, self._pixels, self._worker = unfilter, pixels, worker
+        self._rowbytes = pixels.shape[1] * pixels.shape[2]
+        self._next = self._blocks = 0
+        self._codes: list[int] = []
+
+    def add(self, data: bytes, count: int) -> None:
+        """Rows ``count`` (each a filter byte + its row) in ``data``, following the rows added before."""
+        first, self._next = self._next, self._next + count
+        self._blocks += 1
+        base, rowbytes = self._pixels.ctypes.data, self._rowbytes
+        above = base + (first - 1) * rowbytes if first else None
+
+        def run() -> None:  # holds ``data`` and, through self, ``pixels`` until it has run
+            self._codes.append(self._unfilter(data, count * (rowbytes + 1), base + first * rowbytes, count, rowbytes,
+                                              self._pixels.shape[2], above))
+
+        if self._worker is None:
+            run()
+        else:
+            self._worker.submit(run)
+
+    def finish(self) -> bool:
+        """Wait for every block; True when each was reconstructed (no bad filter byte)."""
+        if self._worker is not None:
+            self._worker.drain()
+        return len(self._codes) == self._blocks and not any(self._codes)
+
+
+class _Worker:
+    """One background thread that runs the unfilter blocks, first in, first out (shared by every caller:
+    a caller's :meth:`drain` returns once the blocks it submitted have run)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="edgecore-png", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except Exception:  # noqa: BLE001 - a failed block is seen by its caller (no code recorded)
+                pass
+
+    def submit(self, job) -> None:
+        self._jobs.put(job)
+
+    def drain(self) -> None:
+        done = threading.Event()
+        self._jobs.put(done.set)
+        done.wait()
+
+
+_WORKER: _Worker | None = None
+_WORKER_LOCK = threading.Lock()
+
+
+def _worker() -> _Worker:
+    global _WORKER
+    with _WORKER_LOCK:
+        if _WORKER is None:
+            _WORKER = _Worker()
+        return _WORKER
+
+
+def _forget_worker() -> None:
+    """A forked child has no copy of the worker's thread: it starts its own when it needs one."""
+    global _WORKER, _WORKER_LOCK
+    _WORKER, _WORKER_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_worker)
+
+
+def decode_threads() -> int:
+    """Threads a large PNG is decoded with: ``EDGECORE_DECODE_THREADS``, else 2 where this process may use
+    two CPUs (1: inflate and unfilter in turn, as the camera emulation runs it)."""
+    value = os.environ.get(ENV_THREADS)
+    if value:
+        return max(1, int(value))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 2 if cpus >= 2 else 1
 
 
 def plain_png(data: bytes | bytearray | memoryview) -> PlainPng | None:
@@ -161,5 +291,6 @@ def _unfilter():
     except (OSError, AttributeError):
         return None
     function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    function.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                         ctypes.c_void_p]
     return function

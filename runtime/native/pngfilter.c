@@ -4,9 +4,11 @@
  * (perf, bottle frames); the same arithmetic written branch-free takes a third of that time. Plain C,
  * compiled for the baseline ISA (no -march): the same code on an AVX2-only x86-64 and on aarch64.
  *
- * ecp_unfilter(src, src_len, dst, height, rowbytes, bpp):
+ * ecp_unfilter(src, src_len, dst, height, rowbytes, bpp, above):
  *   src: height rows of (1 filter-type byte + rowbytes bytes), exactly src_len = height · (rowbytes + 1);
- *   dst: height · rowbytes bytes; bpp: bytes per complete pixel (1..8), the filters' left distance.
+ *   dst: height · rowbytes bytes; bpp: bytes per complete pixel (1..8), the filters' left distance;
+ *   above: the reconstructed row before src's first, or NULL for the image's first row (all zeros), so an
+ *   image can be reconstructed in blocks of rows as they are inflated.
  *   Returns 0, -1 for a filter type outside 0..4 (a corrupt file), -2 for sizes that disagree, -3 out of memory.
  */
 #include <stdint.h>
@@ -53,14 +55,15 @@ static void row_paeth(const uint8_t *in, const uint8_t *up, uint8_t *out, int64_
     for (; i < n; i++) out[i] = (uint8_t)(in[i] + paeth(out[i - bpp], up[i], up[i - bpp]));
 }
 
-int ecp_unfilter(const uint8_t *src, int64_t src_len, uint8_t *dst, int64_t height, int64_t rowbytes, int bpp) {
+int ecp_unfilter(const uint8_t *src, int64_t src_len, uint8_t *dst, int64_t height, int64_t rowbytes, int bpp,
+                 const uint8_t *above) {
     if (!src || !dst || height < 1 || rowbytes < 1 || bpp < 1 || bpp > 8 || rowbytes > INT64_MAX / height - 1
         || src_len != height * (rowbytes + 1))
         return ECP_BAD_SIZE;
     static const uint8_t zeros[4096];
-    uint8_t *zero_row = NULL;  /* the row above the first: all zeros (only allocated for wide rows) */
-    const uint8_t *above = zeros;
-    if (rowbytes > (int64_t)sizeof zeros) {
+    uint8_t *zero_row = NULL;  /* the row above the image's first: all zeros (only allocated for wide rows) */
+    if (!above) above = zeros;
+    if (above == zeros && rowbytes > (int64_t)sizeof zeros) {
         zero_row = calloc((size_t)rowbytes, 1);
         if (!zero_row) return ECP_NO_MEMORY;
         above = zero_row;
