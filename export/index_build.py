@@ -38,7 +38,17 @@ CROSSOVER_POINTS = ((152, 9_000), (1024, 4_500))
 COARSE_PROJ_DIM = 32
 COARSE_CANDIDATES = 8
 COARSE_EF_SEARCH = 16
-COARSE_MIN_DIM = 512  # below it the projection loses too much (see choose_search_mode)
+COARSE_MIN_DIM = 512  # below it the projection loses too much as an automatic mode (see choose_search_mode)
+# Below COARSE_MIN_DIM coarse is int8 bundles' fallback for CPUs without AMX (runtime.index.int8_fallback_reason),
+# with more candidates: bottle Lite0's real patches find int8 search's neighbour 0.9999 (native) / 0.9996 (graph,
+# ef 64) of the time with 32, against 0.9985 / 0.9969 (ef 32) with 16 (RESULTS.md #11, "Coarse for Lite0").
+LOW_DIM_COARSE_CANDIDATES = 32
+LOW_DIM_COARSE_EF_SEARCH = 64
+# A fallback must give the chosen int8 mode's answers (that mode passed the probe against exact fp32): its share of
+# probe queries with int8 mode's nearest neighbour. The probe's isotropic noise lies mostly outside a projection's
+# subspace, so it is much harder for coarse than real patches: bottle Lite0 0.9974 on the probe, 0.9999 on the test
+# patches (32 candidates); 16 candidates read 0.978 / 0.9985.
+FALLBACK_AGREEMENT = 0.995
 COARSE_MIN_PROBE_RECALL = 0.99
 PROBE_NOISE_GAPS = 3.0
 # 'int8' (native brute force over the full-D codes) replaces an automatic 'hnsw' when the kernel runs
@@ -56,8 +66,9 @@ def choose_search_mode(size: int, dim: int, dtype: str = "int8") -> tuple[str, s
     the same and exact needs no approximation). Above it, int8 coresets of at
     least ``COARSE_MIN_DIM`` dims get 'coarse' (its graph hops are 32-d instead of
     D-d and it holds no fp32 copy); smaller dims keep 'hnsw', where a 32-d
-    projection loses too many nearest neighbours (bottle Lite0, 152-d: recall@1
-    0.988 with 16 re-ranked candidates, below the 0.99 bar).
+    projection needs 32 re-ranked candidates (bottle Lite0, 152-d: recall@1 0.988
+    with 16 and the graph's beam 16): there coarse is int8 mode's stored fallback
+    for CPUs without AMX instead (see ``_prefer_native``).
     """
     if size < 1 or dim < 1:
         raise ValueError(f"need a non-empty coreset, got {size}×{dim}")
@@ -71,7 +82,7 @@ def choose_search_mode(size: int, dim: int, dtype: str = "int8") -> tuple[str, s
                           f"{COARSE_PROJ_DIM}-d projection (native int8 candidates, hnswlib graph as fallback) + exact "
                           "re-rank on the codes was fastest on bottle WRN50")
     return "hnsw", (f"{size} points ≥ crossover {crossover:.0f}; D={dim} < {COARSE_MIN_DIM} or dtype {dtype}: "
-                    "a 32-d projection misses too many neighbours, full-D graph")
+                    "full-D graph (a 32-d projection needs 32 candidates here)")
 
 
 def probe_recall(coreset: np.ndarray, index: QuantizedIndex, queries: int = 784, seed: int = 0) -> float:
@@ -193,13 +204,21 @@ def _prefer_native(coreset: np.ndarray, graph_index: QuantizedIndex, patches_per
     hnsw_ms, int8_ms = (1e3 * min(times[name]) for name in ("hnsw", "int8"))
     measured = {"probe_recall_int8": round(recall, 4), "probe_ms_hnsw": round(hnsw_ms, 2), "probe_ms_int8": round(int8_ms, 2)}
     if recall >= COARSE_MIN_PROBE_RECALL and int8_ms < hnsw_ms:
+        # The full-D brute force is fastest only with AMX tiles or AVX-512 VNNI; every other camera CPU searches
+        # coarse's projection of the same codes (runtime.index.int8_fallback_reason, RESULTS.md #11). Where that
+        # probe fails, the hnsw graph is kept for the paths without an int8 dot product, as before.
+        coarse = _build(coreset, "int8", "coarse", patches_per_image, {"mode": "coarse"})
+        probe = probe_queries(coreset)
+        agreement = float(np.mean(coarse.search(probe, 1)[1][:, 0] == candidate.search(probe, 1)[1][:, 0]))
+        measured["probe_agreement_coarse_fallback"] = round(agreement, 4)
+        fallback = coarse if agreement >= FALLBACK_AGREEMENT else graph_index
+        stored = ("the coarse projection (32-d candidates, exact re-rank) is stored for cameras without AMX tiles "
+                  "or AVX-512 VNNI" if fallback is coarse else
+                  "the hnsw graph is stored for cameras whose kernel path has no int8 dot product")
         candidate.choice.update(measured, reason=(
             f"{graph_index.choice['reason']}; native int8 brute force ({candidate.searcher.isa}) passed the probe "
-            f"(recall@1 {recall:.4f}) and searched it in {int8_ms:.1f} ms vs hnsw {hnsw_ms:.1f} ms; the hnsw graph "
-            "is stored for cameras whose kernel path has no int8 dot product"))
-        # Measured on this CPU: a camera without VNNI/dot product runs the kernel 3-4x slower per MAC and loses to
-        # the graph (RESULTS.md #11), so the runtime searches with the graph there (runtime.index.int8_fallback_reason).
-        candidate.store_fallback(graph_index)
+            f"(recall@1 {recall:.4f}) and searched it in {int8_ms:.1f} ms vs hnsw {hnsw_ms:.1f} ms; {stored}"))
+        candidate.store_fallback(fallback)
         return candidate
     graph_index.choice.update(measured)
     return graph_index
@@ -215,7 +234,10 @@ def _build_coarse_graph(points: np.ndarray) -> tuple[dict[str, np.ndarray], dict
     basis, center = principal_projection(points, min(COARSE_PROJ_DIM, points.shape[1]))
     graph, params = build_hnsw_graph((points - center) @ basis.T, HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_SEED)
     graph.update(proj_basis=basis, proj_center=center)
-    params.update(ef_search=COARSE_EF_SEARCH, candidates=COARSE_CANDIDATES)
+    if points.shape[1] >= COARSE_MIN_DIM:
+        params.update(ef_search=COARSE_EF_SEARCH, candidates=COARSE_CANDIDATES)
+    else:
+        params.update(ef_search=LOW_DIM_COARSE_EF_SEARCH, candidates=LOW_DIM_COARSE_CANDIDATES)
     return graph, params
 
 

@@ -25,13 +25,18 @@ Camera side, torch-free (numpy + hnswlib + the native kernel in ``runtime.native
   kernel path without an int8 dot product, where the graph is faster).
 * ``mode="int8"`` (int8 only) is the native kernel's brute force over the
   full-D codes themselves, with an exact re-rank and a certified image maximum
-  (``runtime.native.search``). Automatic exports also store the hnsw graph the rule
-  would have used (description ``"fallback": "hnsw"``): on a CPU where the kernel has
-  no int8 dot product for the table (its ``avx2`` or ``scalar`` path) or does not load,
-  a bundle opened without an explicit mode searches with that graph instead (hnsw
-  mode, see :func:`int8_fallback_reason`); only then is the graph read into memory.
-  Without a stored graph (older bundles, ``--search int8``) it runs as chosen, and
-  without the kernel it falls back to exact mode.
+  (``runtime.native.search``). Automatic exports also store a fallback for other
+  camera CPUs (description ``"fallback"``), and a bundle opened without an explicit
+  mode searches with it where :func:`int8_fallback_reason` says so; only then are its
+  graph arrays read into memory. ``"coarse"`` (exports since the PNG/coarse stop): the
+  projection and 32-d graph of coarse mode over the same codes, which searches on
+  every kernel path but the AMX one (and without the kernel), because the full-D
+  brute force is faster only with tiles (bottle Lite0: 5.3 vs 5.8 ms avx512vnni, 8.6 vs
+  11.9 avxvnni, 10.9 vs 32.1 avx2 with the graph's candidates; 4.1 vs 5.7 ms amx).
+  ``"hnsw"`` (older exports, or where coarse's probe failed): the full-D graph, used on
+  the ``avx2`` / ``scalar`` paths and without the kernel. Without a stored fallback
+  (``--search int8``) it runs as chosen, and without the kernel it falls back to
+  exact mode.
 * HNSW is least reliable far from the data, which is exactly where the image
   score comes from (the farthest patch). So hnsw mode certifies, per block of
   ``certify_block`` consecutive queries (one image's patches), that the largest
@@ -99,7 +104,10 @@ _SEARCH_PARAM_KEYS = ("candidates", "certify_block")
 # (benchmarks/RESULTS.md #11, bottle Lite0: avx2 160.8 vs hnsw 68.6 ms on Intel, 44.1 vs 41.9 on AMD; scalar 1 648
 # vs 45.7 ms; no kernel: exact over the decoded codes 54.4 vs 42.3 ms).
 NO_DOT_PRODUCT_PATHS = ("avx2", "scalar")
-FALLBACK_MODES = ("hnsw",)  # what an int8 description may declare as "fallback" (a graph of _GRAPH_ARRAYS)
+FALLBACK_MODES = ("hnsw", "coarse")  # what an int8 description may declare as "fallback" (that mode's graph)
+# Kernel paths on which int8 mode's full-D brute force beats (or ties) a stored coarse fallback in the detector
+# (bottle Lite0, RESULTS.md #11 "Coarse for Lite0": avx512vnni 5.8-5.9 vs 6.0 ms, amx 4.1 vs 5.3 ms).
+FULL_D_PATHS = ("amx", "avx512vnni")
 
 
 class QuantizedIndex:
@@ -144,6 +152,7 @@ class QuantizedIndex:
         self.hnsw = dict(hnsw) if entry.graph_arrays and hnsw is not None else None
         self.search_params = dict(search_params) if entry.has_params and search_params is not None else None
         self.fallback: tuple[dict[str, np.ndarray], dict] | None = None  # int8 mode's stored graph (export side)
+        self.fallback_mode: str | None = None  # that graph's mode, one of FALLBACK_MODES
         self.replaced: dict | None = None  # set by load: {"mode": the bundle's mode, "reason": why this mode runs}
         params = self.hnsw if entry.graph_arrays else self.search_params
         self.searcher: Searcher = entry.open(dtype, arrays, self.graph, params)
@@ -175,13 +184,15 @@ class QuantizedIndex:
         return self.searcher.points
 
     def store_fallback(self, graph_index: "QuantizedIndex") -> None:
-        """Store ``graph_index``'s hnsw graph with this int8 index, for CPUs where the kernel has no int8 dot
-        product (see the module doc). Built on the same coreset: the graph is over the same decoded codes."""
+        """Store ``graph_index``'s graph (hnsw or coarse) with this int8 index, for the CPUs where
+        :func:`int8_fallback_reason` prefers it (see the module doc). Built on the same coreset: the graph is
+        over the same decoded codes."""
         if self.mode != "int8" or graph_index.mode not in FALLBACK_MODES or graph_index.graph is None:
             raise ValueError(f"only an int8 index stores a fallback graph ({graph_index.mode!r} given)")
         if (graph_index.size, graph_index.dim, graph_index.dtype) != (self.size, self.dim, self.dtype):
             raise ValueError("the fallback graph must index the same coreset")
         self.fallback = (graph_index.graph, dict(graph_index.hnsw))
+        self.fallback_mode = graph_index.mode
 
     def describe(self) -> str:
         """The mode that runs, and why when it is not the bundle's (info / bench output)."""
@@ -222,7 +233,7 @@ class QuantizedIndex:
         if hnsw is not None:
             description["hnsw"] = dict(hnsw)
         if self.fallback is not None:
-            description["fallback"] = "hnsw"
+            description["fallback"] = self.fallback_mode
         if self.search_params is not None:
             description["search_params"] = dict(self.search_params)
         description["choice"] = dict(self.choice)
@@ -274,11 +285,13 @@ class QuantizedIndex:
         arrays = {key: _read(directory, files, f"vectors.{key}", dt) for key, dt in _VECTOR_ARRAYS[dtype].items()}
         replaced = None
         if fallback is not None:
-            reason = int8_fallback_reason(dim, arrays["coord_codes"]) if automatic else None
+            stored = SEARCH_MODES[fallback]
+            reason = int8_fallback_reason(dim, arrays["coord_codes"], fallback) if automatic else None
             if reason is None:  # the graph stays on disk: checked through a read-only map, then dropped
-                mapped = {key: _read(directory, files, f"graph.{key}", dt, mmap=True) for key, dt in _GRAPH_ARRAYS.items()}
+                mapped = {key: _read(directory, files, f"graph.{key}", dt, mmap=True)
+                          for key, dt in stored.graph_arrays.items()}
                 _check_shapes(directory, dtype, arrays, mapped, size, dim)
-                _check_graph(directory, mapped, hnsw, (), size, dim)
+                _check_graph(directory, mapped, hnsw, stored.extra_params, size, dim)
                 del mapped
                 hnsw = None
             else:
@@ -423,18 +436,25 @@ def _graph_params(directory: Path, params: dict, extra_params: tuple[str, ...], 
     return values
 
 
-def int8_fallback_reason(dim: int, coord_codes: np.ndarray) -> str | None:
-    """Why an int8 bundle's stored hnsw graph should search instead of the kernel on this CPU, or None.
+def int8_fallback_reason(dim: int, coord_codes: np.ndarray, fallback: str = "hnsw") -> str | None:
+    """Why an int8 bundle's stored ``fallback`` (hnsw or coarse) should search instead of the kernel's full-D
+    brute force on this CPU, or None.
 
-    The kernel's path for int8 mode's table (D codes + k coordinate columns, padded to 4 bytes) decides: paths
-    without int8 dot-product instructions (``NO_DOT_PRODUCT_PATHS``) or no kernel at all lose to the graph.
+    The kernel's path for int8 mode's table (D codes + k coordinate columns, padded to 4 bytes) decides. A
+    coarse fallback wins on every path but ``FULL_D_PATHS`` (its 32-byte projected rows need a fifth of the
+    dot products; with 512-bit int8 dot products or tiles the full-D scan costs no more than coarse's re-rank);
+    an hnsw fallback wins where the path has no int8 dot-product instructions (``NO_DOT_PRODUCT_PATHS``).
+    Both win without the kernel.
     """
     try:
         kernel = native.kernel()
     except native.NativeUnavailable as exc:
         return f"native int8 kernel unavailable ({exc})"
     path = kernel.path_for(pad4(dim + coord_codes.shape[1]))
-    if path in NO_DOT_PRODUCT_PATHS:
+    if fallback == "coarse" and path not in FULL_D_PATHS:
+        return (f"the kernel's {path} path has no AMX tiles or AVX-512 VNNI here; the stored coarse projection's "
+                "candidates are faster than the full-D brute force")
+    if fallback == "hnsw" and path in NO_DOT_PRODUCT_PATHS:
         return f"the kernel's {path} path has no int8 dot-product instructions here; the stored hnsw graph is faster"
     return None
 
@@ -688,9 +708,9 @@ class _CoarseSearcher(CoarseSearch):
 
         def proposer(projected: np.ndarray):
             if native_stage:
-                return ProjectedCandidates(projected, kernel)
+                return ProjectedCandidates(projected, kernel, arrays["codes"].shape[1])
             return GraphProposer(_hnswlib_index(graph, projected, params), params["ef_search"],
-                                 lambda index: _hnswlib_bytes(index, size))
+                                 lambda index: _hnswlib_bytes(index, size), projected)
 
         # The native stage projects on the codes' own principal directions when they have the stored
         # projection's width: the same subspace, and the projection then doubles as the re-rank's PCA
@@ -720,8 +740,8 @@ def _open_int8(dtype: str, arrays: dict[str, np.ndarray], params: dict | None) -
                           certify_block=params.get("certify_block", _PARAM_RANGES["certify_block"][1]))
     if searcher.isa in NO_DOT_PRODUCT_PATHS:  # the path int8_fallback_reason judges (RESULTS.md #11)
         warnings.warn(f"int8 search runs the kernel's {searcher.isa} path here (no int8 dot-product instructions): "
-                      "slower than hnsw on this CPU; an automatic re-export stores the hnsw graph the runtime "
-                      "uses here instead (or re-export with --search hnsw)", RuntimeWarning, stacklevel=3)
+                      "slower than the graph modes on this CPU; an automatic re-export stores the fallback the "
+                      "runtime uses here instead (or re-export with --search hnsw)", RuntimeWarning, stacklevel=3)
     return searcher
 
 

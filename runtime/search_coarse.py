@@ -18,7 +18,9 @@ hardware limit"):
   approximate search is least reliable. As in hnsw mode, the block's worst queries are re-searched
   exactly until the maximum is proven; here the exact search is pruned by the projection: an orthogonal
   projection never lengthens a vector, so ``‖P(x − y)‖ ≤ ‖x − y‖`` bounds every point from below and
-  only points whose bound beats the current best are decoded.
+  only points whose bound beats the current best are decoded. The candidate stage supplies the bounds
+  from what it holds anyway (:meth:`Proposer.lower_bounds`): the graph's float32 projections, or the
+  native stage's int8 codes of them less their rounding error, so no M×p float32 copy is kept for it.
 """
 from __future__ import annotations
 
@@ -210,27 +212,34 @@ def rerank(queries: np.ndarray, rows: CodeRows, candidates: np.ndarray, k: int,
 
 
 class Proposer(Protocol):
-    """Coarse mode's candidate stage over the projected coreset: projected queries → Q×k rows."""
+    """Coarse mode's candidate stage over the projected coreset: projected queries → Q×k rows, and lower
+    bounds of every row's projected distance to one projected query (the certified maximum's pruning)."""
 
     def propose(self, projected: np.ndarray, k: int) -> np.ndarray: ...
+
+    def lower_bounds(self, projected: np.ndarray) -> np.ndarray: ...
 
     def memory_bytes(self) -> int: ...
 
 
 class GraphProposer:
     """hnswlib's graph over the projections (what coarse bundles store; the search without the native
-    kernel). ``ef_search``: hnswlib's beam; ``nbytes``: the graph's resident bytes."""
+    kernel). ``ef_search``: hnswlib's beam; ``nbytes``: the graph's resident bytes; ``points``: the M×p float32
+    projections (the lower bounds' side of the coreset)."""
 
-    def __init__(self, graph, ef_search: int, nbytes: Callable[[object], int]) -> None:
-        self.graph, self.ef_search, self._nbytes = graph, int(ef_search), nbytes
+    def __init__(self, graph, ef_search: int, nbytes: Callable[[object], int], points: np.ndarray) -> None:
+        self.graph, self.ef_search, self._nbytes, self._points = graph, int(ef_search), nbytes, points
 
     def propose(self, projected: np.ndarray, k: int) -> np.ndarray:
         self.graph.set_ef(max(self.ef_search, k))
         labels, _ = self.graph.knn_query(projected, k=k)
         return labels.astype(np.int64)
 
+    def lower_bounds(self, projected: np.ndarray) -> np.ndarray:
+        return _distances_to(self._points, projected) * (1.0 - _BOUND_SLACK)
+
     def memory_bytes(self) -> int:
-        return self._nbytes(self.graph)
+        return self._nbytes(self.graph) + self._points.nbytes
 
 
 class CoarseSearch:
@@ -259,8 +268,7 @@ class CoarseSearch:
         self._center = center.astype(np.float32)
         self.candidates = min(int(candidates), self.size)
         self.certify_block = int(certify_block)
-        self._projected = self.project_rows()  # M×p float32: the lower bounds' side of the coreset
-        self.proposer = make_proposer(self._projected)
+        self.proposer = make_proposer(self.project_rows())  # it keeps what it needs of the M×p projections
 
     def project(self, vectors: np.ndarray) -> np.ndarray:
         return (vectors - self._center) @ self._basis_t
@@ -272,7 +280,7 @@ class CoarseSearch:
         return out
 
     def nbytes(self) -> int:
-        return self._projected.nbytes + self._basis_t.nbytes + self._center.nbytes + self.proposer.memory_bytes()
+        return self._basis_t.nbytes + self._center.nbytes + self.proposer.memory_bytes()
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         k = min(int(k), self.size)
@@ -306,7 +314,7 @@ class CoarseSearch:
         query needs 66 on average; 256 per step decoded four times that). Returns (k distances, k indices),
         nearest first.
         """
-        lower = _distances_to(self._projected, projected) * (1.0 - _BOUND_SLACK)
+        lower = self.proposer.lower_bounds(projected)
         order = _ascending_first(lower, batch)
         best_d = np.empty(0, np.float32)
         best_i = np.empty(0, np.int64)

@@ -196,10 +196,21 @@ def meets_contract(report: dict[str, float]) -> bool:
 
 @pytest.fixture(scope="session")
 def int8_fallback_bundle(fitted_model_dir, tmp_path_factory) -> Path:
-    """The synthetic model as an automatic export that picked 'int8' stores it: int8 index + the hnsw graph
-    as its CPU fallback. (Its coreset is below the exact/graph crossover, so the exporter itself would pick
-    exact: the index is built with build_index's two explicit modes and store_fallback, the step
-    _prefer_native takes.) Treat as read-only."""
+    """The synthetic model as an automatic export that picked 'int8' stored it before coarse fallbacks (and
+    still does where coarse's probe fails): int8 index + the hnsw graph as its CPU fallback. (Its coreset is
+    below the exact/graph crossover, so the exporter itself would pick exact: the index is built with
+    build_index's two explicit modes and store_fallback, the step _prefer_native takes.) Read-only."""
+    return _int8_bundle_with_fallback(fitted_model_dir, tmp_path_factory, "hnsw")
+
+
+@pytest.fixture(scope="session")
+def int8_coarse_fallback_bundle(fitted_model_dir, tmp_path_factory) -> Path:
+    """As ``int8_fallback_bundle``, with coarse's projection as the fallback (what automatic exports of
+    low-D coresets store now). Read-only."""
+    return _int8_bundle_with_fallback(fitted_model_dir, tmp_path_factory, "coarse")
+
+
+def _int8_bundle_with_fallback(fitted_model_dir, tmp_path_factory, fallback: str) -> Path:
     import json
     import shutil
 
@@ -208,13 +219,14 @@ def int8_fallback_bundle(fitted_model_dir, tmp_path_factory) -> Path:
     from edgecore.model import PatchCoreModel
     from edgecore.runtime.bundle import MANIFEST
 
-    bundle = export_bundle(fitted_model_dir, tmp_path_factory.mktemp("fallback") / "part.edgecore", search="int8")
+    bundle = export_bundle(fitted_model_dir, tmp_path_factory.mktemp(f"fallback_{fallback}") / "part.edgecore",
+                           search="int8")
     manifest = json.loads((bundle / MANIFEST).read_text())
     index_dir = bundle / manifest["index"]["dir"]
     per_image = manifest["index"]["search_params"]["certify_block"]
     bank = PatchCoreModel.load(fitted_model_dir, device="cpu").memory_bank
     index = build_index(bank, "int8", "int8", patches_per_image=per_image)
-    index.store_fallback(build_index(bank, "int8", "hnsw", patches_per_image=per_image))
+    index.store_fallback(build_index(bank, "int8", fallback, patches_per_image=per_image))
     shutil.rmtree(index_dir)
     index_dir.mkdir()
     description = index.save(index_dir)

@@ -6,8 +6,9 @@ exporter may choose (numpy, hnswlib, OpenVINO's CPU plugin all load) and scores 
 native run. Fails on a hnswlib built with ``-march=native`` on an AVX-512 machine; see ``.ci/install``.
 The native int8 kernel (``runtime/native``, 'int8' mode and coarse mode's candidates) picks its AVX2 path
 there and returns the same candidates as the AVX-512/AMX path natively (exact int32 dots on every path).
-An automatic int8 bundle (with its stored hnsw graph) opened without a mode runs int8 natively and, on the
-AVX2-only CPU, the graph instead (no int8 dot product there; tests/test_search_fallback_cpu.py), same scores.
+An automatic int8 bundle opened without a mode runs int8 natively and, on the AVX2-only CPU, its stored
+fallback instead, same scores: an hnsw graph (older exports; tests/test_search_fallback_cpu.py) or coarse's
+projection with the graph's candidates (now; tests/test_coarse_fallback.py).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 
 from edgecore.export.bundle import export_bundle
+from edgecore.runtime.index import FULL_D_PATHS
 
 QEMU = shutil.which("qemu-x86_64")
 pytestmark = pytest.mark.skipif(
@@ -38,8 +40,8 @@ from edgecore.runtime import native
 from edgecore.runtime.detector import Detector
 runs, frames = json.loads(sys.argv[1]), sys.argv[2:]
 report = {"avx512f": bool(cpu["AVX512F"]), "avx2": bool(cpu["AVX2"]), "native_isa": native.kernel().isa, "runs": {}}
-for bundle, search in runs:  # "auto": the bundle's own choice (no --search)
-    with Detector.open(bundle, precision="fp32", search=None if search == "auto" else search) as detector:
+for bundle, search in runs:  # "auto…": the bundle's own choice (no --search)
+    with Detector.open(bundle, precision="fp32", search=None if search.startswith("auto") else search) as detector:
         report["runs"][search] = {"mode": detector.index.mode, "scores": [detector.detect(f).score for f in frames]}
 print(json.dumps(report))
 """
@@ -59,9 +61,11 @@ def _run(command: list[str]) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def test_camera_runtime_on_haswell_gives_the_native_scores(bundles, int8_fallback_bundle, synthetic_category):
+def test_camera_runtime_on_haswell_gives_the_native_scores(bundles, int8_fallback_bundle, int8_coarse_fallback_bundle,
+                                                          synthetic_category):
     runs = json.dumps([[str(bundles["coarse"]), "exact"], [str(bundles["hnsw"]), "hnsw"], [str(bundles["coarse"]), "coarse"],
-                       [str(bundles["coarse"]), "int8"], [str(int8_fallback_bundle), "auto"]])
+                       [str(bundles["coarse"]), "int8"], [str(int8_fallback_bundle), "auto"],
+                       [str(int8_coarse_fallback_bundle), "auto-coarse"]])
     frames = [str(p) for p in sorted((synthetic_category / "test").rglob("*.png"))[:3]]
     native = _run([sys.executable, "-c", CHILD, runs, *frames])
     emulated = _run([QEMU, "-cpu", "Haswell", sys.executable, "-c", CHILD, runs, *frames])
@@ -78,3 +82,8 @@ def test_camera_runtime_on_haswell_gives_the_native_scores(bundles, int8_fallbac
     assert native["runs"]["auto"]["mode"] == ("int8" if native["native_isa"] not in ("avx2", "scalar") else "hnsw")
     assert emulated["runs"]["auto"]["mode"] == "hnsw"
     np.testing.assert_allclose(emulated["runs"]["auto"]["scores"], native["runs"]["auto"]["scores"], rtol=1e-4)
+    # its coarse-fallback successor: int8 only with AMX / AVX-512 VNNI, the projection everywhere else (the
+    # graph's candidates on the AVX2-only CPU); the certified maxima give the same image scores
+    assert native["runs"]["auto-coarse"]["mode"] == ("int8" if native["native_isa"] in FULL_D_PATHS else "coarse")
+    assert emulated["runs"]["auto-coarse"]["mode"] == "coarse"
+    np.testing.assert_allclose(emulated["runs"]["auto-coarse"]["scores"], native["runs"]["auto-coarse"]["scores"], rtol=1e-4)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import contract_data, contract_report, meets_contract
 
+from edgecore.export import index_build
 from edgecore.export.index_build import _prefer_native, build_index
 from edgecore.runtime import native
 from edgecore.runtime.errors import BundleError
@@ -53,8 +54,11 @@ def _dot_product_here() -> None:
         pytest.skip(f"this CPU's kernel path ({kernel.isa}) has no int8 dot product")
 
 
-def test_export_keeps_the_graph_when_int8_replaces_hnsw(data, graph, tmp_path):
-    """_prefer_native, with the graph made slow (a beam over every point), picks int8 and stores that graph."""
+def test_export_keeps_the_graph_when_int8_replaces_hnsw(data, graph, tmp_path, monkeypatch):
+    """_prefer_native, with the graph made slow (a beam over every point), picks int8 and stores that graph
+    where coarse's projection cannot be the fallback (its probe agreement is made unreachable here;
+    tests/test_coarse_fallback.py covers the other branch)."""
+    monkeypatch.setattr(index_build, "FALLBACK_AGREEMENT", 1.01)
     slow = QuantizedIndex("int8", graph.arrays, "hnsw", graph.graph, dict(graph.hnsw), choice=dict(graph.choice, reason="r"))
     slow.searcher.params = dict(slow.hnsw, ef_search=len(data["points"]))
     chosen = _prefer_native(data["points"], slow, BLOCK)
@@ -155,7 +159,7 @@ def _rewrite(directory: Path, description: dict, key: str, array: np.ndarray) ->
 
 
 BROKEN = {
-    "fallback of another mode": (lambda d, desc: desc.update(fallback="coarse"), "fallback"),
+    "fallback of another mode": (lambda d, desc: desc.update(fallback="exact"), "fallback"),
     "fallback declared by an hnsw index": (lambda d, desc: desc.update(mode="hnsw", fallback="hnsw"), "fallback"),
     "no hnsw parameters": (lambda d, desc: desc.pop("hnsw"), "hnsw"),
     "entry point out of range": (lambda d, desc: desc["hnsw"].update(entry_point=10**6), "entry_point"),
