@@ -217,7 +217,9 @@ def decode_threads() -> int:
     two CPUs (1: inflate and unfilter in turn, as the camera emulation runs it)."""
     value = os.environ.get(ENV_THREADS)
     if value:
-        return max(1, int(value))
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"{ENV_THREADS} must be a positive integer (1: one thread), got {value!r}")
+        return int(value)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return 2 if cpus >= 2 else 1
 
@@ -229,7 +231,10 @@ def plain_png(data: bytes | bytearray | memoryview) -> PlainPng | None:
     Every chunk but IDAT has its CRC checked, as Pillow does; IDAT corruption is caught by zlib's own
     checksum. Pillow's decompression-bomb limit is honoured too, so Pillow refuses what it always refused.
     """
-    view = memoryview(data).cast("B")
+    try:
+        view = memoryview(data).cast("B")
+    except (TypeError, ValueError):  # a strided or multi-format buffer: Pillow reads its bytes() copy
+        return None
     if len(view) < 8 + 25 + 12 or not is_png(view[:8]) or _unfilter() is None:
         return None
     found = _chunks(view)

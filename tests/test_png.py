@@ -234,8 +234,16 @@ def test_paths_and_buffers_decode_alike(tmp_path: Path) -> None:
     data = write_png(np.random.default_rng(6).integers(0, 256, (7, 9, 3), dtype=np.uint8), 2)
     (tmp_path / "f.png").write_bytes(data)
     want = pillow_outcome(data)
-    for source in (tmp_path / "f.png", str(tmp_path / "f.png"), data, bytearray(data), memoryview(data)):
+    doubled = np.repeat(np.frombuffer(data, np.uint8), 2)
+    for source in (tmp_path / "f.png", str(tmp_path / "f.png"), data, bytearray(data), memoryview(data),
+                   memoryview(doubled)[::2]):  # the last one strided: Pillow reads its bytes() copy
         np.testing.assert_array_equal(load_image(source), want)
+
+
+def test_a_bad_thread_setting_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(png.ENV_THREADS, "two")
+    with pytest.raises(ValueError, match="EDGECORE_DECODE_THREADS must be a positive integer"):
+        png.decode_threads()
 
 
 @pytest.mark.shared_data
