@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from edgecore.runtime import native
-from edgecore.runtime.index import DTYPES, SEARCH_MODES, QuantizedIndex, build_hnsw_graph, decode
+from edgecore.runtime.index import DTYPES, SEARCH_MODES, QuantizedIndex, _CoarseSearcher, build_hnsw_graph, decode
 from edgecore.runtime.native.search import INT8_CANDIDATES
 from edgecore.runtime.search import ExactSearch
 
@@ -45,7 +45,7 @@ COARSE_MIN_DIM = 512  # below it the projection loses too much as an automatic m
 LOW_DIM_COARSE_CANDIDATES = 32
 LOW_DIM_COARSE_EF_SEARCH = 64
 # A fallback must give the chosen int8 mode's answers (that mode passed the probe against exact fp32): its share of
-# probe queries with int8 mode's nearest neighbour. The probe's isotropic noise lies mostly outside a projection's
+# probe queries with int8 mode's nearest neighbour, the lower of its two candidate stages (native, graph). The probe's isotropic noise lies mostly outside a projection's
 # subspace, so it is much harder for coarse than real patches: bottle Lite0 0.9974 on the probe, 0.9999 on the test
 # patches (32 candidates); 16 candidates read 0.978 / 0.9985.
 FALLBACK_AGREEMENT = 0.995
@@ -209,7 +209,11 @@ def _prefer_native(coreset: np.ndarray, graph_index: QuantizedIndex, patches_per
         # probe fails, the hnsw graph is kept for the paths without an int8 dot product, as before.
         coarse = _build(coreset, "int8", "coarse", patches_per_image, {"mode": "coarse"})
         probe = probe_queries(coreset)
-        agreement = float(np.mean(coarse.search(probe, 1)[1][:, 0] == candidate.search(probe, 1)[1][:, 0]))
+        want = candidate.search(probe, 1)[1][:, 0]
+        # both candidate stages a camera may run: this CPU's, and the graph's (AVX2-only or library-less cameras)
+        graph_stage = _CoarseSearcher(coarse.arrays, coarse.graph, coarse.hnsw, graph_stage=True)
+        agreement = min(float(np.mean(searcher.search(probe, 1)[1][:, 0] == want))
+                        for searcher in (coarse.searcher, graph_stage))
         measured["probe_agreement_coarse_fallback"] = round(agreement, 4)
         fallback = coarse if agreement >= FALLBACK_AGREEMENT else graph_index
         stored = ("the coarse projection (32-d candidates, exact re-rank) is stored for cameras without AMX tiles "

@@ -693,14 +693,18 @@ class _CoarseSearcher(CoarseSearch):
     product; else (``NO_DOT_PRODUCT_PATHS``, or no kernel) from hnswlib's stored graph: bottle WRN50 on the
     avx2 path, 1 thread, search 30.6 ms native vs 19.6 ms graph (RESULTS.md #11). ``candidate_stage`` says which."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], graph: dict[str, np.ndarray], params: dict) -> None:
-        kernel = native.kernel_or_warn("coarse mode's stored hnswlib graph")
+    def __init__(self, arrays: dict[str, np.ndarray], graph: dict[str, np.ndarray], params: dict,
+                 graph_stage: bool = False) -> None:
+        """``graph_stage``: propose from the stored graph whatever the kernel (the exporter checks both stages)."""
+        kernel = None if graph_stage else native.kernel_or_warn("coarse mode's stored hnswlib graph")
         size = arrays["codes"].shape[0]
         stored_basis = graph["proj_basis"]
         path = kernel.path_for(pad4(stored_basis.shape[0])) if kernel is not None else None
         native_stage = path is not None and path not in NO_DOT_PRODUCT_PATHS
         if native_stage:
             self.candidate_stage = f"native {path}"
+        elif graph_stage:
+            self.candidate_stage = "stored hnswlib graph (requested)"
         elif path is not None:
             self.candidate_stage = f"stored hnswlib graph (the kernel's {path} path has no int8 dot product)"
         else:

@@ -65,8 +65,23 @@ def test_export_stores_the_coarse_projection_when_it_agrees(data, tmp_path):
         "graph.level0", "graph.upper", "graph.levels", "graph.proj_basis", "graph.proj_center"}
 
 
+def test_export_checks_the_graph_stage_too(data, monkeypatch):
+    """A graph stage that disagrees (here: one that always answers row 0) keeps the full-D hnsw fallback."""
+    class WrongGraph(index_build._CoarseSearcher):
+        def search(self, queries, k=1):
+            distances, indices = super().search(queries, k)
+            return distances, np.zeros_like(indices)
+
+    monkeypatch.setattr(index_build, "_CoarseSearcher", WrongGraph)
+    graph = build_index(data["points"], "int8", "hnsw", patches_per_image=BLOCK)
+    slow = QuantizedIndex("int8", graph.arrays, "hnsw", graph.graph, dict(graph.hnsw), choice=dict(graph.choice, reason="r"))
+    slow.searcher.params = dict(slow.hnsw, ef_search=len(data["points"]))
+    chosen = _prefer_native(data["points"], slow, BLOCK)
+    assert chosen.fallback_mode == "hnsw" and chosen.choice["probe_agreement_coarse_fallback"] < 0.1
+
+
 @pytest.mark.parametrize("isa", PATHS)
-def test_every_path_but_amx_searches_the_projection(data, saved, coarse, isa, monkeypatch):
+def test_every_path_without_512_bit_dot_products_searches_the_projection(data, saved, coarse, isa, monkeypatch):
     directory, description = saved
     monkeypatch.setenv(native.ENV_ISA, isa)
     with warnings.catch_warnings(record=True) as caught:
