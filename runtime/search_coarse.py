@@ -33,6 +33,7 @@ from edgecore.runtime import native
 # Orthogonal-projection lower bounds are shrunk by this relative margin before pruning: the stored
 # basis is orthonormal only to float32 rounding, and the projections are float32.
 _BOUND_SLACK = 1e-4
+_MAX_STEP = 4096  # points decoded per step of the pruned exact search, at most
 
 
 class CodeRows:
@@ -310,9 +311,11 @@ class CoarseSearch:
         """Exact k nearest of one query, pruned by projection lower bounds.
 
         ``bound``: a distance already reached (to point ``holder``); points whose lower bound is above
-        the current k-th best are never decoded. ``batch``: points decoded per step (bottle WRN50's certified
-        query needs 66 on average; 256 per step decoded four times that). Returns (k distances, k indices),
-        nearest first.
+        the current k-th best are never decoded. ``batch``: points decoded in the first step, doubled in each
+        next one (bottle WRN50's certified query needs 66 on average, and 256 per step decoded four times that;
+        Lite0's needs about a thousand, which 64-point steps took in 16 calls: 1.9 vs 0.9 ms per frame). Each
+        step stops at the first point whose bound is above the k-th best. Returns (k distances, k indices),
+        nearest first (ties by index: the same whatever the steps).
         """
         lower = self.proposer.lower_bounds(projected)
         order = _ascending_first(lower, batch)
@@ -332,8 +335,10 @@ class CoarseSearch:
                 order = np.concatenate([order, rest[np.argsort(lower[rest], kind="stable")]])
             ids = order[start : start + batch]
             start += len(ids)
-            if lower[ids[0]] > kth:
+            ids = ids[: int(np.searchsorted(lower[ids], kth, side="right"))]  # ascending: the rest cannot win
+            if ids.size == 0:
                 break
+            batch = min(2 * batch, _MAX_STEP)
             d = direct_l2(query[None], self.rows, ids[None])[0]
             best_d = np.concatenate([best_d, d])
             best_i = np.concatenate([best_i, ids])
