@@ -355,7 +355,7 @@ def render_markdown(report: dict) -> str:
         "",
         f"{report.get('frames_source', '')}",
     ]
-    lines += [f"", *[f"**warning:** {w}" for w in report.get("warnings", [])]]
+    lines += ["", *[f"**warning:** {w}" for w in report.get("warnings", [])]]
     if report.get("estimate"):
         lines += ["", f"**{report['estimate']}**"]
     lines += ["", "| config | executed | " + " | ".join(f"{s} p50" for s in STAGES) + " | total p90 | total p99 | max | img/s | ratio | result |",
