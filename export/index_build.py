@@ -191,41 +191,63 @@ def _native_available() -> bool:
 
 def _prefer_native(coreset: np.ndarray, graph_index: QuantizedIndex, patches_per_image: int) -> QuantizedIndex:
     """'int8' instead of the automatic 'hnsw' when it passes the probe-recall bar and is faster on the
-    probe queries (one image's worth, timed alternately); the choice records both times either way."""
+    probe queries (one image's worth, timed alternately), with coarse's projection stored as its fallback
+    when that agrees with it; where int8 loses (a CPU without 512-bit int8 dot products, e.g. AVX2), 'coarse'
+    itself when it agrees and beats the graph. The choice records every time either way."""
     candidate = _build(coreset, "int8", "int8", patches_per_image, {"mode": "int8"})
     recall = probe_recall(coreset, candidate)
     queries = coreset[np.random.default_rng(1).choice(len(coreset), min(patches_per_image, len(coreset)), replace=False)]
-    times = {"hnsw": [], "int8": []}
-    for _ in range(NATIVE_TIMING_REPEATS):
-        for name, index in (("hnsw", graph_index), ("int8", candidate)):
-            start = time.perf_counter()
-            index.search(queries, 1)
-            times[name].append(time.perf_counter() - start)
-    hnsw_ms, int8_ms = (1e3 * min(times[name]) for name in ("hnsw", "int8"))
+    hnsw_ms, int8_ms = _probe_ms({"hnsw": graph_index, "int8": candidate}, queries).values()
     measured = {"probe_recall_int8": round(recall, 4), "probe_ms_hnsw": round(hnsw_ms, 2), "probe_ms_int8": round(int8_ms, 2)}
-    if recall >= COARSE_MIN_PROBE_RECALL and int8_ms < hnsw_ms:
+    int8_wins = recall >= COARSE_MIN_PROBE_RECALL and int8_ms < hnsw_ms
+    coarse = _build(coreset, "int8", "coarse", patches_per_image, {"mode": "coarse"})
+    agreement = _coarse_agreement(coreset, coarse, candidate)
+    agrees = agreement >= FALLBACK_AGREEMENT
+    measured["probe_agreement_coarse"] = round(agreement, 4)
+    if int8_wins:
         # The full-D brute force is fastest only with AMX tiles or AVX-512 VNNI; every other camera CPU searches
         # coarse's projection of the same codes (runtime.index.int8_fallback_reason, RESULTS.md #11). Where that
         # probe fails, the hnsw graph is kept for the paths without an int8 dot product, as before.
-        coarse = _build(coreset, "int8", "coarse", patches_per_image, {"mode": "coarse"})
-        probe = probe_queries(coreset)
-        want = candidate.search(probe, 1)[1][:, 0]
-        # both candidate stages a camera may run: this CPU's, and the graph's (AVX2-only or library-less cameras)
-        graph_stage = _CoarseSearcher(coarse.arrays, coarse.graph, coarse.hnsw, graph_stage=True)
-        agreement = min(float(np.mean(searcher.search(probe, 1)[1][:, 0] == want))
-                        for searcher in (coarse.searcher, graph_stage))
-        measured["probe_agreement_coarse_fallback"] = round(agreement, 4)
-        fallback = coarse if agreement >= FALLBACK_AGREEMENT else graph_index
         stored = ("the coarse projection (32-d candidates, exact re-rank) is stored for cameras without AMX tiles "
-                  "or AVX-512 VNNI" if fallback is coarse else
+                  "or AVX-512 VNNI" if agrees else
                   "the hnsw graph is stored for cameras whose kernel path has no int8 dot product")
         candidate.choice.update(measured, reason=(
             f"{graph_index.choice['reason']}; native int8 brute force ({candidate.searcher.isa}) passed the probe "
             f"(recall@1 {recall:.4f}) and searched it in {int8_ms:.1f} ms vs hnsw {hnsw_ms:.1f} ms; {stored}"))
-        candidate.store_fallback(fallback)
+        candidate.store_fallback(coarse if agrees else graph_index)
         return candidate
+    if agrees:
+        (coarse_ms,) = _probe_ms({"coarse": coarse}, queries).values()
+        measured["probe_ms_coarse"] = round(coarse_ms, 2)
+        if coarse_ms < hnsw_ms:
+            coarse.choice.update(measured, reason=(
+                f"{graph_index.choice['reason']}; native int8 brute force ({candidate.searcher.isa}) searched the "
+                f"probe in {int8_ms:.1f} ms vs hnsw {hnsw_ms:.1f} ms, and coarse ({coarse.searcher.candidate_stage}) "
+                f"in {coarse_ms:.1f} ms with int8 mode's neighbour for {agreement:.4f} of it: coarse, without the "
+                "full-D graph's float32 copies"))
+            return coarse
     graph_index.choice.update(measured)
     return graph_index
+
+
+def _probe_ms(indexes: dict[str, QuantizedIndex], queries: np.ndarray) -> dict[str, float]:
+    """Each index's best time (ms) over ``NATIVE_TIMING_REPEATS`` searches of ``queries``, taken alternately."""
+    times: dict[str, list[float]] = {name: [] for name in indexes}
+    for _ in range(NATIVE_TIMING_REPEATS):
+        for name, index in indexes.items():
+            start = time.perf_counter()
+            index.search(queries, 1)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * min(values) for name, values in times.items()}
+
+
+def _coarse_agreement(coreset: np.ndarray, coarse: QuantizedIndex, int8: QuantizedIndex) -> float:
+    """Share of the probe queries for which coarse finds int8 mode's neighbour, the lower of its two candidate
+    stages a camera may run: this CPU's, and the graph's (AVX2-only or library-less cameras)."""
+    probe = probe_queries(coreset)
+    want = int8.search(probe, 1)[1][:, 0]
+    graph_stage = _CoarseSearcher(coarse.arrays, coarse.graph, coarse.hnsw, graph_stage=True)
+    return min(float(np.mean(searcher.search(probe, 1)[1][:, 0] == want)) for searcher in (coarse.searcher, graph_stage))
 
 
 def _build_hnsw_graph(points: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:

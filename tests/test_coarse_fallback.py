@@ -57,12 +57,37 @@ def test_export_stores_the_coarse_projection_when_it_agrees(data, tmp_path):
     slow.searcher.params = dict(slow.hnsw, ef_search=len(data["points"]))  # int8 wins the timing
     chosen = _prefer_native(data["points"], slow, BLOCK)
     assert chosen.mode == "int8" and chosen.fallback_mode == "coarse"
-    assert chosen.choice["probe_agreement_coarse_fallback"] >= index_build.FALLBACK_AGREEMENT
+    assert chosen.choice["probe_agreement_coarse"] >= index_build.FALLBACK_AGREEMENT
     assert "without AMX tiles or AVX-512 VNNI" in chosen.choice["reason"]
     description = chosen.save(tmp_path)
     assert description["fallback"] == "coarse" and description["hnsw"]["candidates"] == 32
     assert {key for key in description["files"] if key.startswith("graph.")} == {
         "graph.level0", "graph.upper", "graph.levels", "graph.proj_basis", "graph.proj_center"}
+
+
+@pytest.mark.parametrize("coarse_ms, want", [(5.0, "coarse"), (50.0, "hnsw")])
+def test_where_int8_loses_the_export_takes_coarse_if_it_beats_the_graph(data, monkeypatch, coarse_ms, want):
+    """An exporter without 512-bit dot products (AVX2: the int8 scan loses to the graph) still avoids the full-D
+    graph's float32 copies when coarse agrees and is faster. Times are fixed here; the agreement is measured."""
+    fixed = {"hnsw": 20.0, "int8": 40.0, "coarse": coarse_ms}
+    monkeypatch.setattr(index_build, "_probe_ms", lambda indexes, queries: {name: fixed[name] for name in indexes})
+    graph = build_index(data["points"], "int8", "hnsw", patches_per_image=BLOCK)
+    chosen = _prefer_native(data["points"], graph, BLOCK)
+    assert chosen.mode == want and chosen.fallback is None
+    assert chosen.choice["probe_agreement_coarse"] >= index_build.FALLBACK_AGREEMENT
+    assert chosen.choice["probe_ms_coarse"] == coarse_ms
+    if want == "coarse":
+        assert "coarse" in chosen.choice["reason"] and chosen.hnsw["candidates"] == 32
+        assert meets_contract(contract_report(data, *chosen.search(data["queries"], 1)))
+
+
+def test_where_int8_loses_a_disagreeing_coarse_is_not_taken(data, monkeypatch):
+    fixed = {"hnsw": 20.0, "int8": 40.0, "coarse": 1.0}
+    monkeypatch.setattr(index_build, "_probe_ms", lambda indexes, queries: {name: fixed[name] for name in indexes})
+    monkeypatch.setattr(index_build, "FALLBACK_AGREEMENT", 1.01)
+    graph = build_index(data["points"], "int8", "hnsw", patches_per_image=BLOCK)
+    chosen = _prefer_native(data["points"], graph, BLOCK)
+    assert chosen is graph and "probe_ms_coarse" not in chosen.choice
 
 
 def test_export_checks_the_graph_stage_too(data, monkeypatch):
@@ -77,7 +102,7 @@ def test_export_checks_the_graph_stage_too(data, monkeypatch):
     slow = QuantizedIndex("int8", graph.arrays, "hnsw", graph.graph, dict(graph.hnsw), choice=dict(graph.choice, reason="r"))
     slow.searcher.params = dict(slow.hnsw, ef_search=len(data["points"]))
     chosen = _prefer_native(data["points"], slow, BLOCK)
-    assert chosen.fallback_mode == "hnsw" and chosen.choice["probe_agreement_coarse_fallback"] < 0.1
+    assert chosen.fallback_mode == "hnsw" and chosen.choice["probe_agreement_coarse"] < 0.1
 
 
 @pytest.mark.parametrize("isa", PATHS)
