@@ -297,6 +297,109 @@ def test_a_forked_child_decodes_with_its_own_worker(decode_mode: str) -> None:
     assert results.get(timeout=5) == want.tobytes()
 
 
+# --- fuzz: mutated real and written PNGs give Pillow's pixels or an ImageError, never anything else ----------
+def _chunk_spans(data: bytes) -> list[tuple[int, int, bytes]]:
+    spans, pos = [], 8
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        spans.append((pos, length, data[pos + 4 : pos + 8]))
+        pos += 12 + length
+    return spans
+
+
+def _with_crc(data: bytes, pos: int, length: int) -> bytes:
+    crc = zlib.crc32(data[pos + 4 : pos + 8 + length])
+    return data[: pos + 8 + length] + struct.pack(">I", crc) + data[pos + 12 + length :]
+
+
+def mutate_png(data: bytes, rng) -> bytes:
+    """One random mutation: bit flips, a cut, an IHDR field (CRC fixed), a chunk length, the inflated rows
+    (filter bytes, cut or padded rows, recompressed), or an IDAT byte with its CRC fixed."""
+    out = bytearray(data)
+    spans = _chunk_spans(data)
+    kind = rng.choice(["flip", "cut", "ihdr", "length", "rows", "idat"])
+    if kind == "flip":
+        for _ in range(rng.randint(1, 8)):
+            out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
+    elif kind == "cut":
+        out = out[: rng.randrange(8, len(out))]
+    elif kind == "ihdr":
+        offset, fmt = rng.choice([(16, ">I"), (20, ">I"), (24, "B"), (25, "B"), (28, "B")])
+        value = rng.choice([0, 1, 2, 3, 4, 6, 8, 16, 255, 899, 901, 1 << 20, 0xFFFFFFFF])
+        if fmt == ">I" or value < 256:
+            struct.pack_into(fmt, out, offset, value)
+        out = bytearray(_with_crc(bytes(out), 8, 13))
+    elif kind == "length":
+        pos, length, _ = rng.choice(spans)
+        struct.pack_into(">I", out, pos, rng.choice([0, length - 1, length + 1, 2**31, 2**32 - 1]) % 2**32)
+    elif kind == "rows":
+        idat = b"".join(data[p + 8 : p + 8 + n] for p, n, k in spans if k == b"IDAT")
+        raw = bytearray(zlib.decompress(idat))
+        for _ in range(rng.randint(1, 4)):
+            raw[rng.randrange(len(raw))] = rng.choice([5, 6, 255, rng.randrange(256)])
+        if rng.random() < 0.3:
+            raw = raw[: rng.randrange(len(raw))]
+        if rng.random() < 0.2:
+            raw += bytes(rng.randrange(1, 5000))
+        first = next(p for p, n, k in spans if k == b"IDAT")
+        end = next(p for p, n, k in spans if k == b"IEND")
+        out = bytearray(data[:first] + chunk(b"IDAT", zlib.compress(bytes(raw))) + data[end:])
+    else:
+        pos, length, _ = rng.choice([s for s in spans if s[2] == b"IDAT"])
+        out[pos + 8 + rng.randrange(max(length, 1))] ^= 0xFF
+        out = bytearray(_with_crc(bytes(out), pos, length))
+    return bytes(out)
+
+
+def fuzz_cases(seeds: list[bytes], cases: int, seed: int) -> dict[str, int | list]:
+    """Decode ``cases`` mutations both ways; findings: anything but (Pillow's pixels | ImageError), or an
+    ImageError where Pillow decoded, other than the short-stream refusal (Pillow fills those rows black)."""
+    import random
+
+    rng = random.Random(seed)
+    counts: dict[str, int | list] = {"cases": 0, "equal": 0, "short_stream": 0, "findings": []}
+    for _ in range(cases):
+        data = mutate_png(rng.choice(seeds), rng)
+        counts["cases"] += 1
+        want = pillow_outcome(data)
+        try:
+            got = load_image(data)
+        except ImageError as error:
+            if not isinstance(want, ImageError):
+                if "compressed rows end" in str(error):
+                    counts["short_stream"] += 1
+                else:
+                    counts["findings"].append(f"refused what Pillow decoded: {error}")
+            continue
+        except Exception as error:  # noqa: BLE001 - exactly what the fuzz looks for
+            counts["findings"].append(f"{type(error).__name__}: {error}")
+            continue
+        if isinstance(want, ImageError):
+            counts["findings"].append(f"decoded what Pillow refused ({want})")
+        elif not np.array_equal(got, want):
+            counts["findings"].append("pixels differ from Pillow's")
+        else:
+            counts["equal"] += 1
+    return counts
+
+
+def fuzz_seeds() -> list[bytes]:
+    rng = np.random.default_rng(12)
+    seeds = []
+    for colour in sorted(COLOURS):
+        pixels = rng.integers(0, 256, (24, 40, COLOURS[colour]), dtype=np.uint8)
+        pixels[12:] //= 5
+        seeds.append(write_png(pixels, colour, [y % 5 for y in range(24)], idat_split=3))
+    return seeds
+
+
+def test_bounded_fuzz_gives_pillows_outcome(decode_mode: str) -> None:
+    """400 mutations per mode (benchmarks/fuzz_png.py runs longer ones, bottle frames included)."""
+    counts = fuzz_cases(fuzz_seeds(), 400, seed=1 if decode_mode == "serial" else 2)
+    assert counts["findings"] == [], counts["findings"][:5]
+    assert counts["equal"] > 20  # the mutations still leave decodable files: the fast path is exercised
+
+
 # aarch64: the same C file, cross-compiled and run under qemu-user, reconstructs the rows filter_rows made.
 AARCH64_HARNESS = r"""
 #include <stdint.h>
