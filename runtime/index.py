@@ -28,11 +28,12 @@ Camera side, torch-free (numpy + hnswlib + the native kernel in ``runtime.native
   (``runtime.native.search``). Automatic exports also store a fallback for other
   camera CPUs (description ``"fallback"``), and a bundle opened without an explicit
   mode searches with it where :func:`int8_fallback_reason` says so; only then are its
-  graph arrays read into memory. ``"coarse"`` (exports since the PNG/coarse stop): the
-  projection and 32-d graph of coarse mode over the same codes, which searches on
-  every kernel path but the AMX one (and without the kernel), because the full-D
-  brute force is faster only with tiles (bottle Lite0: 5.3 vs 5.8 ms avx512vnni, 8.6 vs
-  11.9 avxvnni, 10.9 vs 32.1 avx2 with the graph's candidates; 4.1 vs 5.7 ms amx).
+  graph arrays read into memory. ``"coarse"`` (low-D exports now): the projection and
+  32-d graph of coarse mode over the same codes, which searches on every kernel path but
+  ``FULL_D_PATHS`` (and without the kernel): the full-D brute force needs 512-bit int8
+  dot products to win (bottle Lite0 in the detector: avxvnni 10.5 vs 14.0 ms, avx2 14.3
+  with the graph's candidates vs 33.8, and 21.6 for the full-D hnsw graph; avx512vnni
+  6.0 vs 5.8–5.9 ms and amx keep int8).
   ``"hnsw"`` (older exports, or where coarse's probe failed): the full-D graph, used on
   the ``avx2`` / ``scalar`` paths and without the kernel. Without a stored fallback
   (``--search int8``) it runs as chosen, and without the kernel it falls back to
@@ -118,9 +119,10 @@ class QuantizedIndex:
     stored arrays, plus in exact and hnsw mode ``ExactSearch``'s two fp32 copies
     (points and centred points, 8·M·D bytes), plus in hnsw mode hnswlib's own fp32
     copy and links (4·D + 8·m + 12 bytes per point). Coarse mode holds the stored
-    arrays, the projections (4·p bytes per point for the lower bounds) and either
-    their int8 codes for the native kernel (p + 8 bytes per point) or, without the
-    kernel, hnswlib's copy of them and its links: no fp32 copy of the coreset. Int8
+    arrays and either the int8 codes of the projections for the native kernel (p + 8
+    bytes per point, plus their float32 copy, 4·p, for the lower bounds where p/D ≤ 1/16)
+    or, without the kernel, the float32 projections, hnswlib's copy of them and its
+    links: no fp32 copy of the coreset. Int8
     mode holds the stored arrays (its codes share the kernel's table), the table's
     8-bit PCA columns and padding, and 12 bytes per point of row tables.
     """

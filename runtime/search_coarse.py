@@ -19,8 +19,9 @@ hardware limit"):
   exactly until the maximum is proven; here the exact search is pruned by the projection: an orthogonal
   projection never lengthens a vector, so ``‖P(x − y)‖ ≤ ‖x − y‖`` bounds every point from below and
   only points whose bound beats the current best are decoded. The candidate stage supplies the bounds
-  from what it holds anyway (:meth:`Proposer.lower_bounds`): the graph's float32 projections, or the
-  native stage's int8 codes of them less their rounding error, so no M×p float32 copy is kept for it.
+  from what it holds (:meth:`Proposer.lower_bounds`): the float32 projections (the graph's, or the native
+  stage's while they cost at most 1/16 of the fp32 coreset, as at 1024-d), else the native stage's int8 codes
+  of them less their rounding bound, so a low-D coreset keeps no M×p float32 copy.
 """
 from __future__ import annotations
 
