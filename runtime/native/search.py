@@ -186,7 +186,7 @@ class ProjectedCandidates:
         self._bias = np.einsum("md,md->m", decoded, decoded).astype(np.float32)
         self._corr, _ = _row_tables(self._table)
         # |ŷ_d − y_d| ≤ step_d / 2 (the gain keeps every code inside ±127: no clipping), so ‖ŷ − y‖ ≤ ½ ‖step‖
-        self._rounding = float(0.5 * np.linalg.norm(self._step.astype(np.float64)))
+        self._rounding = float(0.5 * np.linalg.norm(np.where(half > 0, self._step, 0.0)))  # constant ones: exact
         self.kernel = kernel
 
     @property
