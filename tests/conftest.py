@@ -194,6 +194,27 @@ def meets_contract(report: dict[str, float]) -> bool:
             and report["image_pt"] <= 0.2 and report["pixel_pt"] <= 0.2)
 
 
+def int8_index_with_fallback(points, fallback, block: int, directory):
+    """An int8 index over ``points`` with ``fallback`` (an hnsw or coarse index of them) stored, saved to
+    ``directory``: (directory, its description as JSON gives it back)."""
+    import json
+
+    from edgecore.export.index_build import build_index
+
+    index = build_index(points, "int8", "int8", patches_per_image=block)
+    index.store_fallback(fallback)
+    return directory, json.loads(json.dumps(index.save(directory)))
+
+
+def slow_graph(graph):
+    """``graph`` (an hnsw index) searching with a beam over every point, so the int8 scan wins any timing."""
+    from edgecore.runtime.index import QuantizedIndex
+
+    slow = QuantizedIndex("int8", graph.arrays, "hnsw", graph.graph, dict(graph.hnsw), choice=dict(graph.choice, reason="r"))
+    slow.searcher.params = dict(slow.hnsw, ef_search=graph.size)
+    return slow
+
+
 @pytest.fixture(scope="session")
 def int8_fallback_bundle(fitted_model_dir, tmp_path_factory) -> Path:
     """The synthetic model as an automatic export that picked 'int8' stored it before coarse fallbacks (and

@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import contract_data, contract_report, meets_contract
+from conftest import contract_data, contract_report, int8_index_with_fallback, meets_contract, slow_graph
 
 from edgecore.export import index_build
 from edgecore.export.index_build import _prefer_native, build_index
@@ -40,10 +40,7 @@ def coarse(data) -> QuantizedIndex:
 @pytest.fixture(scope="module")
 def saved(data, coarse, tmp_path_factory):
     """An int8 index with coarse's projection as its fallback, saved: (directory, description via JSON)."""
-    index = build_index(data["points"], "int8", "int8", patches_per_image=BLOCK)
-    index.store_fallback(coarse)
-    directory = tmp_path_factory.mktemp("coarse_fallback")
-    return directory, json.loads(json.dumps(index.save(directory)))
+    return int8_index_with_fallback(data["points"], coarse, BLOCK, tmp_path_factory.mktemp("fallback"))
 
 
 def test_low_dim_coarse_takes_more_candidates(coarse):
@@ -53,8 +50,7 @@ def test_low_dim_coarse_takes_more_candidates(coarse):
 
 def test_export_stores_the_coarse_projection_when_it_agrees(data, tmp_path):
     graph = build_index(data["points"], "int8", "hnsw", patches_per_image=BLOCK)
-    slow = QuantizedIndex("int8", graph.arrays, "hnsw", graph.graph, dict(graph.hnsw), choice=dict(graph.choice, reason="r"))
-    slow.searcher.params = dict(slow.hnsw, ef_search=len(data["points"]))  # int8 wins the timing
+    slow = slow_graph(graph)  # int8 wins the timing
     chosen = _prefer_native(data["points"], slow, BLOCK)
     assert chosen.mode == "int8" and chosen.fallback_mode == "coarse"
     assert chosen.choice["probe_agreement_coarse"] >= index_build.FALLBACK_AGREEMENT
@@ -99,8 +95,7 @@ def test_export_checks_the_graph_stage_too(data, monkeypatch):
 
     monkeypatch.setattr(index_build, "_CoarseSearcher", WrongGraph)
     graph = build_index(data["points"], "int8", "hnsw", patches_per_image=BLOCK)
-    slow = QuantizedIndex("int8", graph.arrays, "hnsw", graph.graph, dict(graph.hnsw), choice=dict(graph.choice, reason="r"))
-    slow.searcher.params = dict(slow.hnsw, ef_search=len(data["points"]))
+    slow = slow_graph(graph)  # int8 wins the timing
     chosen = _prefer_native(data["points"], slow, BLOCK)
     assert chosen.fallback_mode == "hnsw" and chosen.choice["probe_agreement_coarse"] < 0.1
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import contract_data, contract_report, meets_contract
+from conftest import contract_data, contract_report, int8_index_with_fallback, meets_contract, slow_graph
 
 from edgecore.export import index_build
 from edgecore.export.index_build import _prefer_native, build_index
@@ -43,10 +43,7 @@ def graph(data) -> QuantizedIndex:
 @pytest.fixture(scope="module")
 def saved(data, graph, tmp_path_factory) -> tuple[Path, dict]:
     """An int8 index with its hnsw fallback, saved: (directory, description as JSON gives it back)."""
-    index = build_index(data["points"], "int8", "int8", patches_per_image=BLOCK)
-    index.store_fallback(graph)
-    directory = tmp_path_factory.mktemp("fallback")
-    return directory, json.loads(json.dumps(index.save(directory)))
+    return int8_index_with_fallback(data["points"], graph, BLOCK, tmp_path_factory.mktemp("fallback"))
 
 
 def _dot_product_here() -> None:
@@ -59,8 +56,7 @@ def test_export_keeps_the_graph_when_int8_replaces_hnsw(data, graph, tmp_path, m
     where coarse's projection cannot be the fallback (its probe agreement is made unreachable here;
     tests/test_coarse_fallback.py covers the other branch)."""
     monkeypatch.setattr(index_build, "FALLBACK_AGREEMENT", 1.01)
-    slow = QuantizedIndex("int8", graph.arrays, "hnsw", graph.graph, dict(graph.hnsw), choice=dict(graph.choice, reason="r"))
-    slow.searcher.params = dict(slow.hnsw, ef_search=len(data["points"]))
+    slow = slow_graph(graph)  # int8 wins the timing
     chosen = _prefer_native(data["points"], slow, BLOCK)
     assert chosen.mode == "int8" and chosen.choice["probe_ms_int8"] < chosen.choice["probe_ms_hnsw"]
     assert chosen.fallback[0] is graph.graph and chosen.fallback[1] == graph.hnsw
