@@ -45,9 +45,9 @@ COARSE_MIN_DIM = 512  # below it the projection loses too much as an automatic m
 LOW_DIM_COARSE_CANDIDATES = 32
 LOW_DIM_COARSE_EF_SEARCH = 64
 # A fallback must give the chosen int8 mode's answers (that mode passed the probe against exact fp32): its share of
-# probe queries with int8 mode's nearest neighbour, the lower of its two candidate stages (native, graph). The probe's isotropic noise lies mostly outside a projection's
-# subspace, so it is much harder for coarse than real patches: bottle Lite0 0.9974 on the probe, 0.9999 on the test
-# patches (32 candidates); 16 candidates read 0.978 / 0.9985.
+# probe queries with int8 mode's nearest neighbour, the lower of its two candidate stages (native, graph). The
+# probe's isotropic noise lies mostly outside a projection's subspace, so it is much harder for coarse than real
+# patches: bottle Lite0 0.9974 on the probe, 0.9999 on the test patches (32 candidates); 16 read 0.978 / 0.9985.
 FALLBACK_AGREEMENT = 0.995
 COARSE_MIN_PROBE_RECALL = 0.99
 PROBE_NOISE_GAPS = 3.0
@@ -195,13 +195,15 @@ def _prefer_native(coreset: np.ndarray, graph_index: QuantizedIndex, patches_per
     when that agrees with it; where int8 loses (a CPU without 512-bit int8 dot products, e.g. AVX2), 'coarse'
     itself when it agrees and beats the graph. The choice records every time either way."""
     candidate = _build(coreset, "int8", "int8", patches_per_image, {"mode": "int8"})
-    recall = probe_recall(coreset, candidate)
+    probe = probe_queries(coreset)  # one probe, and int8's answers to it, for the recall and coarse's agreement
+    int8_nn = candidate.search(probe, 1)[1][:, 0]
+    recall = float(np.mean(int8_nn == ExactSearch(coreset).search(probe, 1)[1][:, 0]))  # as probe_recall
     queries = coreset[np.random.default_rng(1).choice(len(coreset), min(patches_per_image, len(coreset)), replace=False)]
     hnsw_ms, int8_ms = _probe_ms({"hnsw": graph_index, "int8": candidate}, queries).values()
     measured = {"probe_recall_int8": round(recall, 4), "probe_ms_hnsw": round(hnsw_ms, 2), "probe_ms_int8": round(int8_ms, 2)}
     int8_wins = recall >= COARSE_MIN_PROBE_RECALL and int8_ms < hnsw_ms
     coarse = _build(coreset, "int8", "coarse", patches_per_image, {"mode": "coarse"})
-    agreement = _coarse_agreement(coreset, coarse, candidate)
+    agreement = _coarse_agreement(probe, coarse, int8_nn)
     agrees = agreement >= FALLBACK_AGREEMENT
     measured["probe_agreement_coarse"] = round(agreement, 4)
     if int8_wins:
@@ -241,11 +243,9 @@ def _probe_ms(indexes: dict[str, QuantizedIndex], queries: np.ndarray) -> dict[s
     return {name: 1e3 * min(values) for name, values in times.items()}
 
 
-def _coarse_agreement(coreset: np.ndarray, coarse: QuantizedIndex, int8: QuantizedIndex) -> float:
-    """Share of the probe queries for which coarse finds int8 mode's neighbour, the lower of its two candidate
-    stages a camera may run: this CPU's, and the graph's (AVX2-only or library-less cameras)."""
-    probe = probe_queries(coreset)
-    want = int8.search(probe, 1)[1][:, 0]
+def _coarse_agreement(probe: np.ndarray, coarse: QuantizedIndex, want: np.ndarray) -> float:
+    """Share of the ``probe`` queries for which coarse finds int8 mode's neighbour ``want``, the lower of its two
+    candidate stages a camera may run: this CPU's, and the graph's (AVX2-only or library-less cameras)."""
     graph_stage = _CoarseSearcher(coarse.arrays, coarse.graph, coarse.hnsw, graph_stage=True)
     return min(float(np.mean(searcher.search(probe, 1)[1][:, 0] == want)) for searcher in (coarse.searcher, graph_stage))
 
