@@ -26,8 +26,9 @@ def mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
 # embeddings that are compared to the coreset. Quantizing it rounds the features
 # themselves to 256 levels per tensor: on bottle with Lite0 that alone dropped the
 # embedding cosine to 0.86 and image AUROC from 1.00 to 0.73 (benchmarks/RESULTS.md).
-# The backbone is quantized; the head stays fp32 (it is a few % of the FLOPs).
-HEAD_OP_TYPES = ["AvgPool", "Interpolate", "Concat", "MatMul"]
+# The backbone is quantized; the head stays fp32 (it is a few % of the FLOPs): every op from the
+# per-layer 3×3 averages (the first head ops) to the output, whatever the reduction is made of.
+HEAD_START_TYPE = "AvgPool"
 
 # A portable engine has 7-bit weights (NNCF's overflow fix, so CPUs without VNNI do not saturate). Rounding every
 # convolution to 7 bits broke the host-vs-camera contract on bottle (image-score Spearman < 0.99 on an AVX2-only AMD
@@ -39,6 +40,19 @@ PORTABLE_FP32_TYPES = ["GroupConvolution"]
 # What the manifest records as kept fp32 (``calibration.kept_fp32``; the runtime warns about portable engines without it).
 KEPT_FP32 = ("head",)
 PORTABLE_KEPT_FP32 = KEPT_FP32 + ("full-resolution convolutions", "depthwise convolutions")
+
+
+def _head_ops(model) -> list[str]:
+    """Names (as NNCF's ignored scope takes them) of the head: the 3×3 averages and every op after them."""
+    pending = [op for op in model.get_ordered_ops() if op.get_type_name() == HEAD_START_TYPE]
+    names: set[str] = set()
+    while pending:
+        op = pending.pop()
+        if op.get_type_name() == "Result" or op.get_friendly_name() in names:
+            continue
+        names.add(op.get_friendly_name())
+        pending.extend(target.get_node() for output in op.outputs() for target in output.get_target_inputs())
+    return sorted(names)
 
 
 def _spatial_size(op) -> tuple[int, ...] | None:
@@ -75,9 +89,10 @@ def quantize(model, crops: np.ndarray, max_drop: float | None = None, vnni: bool
 
     items = [crop[None] for crop in crops]
     dataset = nncf.Dataset(items)
-    kept_fp32 = (nncf.IgnoredScope(types=HEAD_OP_TYPES, validate=False) if vnni else
-                 nncf.IgnoredScope(names=_full_resolution_convolutions(model),
-                                   types=HEAD_OP_TYPES + PORTABLE_FP32_TYPES, validate=False))
+    head = _head_ops(model)
+    kept_fp32 = (nncf.IgnoredScope(names=head, validate=False) if vnni else
+                 nncf.IgnoredScope(names=head + _full_resolution_convolutions(model),
+                                   types=PORTABLE_FP32_TYPES, validate=False))
     common = dict(preset=nncf.QuantizationPreset.MIXED, subset_size=len(items), ignored_scope=kept_fp32)
     advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix.DISABLE if vnni else OverflowFix.ENABLE)
     if max_drop is None:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from edgecore.backbones import available_backbones, create_backbone
-from edgecore.features import PatchCoreFeatures, adaptive_pool_matrix, grid_shape
+from edgecore.features import PatchCoreFeatures, adaptive_pool_gathers, adaptive_pool_matrix, grid_shape
 from edgecore.runtime.errors import WeightsError
 
 
@@ -15,6 +15,52 @@ def test_reduction_matrix_equals_adaptive_avg_pool(channels, dim):
     ours = x @ torch.from_numpy(adaptive_pool_matrix(channels, dim))
     ref = F.adaptive_avg_pool1d(x[:, None, :], dim)[:, 0]
     torch.testing.assert_close(ours, ref)
+
+
+class _Maps(torch.nn.Module):
+    """A stand-in trunk: two fixed random maps (C1 at h×w, C2 at h/2×w/2), whatever the image."""
+
+    def __init__(self, c1: int, c2: int, h: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.maps = [torch.randn(1, c1, h, h, generator=generator), torch.randn(1, c2, h // 2, h // 2, generator=generator)]
+
+    def forward(self, x):
+        return [m.expand(x.shape[0], -1, -1, -1) for m in self.maps]
+
+
+@pytest.mark.parametrize("c1,c2,dim,gathered", [
+    (512, 1024, 1024, True),  # WRN50: channel pairs, one scale
+    (4, 6, 3, True),  # windows of 4
+    (2, 3, 3, True),  # windows of 2, 3, 2: per-output weights
+    (512, 1024, 300, False),  # windows of 6: the matrix
+])
+def test_module_pools_channels_like_adaptive_avg_pool(c1, c2, dim, gathered):
+    module = PatchCoreFeatures(_Maps(c1, c2, 8), [c1, c2], (0.5, 0.5, 0.5), (0.2, 0.2, 0.2), dim).eval()
+    assert (module.gather_indices is not None) == gathered and (module.reduction is not None) != gathered
+    with torch.no_grad():
+        out = module(torch.zeros(2, 32, 32, 3, dtype=torch.uint8))
+        maps = [F.avg_pool2d(m, 3, 1, 1, count_include_pad=True) for m in module.trunk.maps]
+        maps[1] = F.interpolate(maps[1], size=(8, 8), mode="bilinear", align_corners=False)
+        patches = torch.cat(maps, dim=1).flatten(2).transpose(1, 2)
+        expected = F.adaptive_avg_pool1d(patches, dim)
+    assert out.shape == (2, 64, dim)
+    torch.testing.assert_close(out, expected.expand(2, -1, -1), rtol=1e-6, atol=1e-6)
+
+
+def test_pool_gathers_refuse_wide_windows():
+    assert adaptive_pool_gathers(1536, 300) is None and adaptive_pool_gathers(1536, 512)[0].shape == (3, 512)
+
+
+def test_wrn50_graph_pools_channels_without_a_matmul():
+    """The 1536 → 1024 reduction is gathers + add in the graph (a dense MatMul was 9 ms of the engine)."""
+    from edgecore.export.onnx_export import export_onnx, graph_ops
+
+    with pytest.warns(UserWarning):
+        backbone = create_backbone("wide_resnet50_2", random_init=True)
+    module = PatchCoreFeatures(backbone.module, backbone.channels, backbone.spec.mean, backbone.spec.std, 1024).eval()
+    ops = graph_ops(export_onnx(module, 64))
+    assert "Gather" in ops and "MatMul" not in ops and "Gemm" not in ops
 
 
 def test_registry_lists_the_three_backbones():
