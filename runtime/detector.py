@@ -166,7 +166,7 @@ class Detector(ImageScorer):
                 parts.append(self.engine.infer(np.concatenate([chunk, pad]))[: len(chunk)])
             else:
                 parts.append(self.engine.infer(chunk))
-        features = np.concatenate(parts)
+        features = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one batch: no second 3 MB copy
         if not np.isfinite(features).all():  # a NaN distance would read as "normal": never score it
             raise NonFiniteError(
                 f"the engine ({self.engine.info.source}) returned NaN or infinite features; refusing to score"
