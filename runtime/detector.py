@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecore.runtime.backends import Backend, open_backend
+from edgecore.runtime.backends import Backend, backend_entry, open_backend
 from edgecore.runtime.bundle import (
     VerifiedBundle, check_engine_io, check_neighbour_table, read_manifest, unpack_archive, verify_bundle,
 )
 from edgecore.runtime.anomaly_bank import open_anomaly_bank
 from edgecore.runtime.errors import BundleError, NonFiniteError
-from edgecore.runtime.index import SEARCH_MODES, QuantizedIndex
+from edgecore.runtime.index import SEARCH_MODES, QuantizedIndex, SearchPlacement
 from edgecore.runtime.preprocess import PreprocessConfig
 from edgecore.runtime.roi import load_roi
 from edgecore.runtime.scorer import Decision, Detection, ImageScorer, PatchScorer
@@ -41,11 +41,13 @@ def limit_blas_threads(count: int) -> None:
     threadpool_limits(limits=count, user_api="blas")
 
 
-def open_index(directory: Path, description: dict, search: str | None) -> QuantizedIndex:
+def open_index(directory: Path, description: dict, search: str | None,
+               placement: SearchPlacement | None = None) -> QuantizedIndex:
     """Load the bundle's index; ``search`` overrides its mode where the files allow it
     (exact and compiled search need only the vectors; hnsw and coarse need the graph stored at export,
     which an int8 index declares as its ``fallback``). An explicit mode is never replaced; without one, an
-    int8 index may run its stored graph on a CPU without an int8 dot product (``index.replaced`` says why)."""
+    int8 index may run its stored graph on a CPU without an int8 dot product (``index.replaced`` says why).
+    ``placement``: the backend and device a search on an inference engine (``compiled``) runs on."""
     if search is not None and search not in SEARCH_MODES:
         raise ValueError(f"search must be one of {', '.join(SEARCH_MODES)}, got {search!r}")
     description = dict(description)
@@ -54,7 +56,7 @@ def open_index(directory: Path, description: dict, search: str | None) -> Quanti
             raise BundleError(f"{directory}: this bundle's index has no {search} graph; re-export with --search {search}")
         description["mode"] = search
         description.pop("fallback", None)  # the override is the mode now; a stored graph is read as its own
-    return QuantizedIndex.load(directory, description, automatic=search is None)
+    return QuantizedIndex.load(directory, description, automatic=search is None, placement=placement)
 
 
 def describe_index(index: QuantizedIndex) -> str:
@@ -68,7 +70,8 @@ class Detector(ImageScorer):
     :meth:`score_crops` (a batch of preprocessed crops, as ``evaluate`` does).
     """
 
-    def __init__(self, bundle: VerifiedBundle, engine: Backend, search_mode: str | None = None) -> None:
+    def __init__(self, bundle: VerifiedBundle, engine: Backend, search_mode: str | None = None,
+                 search_placement: SearchPlacement | None = None) -> None:
         manifest = bundle.manifest
         self.bundle = bundle
         self.manifest = manifest
@@ -79,7 +82,7 @@ class Detector(ImageScorer):
         # An engine compiled with `--refit-threshold` carries its own decision boundary.
         decision = manifest["engines"].get(engine.info.engine_key or "", {}).get("threshold", manifest["threshold"])
         self.decision = Decision.from_config(decision)
-        self.index = open_index(bundle.path / manifest["index"]["dir"], manifest["index"], search_mode)
+        self.index = open_index(bundle.path / manifest["index"]["dir"], manifest["index"], search_mode, search_placement)
         table_path = bundle.path / manifest["neighbour_table"]["file"]
         try:
             self.neighbour_table = np.load(table_path, allow_pickle=False)
@@ -112,7 +115,8 @@ class Detector(ImageScorer):
             backend: a name from :data:`edgecore.runtime.backends.BACKENDS` (``openvino``, ``tensorrt``).
             device: backend device (default: the backend's, e.g. ``CPU``).
             precision: engine precision (default: the best compiled engine this CPU can run, else ONNX).
-            search: ``hnsw`` or ``exact`` (default: the bundle's choice).
+            search: a mode of :data:`~edgecore.runtime.index.SEARCH_MODES` (default: the bundle's choice);
+                ``compiled`` runs on the engine's own backend and device (an Intel GPU, a Jetson's CUDA device).
             verify: check every file's size and sha256 first.
 
         Returns:
@@ -132,7 +136,8 @@ class Detector(ImageScorer):
                 path = unpack_archive(path, scratch)  # inside the try: a refused archive leaves no scratch
             verified = verify_bundle(path) if verify else VerifiedBundle(path, read_manifest(path))
             engine = open_backend(backend, verified, device=device, precision=precision, **engine_options)
-            detector = cls(verified, engine, search_mode=search)
+            placement = SearchPlacement(backend, device or backend_entry(backend).default_device)
+            detector = cls(verified, engine, search_mode=search, search_placement=placement)
         except BaseException:
             if scratch:
                 shutil.rmtree(scratch, ignore_errors=True)

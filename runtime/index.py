@@ -136,6 +136,7 @@ class QuantizedIndex:
         hnsw: dict | None = None,
         choice: dict | None = None,
         search_params: dict | None = None,
+        placement: SearchPlacement | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -157,7 +158,8 @@ class QuantizedIndex:
         self.fallback_mode: str | None = None  # that graph's mode, one of FALLBACK_MODES
         self.replaced: dict | None = None  # set by load: {"mode": the bundle's mode, "reason": why this mode runs}
         params = self.hnsw if entry.graph_arrays else self.search_params
-        self.searcher: Searcher = entry.open(dtype, arrays, self.graph, params)
+        placed = (placement,) if entry.uses_placement else ()
+        self.searcher: Searcher = entry.open(dtype, arrays, self.graph, params, *placed)
         self.size, self.dim = self.searcher.shape
 
     # --- search -------------------------------------------------------------
@@ -242,13 +244,15 @@ class QuantizedIndex:
         return description
 
     @classmethod
-    def load(cls, directory: str | Path, description: dict, automatic: bool = True) -> "QuantizedIndex":
+    def load(cls, directory: str | Path, description: dict, automatic: bool = True,
+             placement: SearchPlacement | None = None) -> "QuantizedIndex":
         """Rebuild the index from the files ``save`` wrote; BundleError if anything is off.
 
         Every field and array is checked before hnswlib sees it: hnswlib trusts its
         links, levels and entry point, and a wrong one crashes the process natively.
         ``automatic``: the mode was not given explicitly, so an int8 bundle's declared fallback graph
         replaces the kernel where :func:`int8_fallback_reason` says so (``replaced`` records it).
+        ``placement``: where a mode that runs on an inference engine runs (None: OpenVINO on the CPU).
         A declared fallback is checked on every load (parameters, SHA-256, shapes, links); its arrays are
         read into memory only when it is used (otherwise through a read-only map that is dropped).
         """
@@ -306,7 +310,7 @@ class QuantizedIndex:
         if graph is not None:
             _check_graph(directory, graph, hnsw, entry.extra_params, size, dim)
         try:
-            index = cls(dtype, arrays, mode, graph, hnsw, search_params=search_params)
+            index = cls(dtype, arrays, mode, graph, hnsw, search_params=search_params, placement=placement)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise BundleError(f"{directory}: inconsistent index files: {exc}") from exc
         index.replaced = replaced
@@ -602,18 +606,30 @@ class SearchMode:
         extra_params: hnsw-section parameters beyond the graph's own, range-checked at load.
         int8_only: the mode searches the int8 codes themselves.
         has_params: a mode without a graph that keeps ``search_params`` (candidates, certify_block).
-        open: (dtype, vector arrays, graph arrays, hnsw parameters or search_params) → the in-memory searcher.
+        open: (dtype, vector arrays, graph arrays, hnsw parameters or search_params) → the in-memory searcher;
+            with ``uses_placement``, a fifth argument: the :class:`SearchPlacement` (None: the host CPU).
+        uses_placement: the mode runs on an inference engine, where the detector's engine runs.
     """
 
     name: str
     graph_arrays: dict[str, str]
-    open: Callable[[str, dict, dict | None, dict | None], Searcher]
+    open: Callable[..., Searcher]
     extra_params: tuple[str, ...] = ()
     int8_only: bool = False
     has_params: bool = False
+    uses_placement: bool = False
 
 
 SEARCH_MODES: dict[str, SearchMode] = {}
+
+
+@dataclass(frozen=True)
+class SearchPlacement:
+    """Where a search that runs on an inference engine (``compiled``) runs: the detector's own backend and
+    device, so an Intel iGPU camera (OpenVINO ``GPU``) or a Jetson (TensorRT ``cuda:0``) searches there too."""
+
+    backend: str = "openvino"
+    device: str = "CPU"
 
 
 def register_search_mode(mode: SearchMode) -> SearchMode:
@@ -773,6 +789,7 @@ register_search_mode(SearchMode(
     open=lambda dtype, arrays, graph, params: _open_int8(dtype, arrays, params),
 ))
 register_search_mode(SearchMode(
-    "compiled", graph_arrays={}, int8_only=True,  # the engine's graph is built from the codes at load
-    open=lambda dtype, arrays, graph, params: CompiledSearch(arrays),
+    "compiled", graph_arrays={}, int8_only=True, uses_placement=True,  # its graph is built from the codes at load
+    open=lambda dtype, arrays, graph, params, placement: CompiledSearch(
+        arrays, **({} if placement is None else {"engine": placement.backend, "device": placement.device})),
 ))

@@ -26,6 +26,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from edgecore.runtime.errors import EdgecoreError
 from edgecore.runtime.search_coarse import CodeRows, rerank
 
 COMPILED_CANDIDATES = 4  # proposals re-ranked exactly per query (bottle, f32: recall@1 = exact int8's)
@@ -76,30 +77,45 @@ class SearchGraph(Protocol):
     def memory_bytes(self) -> int: ...
 
 
+#: Key-GEMM precisions by OpenVINO device kind: the CPU plugin has bf16 (AMX / AVX-512), the GPU plugin f16
+#: (and defaults to it, so f32 is always set explicitly).
+DEVICE_PRECISIONS = {"CPU": ("f32", "bf16"), "GPU": ("f32", "f16")}
+
+
 class OpenVINOSearchGraph:
-    """The key graph as an OpenVINO model on the CPU plugin (the backend's one shared Core).
+    """The key graph as an OpenVINO model (the backend's one shared Core), on the CPU or an Intel GPU.
 
     Args:
-        operands: the index's constants; precision: ``f32`` | ``bf16`` (see :data:`DEFAULT_PRECISION`);
-        threads: engine threads (default: every core this process may use — queries are independent).
+        operands: the index's constants; precision: ``f32``, or ``bf16`` on the CPU / ``f16`` on a GPU
+            (see :data:`DEFAULT_PRECISION`); threads: CPU engine threads (default: every core this process
+            may use — queries are independent); device: an OpenVINO device (``CPU``, ``GPU``, ``GPU.1``).
     """
 
-    def __init__(self, operands: KeyOperands, precision: str = DEFAULT_PRECISION, threads: int | None = None) -> None:
+    def __init__(self, operands: KeyOperands, precision: str = DEFAULT_PRECISION, threads: int | None = None,
+                 device: str = "CPU") -> None:
         import openvino as ov
 
         from edgecore.runtime.backends.openvino import executed_precisions, shared_core
 
-        if precision not in ("f32", "bf16"):
-            raise ValueError(f"compiled search precision must be f32 or bf16, got {precision!r}")
-        self.precision = precision
+        kind = device.split(".")[0]
+        if kind not in DEVICE_PRECISIONS:
+            raise ValueError(f"compiled search runs on an OpenVINO CPU or GPU device, got {device!r}")
+        if precision not in DEVICE_PRECISIONS[kind]:
+            raise ValueError(f"compiled search precision on {kind} must be one of {DEVICE_PRECISIONS[kind]}, "
+                             f"got {precision!r}")
+        self.precision, self.device = precision, device
         self.size, self.dim = operands.codes.shape
-        model = _openvino_key_model(operands)
-        config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_NUM_THREADS": int(threads or len(os.sched_getaffinity(0)))}
-        self.compiled = shared_core().compile_model(model, "CPU", config)
+        core = shared_core()
+        if device not in core.available_devices:
+            raise EdgecoreError(f"compiled search: OpenVINO has no {device} device here "
+                                f"(available: {', '.join(core.available_devices)})")
+        config: dict[str, object] = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
+        if kind == "CPU":
+            config["INFERENCE_NUM_THREADS"] = int(threads or len(os.sched_getaffinity(0)))
+        self.compiled = core.compile_model(_openvino_key_model(operands), device, config)
         self._request = self.compiled.create_infer_request()
-        self.info = {"engine": "openvino", "openvino": ov.get_version(), "precision_hint": self.precision,
-                     "layer_precisions": executed_precisions(self.compiled)}
+        self.info = {"engine": "openvino", "openvino": ov.get_version(), "device": device,
+                     "precision_hint": self.precision, "layer_precisions": executed_precisions(self.compiled)}
 
     def kernels(self) -> dict[str, str]:
         """oneDNN primitive of each GEMM (e.g. ``brgemm_avx512_amx_bf16``): what really multiplied.
@@ -107,7 +123,7 @@ class OpenVINOSearchGraph:
         found = {}
         for op in self.compiled.get_runtime_model().get_ops():
             info = op.get_rt_info()
-            if "layerType" in info and str(info["layerType"].astype(str)) in ("FullyConnected", "MatMul"):
+            if {"layerType", "primitiveType"} <= set(info) and str(info["layerType"].astype(str)) in ("FullyConnected", "MatMul"):
                 found[op.get_friendly_name()] = str(info["primitiveType"].astype(str))
         return found
 
@@ -148,10 +164,11 @@ def _openvino_key_model(operands: KeyOperands):
     return ov.Model([top.output(1)], [queries, k], "edgecore_compiled_search")
 
 
-def _tensorrt_graph(operands: KeyOperands, **options) -> SearchGraph:
+def _tensorrt_graph(operands: KeyOperands, device: str = "cuda:0", **options) -> SearchGraph:
+    from edgecore.runtime.backends.tensorrt import device_index
     from edgecore.runtime.backends.tensorrt_search import TensorRTSearchGraph
 
-    return TensorRTSearchGraph(operands, **options)
+    return TensorRTSearchGraph(operands, device=device_index(device), **options)
 
 
 # Engines that run the key graph, by name (the TensorRT one imports TensorRT only when asked for).
@@ -167,7 +184,8 @@ class CompiledSearch:
     Args:
         arrays: the int8 index's vector arrays (``runtime.index`` layout).
         candidates: proposals per query re-ranked exactly.
-        engine: a :data:`SEARCH_GRAPH_ENGINES` name; options: passed to it (precision, threads).
+        engine: a :data:`SEARCH_GRAPH_ENGINES` name; options: passed to it (device; OpenVINO: precision,
+            threads).
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], candidates: int = COMPILED_CANDIDATES,

@@ -15,7 +15,7 @@ from conftest import contract_data, contract_report, meets_contract
 
 from edgecore.export.index_build import build_index
 from edgecore.runtime.errors import BundleError, EdgecoreError
-from edgecore.runtime.index import QuantizedIndex
+from edgecore.runtime.index import QuantizedIndex, SearchPlacement
 from edgecore.runtime.search_compiled import CompiledSearch, KeyOperands, OpenVINOSearchGraph
 
 DIM, BLOCK, IMAGES = 256, 50, 40  # 40 "images" of 50 patches; every other image holds defect patches
@@ -85,13 +85,48 @@ def test_compiled_mode_needs_int8_and_refuses_other_dtypes(data, tmp_path):
 
 
 def test_unknown_precision_and_missing_tensorrt_are_refused(compiled):
-    with pytest.raises(ValueError, match="f32 or bf16"):
+    with pytest.raises(ValueError, match="precision on CPU must be one of"):
         OpenVINOSearchGraph(compiled.searcher.operands, precision="fp16")
+    with pytest.raises(ValueError, match="precision on GPU must be one of"):
+        OpenVINOSearchGraph(compiled.searcher.operands, precision="bf16", device="GPU")
+    with pytest.raises(ValueError, match="CPU or GPU device"):
+        OpenVINOSearchGraph(compiled.searcher.operands, device="NPU")
     try:
         import tensorrt  # noqa: F401
     except ImportError:
         with pytest.raises(EdgecoreError, match="TensorRT is not installed"):
             CompiledSearch(compiled.arrays, engine="tensorrt")
+
+
+def _has_intel_gpu() -> bool:
+    from edgecore.runtime.backends.openvino import shared_core
+
+    return "GPU" in shared_core().available_devices
+
+
+@pytest.mark.skipif(_has_intel_gpu(), reason="this machine has an OpenVINO GPU device")
+def test_compiled_search_follows_the_detectors_placement(compiled, data, tmp_path):
+    """The index opens the compiled mode on the detector's backend and device: an absent Intel GPU or a
+    missing TensorRT is a clear error naming it, never a silent CPU search."""
+    description = json.loads(json.dumps(compiled.save(tmp_path)))
+    on_cpu = QuantizedIndex.load(tmp_path, description, placement=SearchPlacement("openvino", "CPU"))
+    assert on_cpu.searcher.graph.device == "CPU" and on_cpu.searcher.graph.info["device"] == "CPU"
+    with pytest.raises(EdgecoreError, match="no GPU device here.*available: CPU"):
+        QuantizedIndex.load(tmp_path, description, placement=SearchPlacement("openvino", "GPU"))
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(EdgecoreError, match="TensorRT is not installed"):
+            QuantizedIndex.load(tmp_path, description, placement=SearchPlacement("tensorrt", "cuda:0"))
+
+
+def test_intel_gpu_key_graph_proposes_the_reference_nearest(compiled, data):
+    if not _has_intel_gpu():
+        pytest.skip("no OpenVINO GPU device (an Intel iGPU with its OpenCL driver) on this machine")
+    graph = OpenVINOSearchGraph(compiled.searcher.operands, device="GPU")
+    want = np.argmin(compiled.searcher.operands.reference_keys(data["queries"]), axis=1)
+    got = graph.candidates(data["queries"], 8)
+    assert np.mean([w in g for w, g in zip(want, got)]) >= 0.99
 
 
 def test_tensorrt_key_graph_proposes_the_reference_nearest(compiled, data):
@@ -121,5 +156,7 @@ def test_detector_scores_with_compiled_search_as_with_exact(exported_bundle, syn
     for mode in ("exact", "compiled"):
         with Detector.open(exported_bundle, precision="fp32", search=mode) as detector:
             assert detector.index.mode == mode
+            if mode == "compiled":  # on the engine's device
+                assert detector.index.searcher.graph.device == detector.engine.info.device == "CPU"
             results[mode] = np.array([detector.detect(path).score for path in frames])
     np.testing.assert_allclose(results["compiled"], results["exact"], rtol=1e-5)
