@@ -732,7 +732,7 @@ class _CoarseSearcher(CoarseSearch):
             if native_stage:
                 return ProjectedCandidates(projected, kernel, arrays["codes"].shape[1])
             return GraphProposer(_hnswlib_index(graph, projected, params), params["ef_search"],
-                                 lambda index: _hnswlib_bytes(index, size), projected)
+                                 lambda index: _hnswlib_bytes(index, size), projected, kernel)
 
         # The native stage projects on the codes' own principal directions when they have the stored
         # projection's width: the same subspace, and the projection then doubles as the re-rank's PCA
@@ -740,7 +740,7 @@ class _CoarseSearcher(CoarseSearch):
         own_basis = native_stage and arrays["basis"].shape == stored_basis.shape
         super().__init__(CodeRows(arrays), None if own_basis else stored_basis,
                          None if own_basis else graph["proj_center"], proposer,
-                         candidates=params["candidates"], certify_block=params["certify_block"])
+                         candidates=params["candidates"], certify_block=params["certify_block"], kernel=kernel)
         self.shape = self.rows.shape
 
     @property

@@ -224,13 +224,38 @@ class Proposer(Protocol):
     def memory_bytes(self) -> int: ...
 
 
+class FloatBounds:
+    """Lower bounds ‖x̂ − y_m‖ · (1 − slack) of the certified maximum from the M×p float32 projections y.
+
+    With the native kernel they are kept transposed (p×M, the same bytes) and measured by
+    ``Int8Kernel.sqdist_t``: bottle WRN50's 14 739 × 32, 0.07 vs 0.43 ms per certified query with numpy.
+    """
+
+    def __init__(self, points: np.ndarray, kernel: native.Int8Kernel | None = None) -> None:
+        self._kernel = kernel
+        self._points = np.ascontiguousarray(points.T if kernel is not None else points, dtype=np.float32)
+
+    def __call__(self, projected: np.ndarray) -> np.ndarray:
+        if self._kernel is not None:
+            distances = np.sqrt(self._kernel.sqdist_t(self._points, projected))
+        else:
+            distances = _distances_to(self._points, projected)
+        return distances * np.float32(1.0 - _BOUND_SLACK)
+
+    @property
+    def nbytes(self) -> int:
+        return self._points.nbytes
+
+
 class GraphProposer:
     """hnswlib's graph over the projections (what coarse bundles store; the search without the native
-    kernel). ``ef_search``: hnswlib's beam; ``nbytes``: the graph's resident bytes; ``points``: the M×p float32
-    projections (the lower bounds' side of the coreset)."""
+    kernel's candidates). ``ef_search``: hnswlib's beam; ``nbytes``: the graph's resident bytes; ``points``: the
+    M×p float32 projections (the lower bounds' side of the coreset); ``kernel``: measures those bounds where loaded."""
 
-    def __init__(self, graph, ef_search: int, nbytes: Callable[[object], int], points: np.ndarray) -> None:
-        self.graph, self.ef_search, self._nbytes, self._points = graph, int(ef_search), nbytes, points
+    def __init__(self, graph, ef_search: int, nbytes: Callable[[object], int], points: np.ndarray,
+                 kernel: native.Int8Kernel | None = None) -> None:
+        self.graph, self.ef_search, self._nbytes = graph, int(ef_search), nbytes
+        self._bounds = FloatBounds(points, kernel)
 
     def propose(self, projected: np.ndarray, k: int) -> np.ndarray:
         self.graph.set_ef(max(self.ef_search, k))
@@ -238,10 +263,10 @@ class GraphProposer:
         return labels.astype(np.int64)
 
     def lower_bounds(self, projected: np.ndarray) -> np.ndarray:
-        return _distances_to(self._points, projected) * (1.0 - _BOUND_SLACK)
+        return self._bounds(projected)
 
     def memory_bytes(self) -> int:
-        return self._nbytes(self.graph) + self._points.nbytes
+        return self._nbytes(self.graph) + self._bounds.nbytes
 
 
 class CoarseSearch:
@@ -256,10 +281,14 @@ class CoarseSearch:
             brute force, or hnswlib's graph: :class:`GraphProposer`).
         candidates: points re-ranked exactly per query.
         certify_block: queries per image (the block whose maximum is made exact).
+        kernel: the native kernel, which then projects (``Int8Kernel.project``: on its threads, the same bits on
+            every path; bottle WRN50's 784 queries 0.51 vs 0.97 ms with numpy on the detector's one BLAS
+            thread); None: numpy.
     """
 
     def __init__(self, rows: CodeRows, basis: np.ndarray | None, center: np.ndarray | None,
-                 make_proposer: Callable[[np.ndarray], Proposer], candidates: int, certify_block: int) -> None:
+                 make_proposer: Callable[[np.ndarray], Proposer], candidates: int, certify_block: int,
+                 kernel: native.Int8Kernel | None = None) -> None:
         self.rows = rows
         self.size, self.dim = rows.shape
         rows.prepare_ranking()
@@ -270,9 +299,13 @@ class CoarseSearch:
         self._center = center.astype(np.float32)
         self.candidates = min(int(candidates), self.size)
         self.certify_block = int(certify_block)
+        self._kernel = kernel
         self.proposer = make_proposer(self.project_rows())  # it keeps what it needs of the M×p projections
 
     def project(self, vectors: np.ndarray) -> np.ndarray:
+        """(vectors − center) @ basisᵀ, rows and queries alike (their bounds compare the two)."""
+        if self._kernel is not None:
+            return self._kernel.project(vectors, self._center, self._basis_t)
         return (vectors - self._center) @ self._basis_t
 
     def project_rows(self) -> np.ndarray:

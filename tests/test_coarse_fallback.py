@@ -138,7 +138,7 @@ def test_the_native_stage_holds_under_0_35x_fp32(data, saved, monkeypatch):
     directory, description = saved
     loaded = QuantizedIndex.load(directory, description)
     assert loaded.mode == "coarse"
-    assert isinstance(loaded.searcher.proposer, ProjectedCandidates) and loaded.searcher.proposer._points is None
+    assert isinstance(loaded.searcher.proposer, ProjectedCandidates) and loaded.searcher.proposer._float_bounds is None
     assert loaded.memory_bytes() <= 0.35 * data["points"].nbytes, loaded.memory_bytes() / data["points"].nbytes
 
 
@@ -149,7 +149,7 @@ def test_the_int8_lower_bounds_never_exceed_the_projected_distance(coarse):
         pytest.skip("the graph proposes on this CPU")
     proposer = ProjectedCandidates(searcher.project_rows(), kernel, dim=10**6)  # share ≤ 1/16: float bounds kept
     coded = ProjectedCandidates(searcher.project_rows(), kernel, dim=DIM)
-    assert proposer._points is not None and coded._points is None
+    assert proposer._float_bounds is not None and coded._float_bounds is None
     rng = np.random.default_rng(11)
     rows = searcher.project_rows()
     for query in (rows[3], rows[17] + 1e-3, rng.normal(size=rows.shape[1]).astype(np.float32) * 5):

@@ -263,6 +263,8 @@ int ecs_topk(const int8_t *, int64_t, int64_t, const int8_t *, int64_t, int64_t,
              const float *, int64_t, int32_t *, float *, int, int);
 int ecs_keys(const int8_t *, int64_t, int64_t, const int8_t *, int64_t, int64_t, const float *, const int32_t *,
              const float *, float *, int, int);
+int ecs_project(const float *, int64_t, int64_t, const float *, const float *, int64_t, float *, int, int);
+int ecs_sqdist_t(const float *, int64_t, int64_t, const float *, float *, int);
 int ecs_isa_supported(int);
 int ecs_best_isa(void);
 const char *ecs_isa_name(int);
@@ -308,6 +310,30 @@ int main(void) {
         printf("case %d rc %d %d %d %d -> %s\n", ci, rc0, rc1, rc2, rc3, bad ? "FAIL" : "ok");
         fails += bad;
     }
+    { /* the projection and the transposed distances: the same bits as plain loops in the same order */
+        int64_t nq = 11, dim = 37, p = 35, m = 70;
+        float *x = malloc(4 * nq * dim), *c = malloc(4 * dim), *bt = malloc(4 * dim * p), *o = malloc(4 * nq * p);
+        float *pt = malloc(4 * p * m), *pnt = malloc(4 * p), *sd = malloc(4 * m);
+        for (int64_t i = 0; i < nq * dim; i++) x[i] = (float)((int)(rnd() % 2001) - 1000) * 0.00137f;
+        for (int64_t i = 0; i < dim; i++) c[i] = (float)((int)(rnd() % 201) - 100) * 0.0021f;
+        for (int64_t i = 0; i < dim * p; i++) bt[i] = (float)((int)(rnd() % 2001) - 1000) * 0.00093f;
+        for (int64_t i = 0; i < p * m; i++) pt[i] = (float)((int)(rnd() % 2001) - 1000) * 0.0011f;
+        for (int64_t i = 0; i < p; i++) pnt[i] = (float)((int)(rnd() % 2001) - 1000) * 0.0007f;
+        int bad = ecs_project(x, nq, dim, c, bt, p, o, 4, 2) || ecs_sqdist_t(pt, p, m, pnt, sd, 4);
+        for (int64_t q = 0; q < nq && !bad; q++)
+            for (int64_t j = 0; j < p; j++) {
+                float acc = 0.0f;
+                for (int64_t d = 0; d < dim; d++) acc = acc + (x[q * dim + d] - c[d]) * bt[d * p + j];
+                if (acc != o[q * p + j]) bad = 1;
+            }
+        for (int64_t i = 0; i < m && !bad; i++) {
+            float acc = 0.0f;
+            for (int64_t d = 0; d < p; d++) { float df = pt[d * m + i] - pnt[d]; acc = acc + df * df; }
+            if (acc != sd[i]) bad = 1;
+        }
+        printf("projection -> %s\n", bad ? "FAIL" : "ok");
+        fails += bad;
+    }
     return fails;
 }
 """
@@ -323,7 +349,7 @@ def test_neon_path_on_emulated_aarch64_matches_the_reference(tmp_path):
                     str(source), str(tmp_path / "harness.c")], check=True, capture_output=True, timeout=120)
     dotprod = subprocess.run([QEMU_ARM, "-cpu", "max", str(binary)], capture_output=True, text=True, timeout=120)
     assert dotprod.returncode == 0 and dotprod.stdout.startswith("best neon neon 1"), dotprod.stdout
-    assert dotprod.stdout.count("-> ok") == 5, dotprod.stdout
+    assert dotprod.stdout.count("-> ok") == 6, dotprod.stdout
     plain = subprocess.run([QEMU_ARM, "-cpu", "cortex-a53", str(binary)], capture_output=True, text=True, timeout=120)
     assert plain.stdout.startswith("best scalar neon 0"), plain.stdout  # no dot product: the C path
 
@@ -411,6 +437,48 @@ def test_native_distances_are_bit_identical_on_every_path_and_thread_count():
         np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(results[0], axis=1))
     np.testing.assert_array_equal(results[0], kernel.l2(queries, tables, candidates))  # candidate order
     np.testing.assert_allclose(results[0], numpy_l2(queries, rows, candidates), rtol=1e-5)
+
+
+@pytest.mark.parametrize("nq,dim,p", [(784, 1024, 32), (37, 203, 45), (9, 7, 3), (1, 16, 16), (0, 8, 4)])
+def test_projection_is_bit_identical_on_every_path_and_thread_count(nq, dim, p):
+    """Coarse mode's PCA coordinates: each output summed over D in order (subtract, multiply, add), so AVX-512,
+    AVX2 and the baseline loop agree to the bit, whatever the thread count; numpy's BLAS product to rounding."""
+    rng = np.random.default_rng(nq + dim)
+    vectors = (rng.normal(size=(nq, dim)) + 3.0).astype(np.float32)
+    center = rng.normal(size=dim).astype(np.float32)
+    basis_t = rng.normal(size=(dim, p)).astype(np.float32)
+    saved = kernel.threads
+    try:
+        results = []
+        for threads in (1, 3):
+            kernel.threads = threads
+            results += [kernel.project(vectors, center, basis_t, isa=isa) for isa in kernel.available]
+    finally:
+        kernel.threads = saved
+    for got in results:
+        assert got.shape == (nq, p)
+        np.testing.assert_array_equal(got, results[0])
+    exact = (vectors.astype(np.float64) - center) @ basis_t.astype(np.float64)
+    np.testing.assert_allclose(results[0], exact, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(exact).max(initial=0))))
+
+
+def test_transposed_squared_distances_are_bit_identical_on_every_path():
+    rng = np.random.default_rng(4)
+    for m, p in ((14739, 32), (101, 7), (64, 1), (0, 3)):
+        points = rng.normal(size=(m, p)).astype(np.float32)
+        point = rng.normal(size=p).astype(np.float32)
+        points_t = np.ascontiguousarray(points.T)
+        results = [kernel.sqdist_t(points_t, point, isa=isa) for isa in kernel.available]
+        for got in results:
+            np.testing.assert_array_equal(got, results[0])
+        np.testing.assert_allclose(results[0], ((points.astype(np.float64) - point) ** 2).sum(axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_projection_and_distances_refuse_bad_arguments():
+    with pytest.raises(ValueError, match="D center"):
+        kernel.project(np.zeros((3, 8), np.float32), np.zeros(7, np.float32), np.zeros((8, 2), np.float32))
+    with pytest.raises(ValueError, match="contiguous p×M"):
+        kernel.sqdist_t(np.zeros((4, 9), np.float32).T, np.zeros(9, np.float32))
 
 
 def test_native_rerank_refuses_bad_arguments():

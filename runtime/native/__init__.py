@@ -114,6 +114,8 @@ class Int8Kernel:
                 _idx, _i64]
         lib.ecs_rank_keys.argtypes = rank + [_f32, ctypes.c_int, ctypes.c_int]
         lib.ecs_rank_best.argtypes = rank + [_i64, _idx, ctypes.c_int, ctypes.c_int]
+        lib.ecs_project.argtypes = [_f32, _i64, _i64, _f32, _f32, _i64, _f32, ctypes.c_int, ctypes.c_int]
+        lib.ecs_sqdist_t.argtypes = [_f32, _i64, _i64, _f32, _f32, ctypes.c_int]
         self.available = tuple(name for i, name in enumerate(ISAS) if lib.ecs_isa_supported(i))
         best = ISAS[lib.ecs_best_isa()]
         self.isa = best if isa in (None, "", "auto") else isa
@@ -152,6 +154,46 @@ class Int8Kernel:
         rc = self._lib.ecs_keys(queries, queries.shape[0], g, rows.ctypes.data, rows.strides[0], m, bias, corr, cq,
                                 out, self._isa_id(isa), self.threads)
         self._raise(rc)
+        return out
+
+    def project(self, vectors: np.ndarray, center: np.ndarray, basis_t: np.ndarray,
+                isa: str | None = None) -> np.ndarray:
+        """(vectors − center) @ basis_t, each output summed over D in order (the same bits on every path and
+        thread count; close to, not equal to, numpy's BLAS product).
+
+        Args:
+            vectors: Q×D float32; center: D float32; basis_t: D×p float32.
+
+        Returns:
+            Q×p float32.
+        """
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        center = np.ascontiguousarray(center, dtype=np.float32)
+        basis_t = np.ascontiguousarray(basis_t, dtype=np.float32)
+        if vectors.ndim != 2 or center.shape != (vectors.shape[1],) or basis_t.ndim != 2 \
+                or basis_t.shape[0] != vectors.shape[1]:
+            raise ValueError(f"project needs Q×D vectors, a D center and a D×p basis, got {vectors.shape}, "
+                             f"{center.shape}, {basis_t.shape}")
+        out = np.empty((vectors.shape[0], basis_t.shape[1]), np.float32)
+        self._raise(self._lib.ecs_project(vectors, vectors.shape[0], vectors.shape[1], center, basis_t,
+                                          basis_t.shape[1], out, self._isa_id(isa), self.threads))
+        return out
+
+    def sqdist_t(self, points_t: np.ndarray, point: np.ndarray, isa: str | None = None) -> np.ndarray:
+        """Squared L2 distances from ``point`` (p) to each of the M rows of ``points_t`` (the p×M transposed
+        table), each summed over p in order: the same bits on every path.
+
+        Returns:
+            M float32.
+        """
+        point = np.ascontiguousarray(point, dtype=np.float32)
+        if points_t.dtype != np.float32 or points_t.ndim != 2 or not points_t.flags.c_contiguous \
+                or point.shape != (points_t.shape[0],):
+            raise ValueError(f"sqdist_t needs a contiguous p×M float32 table and a p point, got "
+                             f"{points_t.dtype} {points_t.shape} and {point.shape}")
+        out = np.empty(points_t.shape[1], np.float32)
+        self._raise(self._lib.ecs_sqdist_t(points_t, points_t.shape[0], points_t.shape[1], point, out,
+                                           self._isa_id(isa)))
         return out
 
     def l2(self, queries: np.ndarray, tables: DecodeTables, candidates: np.ndarray,

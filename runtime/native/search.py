@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgecore.runtime.native import Int8Kernel, quantize_queries
-from edgecore.runtime.search_coarse import _BOUND_SLACK, CodeRows, _distances_to, direct_l2, rerank
+from edgecore.runtime.search_coarse import _BOUND_SLACK, CodeRows, FloatBounds, direct_l2, rerank
 
 INT8_CANDIDATES = 16  # untuned default (--search int8 on another mode's bundle); export tunes it per coreset
 # Coarse mode's lower bounds come from the float32 projections while they cost at most this share of the fp32
@@ -172,7 +172,7 @@ class ProjectedCandidates:
 
     def __init__(self, projected: np.ndarray, kernel: Int8Kernel, dim: int) -> None:
         """``projected``: the M×p float32 projections; ``dim``: the coreset's D (see FLOAT_BOUNDS_MAX_SHARE)."""
-        self._points = projected if projected.shape[1] <= FLOAT_BOUNDS_MAX_SHARE * dim else None
+        self._float_bounds = FloatBounds(projected, kernel) if projected.shape[1] <= FLOAT_BOUNDS_MAX_SHARE * dim else None
         lo, hi = projected.min(axis=0), projected.max(axis=0)
         self._mid = ((lo.astype(np.float64) + hi) / 2).astype(np.float32)
         half = (hi.astype(np.float64) - lo) / 2
@@ -198,8 +198,8 @@ class ProjectedCandidates:
         where they are kept, else from the int8 codes alone, ‖x̂ − ŷ_m‖ − ½ ‖step‖ (triangle inequality;
         float32 rounding covered by the coarse bound slack). Bottle Lite0: the codes' bounds are looser by
         1.5–2 % of the certified distance, and the certified query measures 1.2× the rows."""
-        if self._points is not None:
-            return _distances_to(self._points, projected) * (1.0 - _BOUND_SLACK)
+        if self._float_bounds is not None:
+            return self._float_bounds(projected)
         width = projected.shape[0]
         out = np.empty(self._table.shape[0], np.float32)
         for start in range(0, len(out), rows):
@@ -220,5 +220,5 @@ class ProjectedCandidates:
         return idx
 
     def memory_bytes(self) -> int:
-        kept = self._points.nbytes if self._points is not None else 0
+        kept = self._float_bounds.nbytes if self._float_bounds is not None else 0
         return kept + self._table.nbytes + self._bias.nbytes + self._corr.nbytes + self._mid.nbytes + self._step.nbytes
