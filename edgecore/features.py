@@ -44,7 +44,7 @@ def adaptive_pool_gathers(channels: int, embed_dim: int) -> tuple[np.ndarray, np
 
     Output j is Σ_t weights[t, j] · x[indices[t, j]]. Why: the dense C×D matrix is almost all zeros
     (WRN50's 1536 → 1024 averages channel pairs), yet as a MatMul it was 9 of the int8 engine's 21 ms
-    on the CPU (fp32 GEMM, 1.2 GMAC); two gathers and an add are about 0.7 ms (benchmarks/RESULTS.md).
+    on the CPU (fp32 GEMM, 1.2 GMAC); two gathers and an add take 0.5 ms (OpenVINO PERF_COUNT, RESULTS.md).
     """
     windows = _pool_windows(channels, embed_dim)
     width = max(end - start for start, end in windows)
