@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from edgecore.runtime import native
-from edgecore.runtime.index import DTYPES, SEARCH_MODES, QuantizedIndex, _CoarseSearcher, build_hnsw_graph, decode
+from edgecore.runtime.index import DTYPES, SEARCH_MODES, QuantizedIndex, CoarseSearcher, build_hnsw_graph, decode
 from edgecore.runtime.native.search import INT8_CANDIDATES
 from edgecore.runtime.search import ExactSearch
 
@@ -246,7 +246,7 @@ def _probe_ms(indexes: dict[str, QuantizedIndex], queries: np.ndarray) -> dict[s
 def _coarse_agreement(probe: np.ndarray, coarse: QuantizedIndex, want: np.ndarray) -> float:
     """Share of the ``probe`` queries for which coarse finds int8 mode's neighbour ``want``, the lower of its two
     candidate stages a camera may run: this CPU's, and the graph's (AVX2-only or library-less cameras)."""
-    graph_stage = _CoarseSearcher(coarse.arrays, coarse.graph, coarse.hnsw, graph_stage=True)
+    graph_stage = CoarseSearcher(coarse.arrays, coarse.graph, coarse.hnsw, graph_stage=True)
     return min(float(np.mean(searcher.search(probe, 1)[1][:, 0] == want)) for searcher in (coarse.searcher, graph_stage))
 
 

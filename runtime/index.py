@@ -201,7 +201,7 @@ class QuantizedIndex:
     def describe(self) -> str:
         """The mode that runs, and why when it is not the bundle's (info / bench output)."""
         text = f"{self.dtype} {self.mode} over {self.size}×{self.dim}"
-        if isinstance(self.searcher, _CoarseSearcher):
+        if isinstance(self.searcher, CoarseSearcher):
             text += f", candidates: {self.searcher.candidate_stage}"
         if self.replaced:
             text += f" (bundle's mode {self.replaced['mode']} replaced: {self.replaced['reason']})"
@@ -705,11 +705,12 @@ class _HnswSearcher(_ExactSearcher):
         return super().memory_bytes() + _hnswlib_bytes(self.graph, self.shape[0])
 
 
-class _CoarseSearcher(CoarseSearch):
+class CoarseSearcher(CoarseSearch):
     """``CoarseSearch`` over the int8 codes (no fp32 copy), with the registry's accounting. Candidates from
     the native int8 brute force over the projections where the kernel's path for them has an int8 dot
     product; else (``NO_DOT_PRODUCT_PATHS``, or no kernel) from hnswlib's stored graph: bottle WRN50 on the
-    avx2 path, 1 thread, search 30.6 ms native vs 19.6 ms graph (RESULTS.md #11). ``candidate_stage`` says which."""
+    avx2 path, 1 thread, search 30.6 ms native vs 19.6 ms graph (RESULTS.md #11). ``candidate_stage`` says which.
+    Public because the exporter builds one with ``graph_stage=True`` to check the stage other cameras run."""
 
     def __init__(self, arrays: dict[str, np.ndarray], graph: dict[str, np.ndarray], params: dict,
                  graph_stage: bool = False) -> None:
@@ -782,7 +783,7 @@ register_search_mode(SearchMode(
 ))
 register_search_mode(SearchMode(
     "coarse", graph_arrays=_COARSE_ARRAYS, extra_params=("candidates",), int8_only=True,
-    open=lambda dtype, arrays, graph, params: _CoarseSearcher(arrays, graph, params),
+    open=lambda dtype, arrays, graph, params: CoarseSearcher(arrays, graph, params),
 ))
 register_search_mode(SearchMode(
     "int8", graph_arrays={}, int8_only=True, has_params=True,  # no graph: the kernel scans the codes

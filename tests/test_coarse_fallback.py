@@ -88,12 +88,12 @@ def test_where_int8_loses_a_disagreeing_coarse_is_not_taken(data, monkeypatch):
 
 def test_export_checks_the_graph_stage_too(data, monkeypatch):
     """A graph stage that disagrees (here: one that always answers row 0) keeps the full-D hnsw fallback."""
-    class WrongGraph(index_build._CoarseSearcher):
+    class WrongGraph(index_build.CoarseSearcher):
         def search(self, queries, k=1):
             distances, indices = super().search(queries, k)
             return distances, np.zeros_like(indices)
 
-    monkeypatch.setattr(index_build, "_CoarseSearcher", WrongGraph)
+    monkeypatch.setattr(index_build, "CoarseSearcher", WrongGraph)
     graph = build_index(data["points"], "int8", "hnsw", patches_per_image=BLOCK)
     slow = slow_graph(graph)  # int8 wins the timing
     chosen = _prefer_native(data["points"], slow, BLOCK)
