@@ -24,6 +24,21 @@ from edgecore.runtime.native.search import Int8Search
 from edgecore.runtime.search_coarse import GraphProposer
 
 kernel = native.kernel()  # the package install builds it: a missing library fails here, loudly
+
+
+def on_threads(counts, run):
+    """``run()`` once per kernel thread count in ``counts``, in order (the kernel's own count restored after)."""
+    saved = kernel.threads
+    try:
+        results = []
+        for threads in counts:
+            kernel.threads = threads
+            results.append(run())
+        return results
+    finally:
+        kernel.threads = saved
+
+
 DIM, BLOCK, IMAGES = 256, 50, 40  # the int8 table: 256 codes + the PCA columns, not a multiple of 64
 
 
@@ -89,14 +104,7 @@ def test_every_isa_path_gives_bit_identical_results_on_strided_rows():
 @pytest.mark.parametrize("width", [40, 160])  # 160: the AMX driver too, where the CPU has it
 def test_thread_count_does_not_change_results(width):
     queries, rows, bias, corr, cq = problem(np.random.default_rng(4), 100, 777, width)
-    saved = kernel.threads
-    try:
-        kernel.threads = 1
-        one = kernel.topk(queries, rows, bias, corr, cq, 4)
-        kernel.threads = 3
-        three = kernel.topk(queries, rows, bias, corr, cq, 4)
-    finally:
-        kernel.threads = saved
+    one, three = on_threads((1, 3), lambda: kernel.topk(queries, rows, bias, corr, cq, 4))
     for a, b in zip(one, three):
         np.testing.assert_array_equal(a, b)
 
@@ -424,15 +432,9 @@ def test_native_distances_are_bit_identical_on_every_path_and_thread_count():
     # 1 300 × 13 pairs: enough work (≥ 3 × RR_MIN_WORK multiply-adds) that 3 threads really run.
     queries = rng.normal(0.0, 1.0, (1300, 203)).astype(np.float32)
     candidates = rng.integers(0, 700, (1300, 13))
-    saved = kernel.threads
-    try:
-        results = []
-        for threads in (1, 3):
-            kernel.threads = threads
-            results += [kernel.l2(queries, tables, candidates, isa=isa) for isa in kernel.available]
-            results += [kernel.rerank(queries, tables, candidates, 13, isa=isa)[0] for isa in kernel.available]
-    finally:
-        kernel.threads = saved
+    results = sum(on_threads((1, 3), lambda: [kernel.l2(queries, tables, candidates, isa=isa) for isa in kernel.available]
+                                     + [kernel.rerank(queries, tables, candidates, 13, isa=isa)[0]
+                                        for isa in kernel.available]), [])
     for got in results[1:]:
         np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(results[0], axis=1))
     np.testing.assert_array_equal(results[0], kernel.l2(queries, tables, candidates))  # candidate order
@@ -447,14 +449,8 @@ def test_projection_is_bit_identical_on_every_path_and_thread_count(nq, dim, p):
     vectors = (rng.normal(size=(nq, dim)) + 3.0).astype(np.float32)
     center = rng.normal(size=dim).astype(np.float32)
     basis_t = rng.normal(size=(dim, p)).astype(np.float32)
-    saved = kernel.threads
-    try:
-        results = []
-        for threads in (1, 3):
-            kernel.threads = threads
-            results += [kernel.project(vectors, center, basis_t, isa=isa) for isa in kernel.available]
-    finally:
-        kernel.threads = saved
+    results = sum(on_threads((1, 3), lambda: [kernel.project(vectors, center, basis_t, isa=isa)
+                                              for isa in kernel.available]), [])
     for got in results:
         assert got.shape == (nq, p)
         np.testing.assert_array_equal(got, results[0])
@@ -550,14 +546,8 @@ def test_rank_keys_do_not_depend_on_the_thread_count():
     queries = rng.normal(0.0, 1.0, (800, 1024)).astype(np.float32)
     candidates = rng.integers(0, 500, (800, 8))  # 6.6 M multiply-adds: three threads of RK_MIN_WORK
     tables = rows._rank_tables(queries, None)
-    saved = kernel.threads
-    try:
-        results = []
-        for threads in (1, 3):
-            kernel.threads = threads
-            results.append((kernel.rank_keys(queries, tables, candidates), kernel.rank_best(queries, tables, candidates, 2)))
-    finally:
-        kernel.threads = saved
+    results = on_threads((1, 3), lambda: (kernel.rank_keys(queries, tables, candidates),
+                                          kernel.rank_best(queries, tables, candidates, 2)))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
 
