@@ -19,6 +19,10 @@ import typer
 
 from edgecore.runtime.cliutil import echo_err, echo_error, friendly
 
+DEVICE_HELP = ("Backend device (OpenVINO: CPU, or GPU for an Intel iGPU; TensorRT: cuda:N); "
+               "--search compiled runs there too.")
+
+
 def new_app() -> typer.Typer:
     """An empty ``edgecore`` app with the house settings (the host CLI builds its own from it)."""
     return typer.Typer(
@@ -124,7 +128,7 @@ def infer(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder for results.jsonl and overlays/."),
     overlays: str = typer.Option("all", help="With -o: overlay PNGs for all | anomalous | none of the frames."),
     backend: str = typer.Option("openvino", help="openvino | tensorrt"),
-    device: Optional[str] = typer.Option(None, help="Backend device (OpenVINO: CPU)."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     precision: Optional[str] = typer.Option(None, help="Engine precision (default: best engine this CPU runs, else ONNX)."),
     search: Optional[str] = typer.Option(None, help="exact | hnsw | coarse | int8 | compiled (default: the bundle's choice; int8 and compiled open any int8 bundle)."),
     fail_on_anomaly: bool = typer.Option(False, "--fail-on-anomaly", help="Exit 1 if any image is anomalous."),
@@ -152,7 +156,7 @@ def infer(
 def bench(
     bundle: Path = typer.Argument(..., help="Bundle directory or packed archive."),
     backend: str = typer.Option("openvino", help="openvino | tensorrt"),
-    device: Optional[str] = typer.Option(None, help="Backend device."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     precision: list[str] = typer.Option([], help="Engine precision; repeat to compare several, interleaved."),
     search: list[str] = typer.Option([], help="exact | hnsw | coarse | int8 | compiled; repeat to compare."),
     images: Optional[Path] = typer.Option(None, help="Folder of real frames (default: synthetic; decode then under-counted)."),
