@@ -169,6 +169,23 @@ def test_builder_constructs_its_config(trt):
         builder_config(trt, builder, "fp16", 256, dla_core=builder.num_DLA_cores)
 
 
+def test_int8_builds_pin_the_head_to_fp16(trt, trt_bundle):
+    """Every layer from the 3×3 average poolings to the output is pinned to fp16; no convolution is."""
+    from edgecore.runtime.backends.tensorrt import _network_flags, pin_head_precision
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(_network_flags(trt))
+    assert trt.OnnxParser(network, logger).parse_from_file(str(trt_bundle / "model.onnx"))
+    pinned = pin_head_precision(trt, network)
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    marked = [layer for layer in layers if layer.precision_is_set]
+    assert pinned == len(marked) > 0 and all(layer.precision == trt.float16 for layer in marked)
+    assert not any(layer.type == trt.LayerType.CONVOLUTION for layer in marked)
+    producers = {layer.get_output(j).name: layer for layer in layers for j in range(layer.num_outputs)}
+    assert producers[network.get_output(0).name].precision_is_set  # the head reaches the output
+
+
 def test_engine_is_recorded_for_this_gpu(trt, trt_bundle):
     from edgecore.runtime.bundle import verify_bundle
 

@@ -258,6 +258,44 @@ def _reusable_timing_cache(bundle: Path, engines: dict, gpu_name: str, trt_versi
     return b""
 
 
+def pin_head_precision(trt, network) -> int:
+    """Keep the PatchCore head out of INT8 in an INT8 build: every layer from the 3×3 average poolings to the
+    output computes (and, but for the network's own output, emits) fp16. Returns how many layers were pinned.
+
+    Why: implicit INT8 quantizes whatever it has scales for, and rounding the embeddings themselves to 256
+    levels wrecked bottle's AUROC under NNCF (``calibration/int8.py`` keeps the same ops fp32 for OpenVINO).
+    fp16 is what the fp16 engine already runs the head in (embedding cosine ≥ 0.999, the backend tests).
+    """
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    consumers: dict[str, list] = {}
+    for layer in layers:
+        for j in range(layer.num_inputs):
+            tensor = layer.get_input(j)
+            if tensor is not None:
+                consumers.setdefault(tensor.name, []).append(layer)
+    pending = []
+    for i, layer in enumerate(layers):
+        if layer.type == trt.LayerType.POOLING:
+            pooling = network.get_layer(i)
+            pooling.__class__ = trt.IPoolingLayer  # the Python API's way to reach the subclass's fields
+            if pooling.type == trt.PoolingType.AVERAGE:
+                pending.append(layer)
+    outputs = {network.get_output(i).name for i in range(network.num_outputs)}
+    pinned: set[str] = set()
+    while pending:
+        layer = pending.pop()
+        if layer.name in pinned:
+            continue
+        pinned.add(layer.name)
+        layer.precision = trt.float16
+        for j in range(layer.num_outputs):
+            tensor = layer.get_output(j)
+            if tensor.name not in outputs:
+                layer.set_output_type(j, trt.float16)
+            pending.extend(consumers.get(tensor.name, []))
+    return len(pinned)
+
+
 def _build(
     trt, graph_path: Path, precision: str, workspace_mb: int, dla_core: int | None, calibrator, timing_cache: bytes
 ) -> tuple[bytes, bytes]:
@@ -270,6 +308,8 @@ def _build(
         errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
         raise BundleError(f"{graph_path}: TensorRT's ONNX parser refused it: {errors}")
     config = builder_config(trt, builder, precision, workspace_mb, dla_core, calibrator, timing_cache)
+    if precision == "int8" and pin_head_precision(trt, network):
+        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)  # a constraint it cannot meet warns, not fails
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EdgecoreError(f"TensorRT could not build a {precision} engine from {graph_path} (see its log above)")
