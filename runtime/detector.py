@@ -135,9 +135,9 @@ class Detector(ImageScorer):
                 scratch = Path(tempfile.mkdtemp(prefix="edgecore-bundle-"))
                 path = unpack_archive(path, scratch)  # inside the try: a refused archive leaves no scratch
             verified = verify_bundle(path) if verify else VerifiedBundle(path, read_manifest(path))
+            device = device or backend_entry(backend).default_device  # one device for the engine and the search
             engine = open_backend(backend, verified, device=device, precision=precision, **engine_options)
-            placement = SearchPlacement(backend, device or backend_entry(backend).default_device)
-            detector = cls(verified, engine, search_mode=search, search_placement=placement)
+            detector = cls(verified, engine, search_mode=search, search_placement=SearchPlacement(backend, device))
         except BaseException:
             if scratch:
                 shutil.rmtree(scratch, ignore_errors=True)

@@ -768,6 +768,10 @@ def _open_int8(dtype: str, arrays: dict[str, np.ndarray], params: dict | None) -
     return searcher
 
 
+def _open_compiled(arrays: dict[str, np.ndarray], placement: SearchPlacement) -> CompiledSearch:
+    return CompiledSearch(arrays, engine=placement.backend, device=placement.device)
+
+
 def _hnswlib_bytes(index, size: int) -> int:
     """hnswlib's serialised size (vectors, links, labels) plus its label hash map, which
     ``index_file_size`` does not count."""
@@ -791,6 +795,5 @@ register_search_mode(SearchMode(
 ))
 register_search_mode(SearchMode(
     "compiled", graph_arrays={}, int8_only=True, uses_placement=True,  # its graph is built from the codes at load
-    open=lambda dtype, arrays, graph, params, placement: CompiledSearch(
-        arrays, **({} if placement is None else {"engine": placement.backend, "device": placement.device})),
+    open=lambda dtype, arrays, graph, params, placement: _open_compiled(arrays, placement or SearchPlacement()),
 ))
