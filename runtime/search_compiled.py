@@ -106,7 +106,8 @@ class OpenVINOSearchGraph:
         self.precision, self.device = precision, device
         self.size, self.dim = operands.codes.shape
         core = shared_core()
-        if device not in core.available_devices:
+        # With several GPUs OpenVINO lists GPU.0, GPU.1, … and still takes plain "GPU" (the first).
+        if not any(name == device or name.startswith(device + ".") for name in core.available_devices):
             raise EdgecoreError(f"compiled search: OpenVINO has no {device} device here "
                                 f"(available: {', '.join(core.available_devices)})")
         config: dict[str, object] = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
