@@ -196,7 +196,7 @@ def rerank(queries: np.ndarray, rows: CodeRows, candidates: np.ndarray, k: int,
     """The ``k`` best of each query's ``candidates`` by direct difference (true L2 of the stored rows,
     not a GEMM expansion), ascending; ties keep the earlier candidate.
 
-    Candidates are ranked on the codes (:meth:`CodeRows.rank_keys`, one multiply-add per element) and only
+    Candidates are ranked on the codes (:meth:`CodeRows.rank_keys`: an integer dot product with the codes) and only
     the best ``k`` decoded and measured (decoding costs ncoord + 2 per element), natively where the kernel
     loads. The float32 key orders candidates like their distances up to rounding: measuring the runner-up
     as well changed no bottle neighbour (recall@1 0.9983 WRN50 coarse, 0.9917 Lite0 int8 either way,

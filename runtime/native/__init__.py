@@ -233,8 +233,9 @@ class Int8Kernel:
                   isa: str | None = None) -> np.ndarray:
         """Keys that order each query's candidates like their L2 distances, without decoding a row:
         ``norms[m] − 2 (w_q · code_m + coord_weights_q · coord_code_m)`` with w_q = (x_q − μ) ⊙ scale
-        (``CodeRows.rank_keys`` less its per-query constant): one multiply-add per element, float32 in one
-        fixed order, bit-identical on every path.
+        (``CodeRows.rank_keys`` less its per-query constant). The code part is an exact integer product
+        with w_q rounded to int16 once per query (see ``int8search.c``), the rest float32 in one fixed order:
+        bit-identical on every path.
 
         Args:
             queries: Q×D float32; ranking: the coreset's :class:`RankTables` with this call's Q×k

@@ -1214,112 +1214,191 @@ int ecs_rerank(const float *queries, int64_t nq, int64_t dim, const int8_t *code
  *
  * key[q, i] = norm[m] - 2 * (w_q . code_m + cw_q . coord_m) for candidate m = cand[q, i], where
  * w_q = (x_q - mu) * scale (D float32) and cw_q[j] = ((x_q - mu) . basis_j) * coord_scale[j]: the squared
- * distance to the decoded row less a per-query constant (CodeRows.rank_keys). One multiply-add per
- * element instead of the decode's ncoord + 2, so re-rank measures only the best few (search_coarse).
- * float32 throughout, in one fixed order on every path (a multiply then an add, -ffp-contract=off), so
- * every path is bit-identical: code terms in RK_LANES lanes (lane d % 64, increasing d), folded to 16 as
- * (l + l+16) + (l+32 + l+48); coordinate terms in 16 lanes (j % 16) added to them; then a halving tree
- * (i + i+8, i + i+4, i + i+2, 0 + 1). */
+ * distance to the decoded row less a per-query constant (CodeRows.rank_keys), so re-rank measures only the
+ * best few (search_coarse) instead of decoding every candidate (ncoord + 2 operations per element).
+ *
+ * The code part is an integer dot product: w_q is rounded once per query to int16 wq = round(w_q * s) with
+ * s = RK_WQ_LIMIT(dim) / max |w_q| (the largest s whose D products of |code| <= 128 fit an int32), and
+ * w_q . code_m = dot(wq, code_m) / s. The int32 dot is exact, so every SIMD path (vpmaddwd: one instruction
+ * per 16 or 32 elements instead of float's four) returns the same bits in any order; wq, s, the coordinate
+ * part (float32, 16 lanes j % 16 then a halving tree) and the key (float32, a multiply then an add,
+ * -ffp-contract=off) are formed by the one shared scalar code. Rounding w to 16 bits moves a key by at most
+ * D * 64 * max|w| / RK_WQ_LIMIT, far below float32's own rounding of the sum at 1024-d in practice (bottle
+ * WRN50: recall@1 unchanged, RESULTS.md #11 "Integer ranking"); the winners are measured exactly anyway. */
 
-#define RK_LANES 64
 #define RK_AHEAD 4 /* candidates between a row's prefetch and its use (rows are read at random) */
+
+/* The largest |wq| for which dim products with |code| <= 128 sum within an int32. */
+static inline int32_t rk_wq_limit(int64_t dim) {
+    int64_t most = INT32_MAX / (128 * dim);
+    return most > 32767 ? 32767 : (int32_t)(most > 1 ? most : 1);
+}
 
 static inline void rk_prefetch(const int8_t *row, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
 }
 
-/* The reference every SIMD path equals. */
-static float rk_key_c(const float *w, const int8_t *code, int64_t dim, const float *cw, const uint16_t *coord,
-                      int64_t ncoord, float norm) {
-    float lane[RK_LANES] = {0}, t[16];
-    for (int64_t d = 0; d < dim; d++) lane[d % RK_LANES] = lane[d % RK_LANES] + w[d] * (float)code[d];
-    float c[16] = {0};
-    for (int64_t j = 0; j < ncoord; j++) c[j % 16] = c[j % 16] + cw[j] * (float)coord[j];
-    for (int l = 0; l < 16; l++) t[l] = ((lane[l] + lane[l + 16]) + (lane[l + 32] + lane[l + 48])) + c[l];
-    for (int half = 8; half >= 1; half /= 2)
-        for (int l = 0; l < half; l++) t[l] = t[l] + t[l + half];
-    return norm - 2.0f * t[0];
+/* The reference every SIMD path equals (an exact integer sum). */
+static int32_t rk_dot_c(const int16_t *wq, const int8_t *code, int64_t dim) {
+    int32_t acc = 0;
+    for (int64_t d = 0; d < dim; d++) acc += (int32_t)wq[d] * (int32_t)code[d];
+    return acc;
 }
 
 #ifdef ECS_X86
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-static float rk_key_avx512(const float *w, const int8_t *code, int64_t dim, const float *cw, const uint16_t *coord,
-                           int64_t ncoord, float norm) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+static int32_t rk_dot_avx512(const int16_t *wq, const int8_t *code, int64_t dim) {
+    __m512i acc0 = _mm512_setzero_si512(), acc1 = acc0;
     int64_t d = 0;
-    for (; d + 64 <= dim; d += 64)
-        for (int b = 0; b < 4; b++) {
-            __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(code + d + 16 * b))));
-            acc[b] = _mm512_add_ps(acc[b], _mm512_mul_ps(_mm512_loadu_ps(w + d + 16 * b), c));
-        }
-    for (int b = 0; b < 4; b++) { /* the last < 64 dims, zero-masked past dim (adds +0); b constant: registers */
-        int64_t at = d + 16 * b;
-        if (at >= dim) break;
-        __mmask16 in = dim - at >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (dim - at)) - 1);
-        __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(in, code + at)));
-        acc[b] = _mm512_add_ps(acc[b], _mm512_mul_ps(_mm512_maskz_loadu_ps(in, w + at), c));
+    for (; d + 64 <= dim; d += 64) {
+        __m512i c0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(code + d)));
+        __m512i c1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(code + d + 32)));
+        acc0 = _mm512_add_epi32(acc0, _mm512_madd_epi16(c0, _mm512_loadu_si512((const void *)(wq + d))));
+        acc1 = _mm512_add_epi32(acc1, _mm512_madd_epi16(c1, _mm512_loadu_si512((const void *)(wq + d + 32))));
     }
-    __m512 cs = _mm512_setzero_ps();
-    for (int64_t j = 0; j < ncoord; j += 16) {
-        __mmask16 in = ncoord - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ncoord - j)) - 1);
-        __m512 cv = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, coord + j)));
-        cs = _mm512_add_ps(cs, _mm512_mul_ps(_mm512_maskz_loadu_ps(in, cw + j), cv));
+    for (; d < dim; d += 32) { /* the last < 64 dims, zero-masked past dim */
+        __mmask32 in = dim - d >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (dim - d)) - 1);
+        __m512i c = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(in, code + d));
+        acc0 = _mm512_add_epi32(acc0, _mm512_madd_epi16(c, _mm512_maskz_loadu_epi16(in, wq + d)));
     }
-    __m512 t16 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])), cs);
-    __m256 t8 = _mm256_add_ps(_mm512_castps512_ps256(t16),
-                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t16), 1)));
-    __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));
-    __m128 t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
-    __m128 t1 = _mm_add_ss(t2, _mm_shuffle_ps(t2, t2, 1));
-    return norm - 2.0f * _mm_cvtss_f32(t1);
+    return _mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1));
 }
 
-/* 64 lanes in 8 ymm: acc[a] holds lanes 8a..8a+7. */
 __attribute__((target("avx2")))
-static float rk_key_avx2(const float *w, const int8_t *code, int64_t dim, const float *cw, const uint16_t *coord,
-                         int64_t ncoord, float norm) {
-    __m256 acc[8];
-    for (int a = 0; a < 8; a++) acc[a] = _mm256_setzero_ps();
-    int8_t ctail[8];
-    float wtail[8];
-    for (int64_t d = 0; d < dim; d += 8) {
-        int a = (int)((d % RK_LANES) / 8);
-        const int8_t *cp = code + d;
-        const float *wp = w + d;
-        if (dim - d < 8) { /* zero-padded copies of the last < 8 dims (adds +0) */
-            memset(ctail, 0, sizeof ctail);
-            memset(wtail, 0, sizeof wtail);
-            memcpy(ctail, cp, (size_t)(dim - d));
-            memcpy(wtail, wp, (size_t)(dim - d) * 4);
-            cp = ctail;
-            wp = wtail;
-        }
-        __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)cp)));
-        acc[a] = _mm256_add_ps(acc[a], _mm256_mul_ps(_mm256_loadu_ps(wp), c));
+static int32_t rk_dot_avx2(const int16_t *wq, const int8_t *code, int64_t dim) {
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0;
+    int64_t d = 0;
+    for (; d + 32 <= dim; d += 32) {
+        __m256i c0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(code + d)));
+        __m256i c1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(code + d + 16)));
+        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(c0, _mm256_loadu_si256((const __m256i *)(wq + d))));
+        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(c1, _mm256_loadu_si256((const __m256i *)(wq + d + 16))));
     }
-    float cs[16] = {0};
-    for (int64_t j = 0; j < ncoord; j++) cs[j % 16] = cs[j % 16] + cw[j] * (float)coord[j];
-    __m256 lo = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[4], acc[6])),
-                              _mm256_loadu_ps(cs));
-    __m256 hi = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[1], acc[3]), _mm256_add_ps(acc[5], acc[7])),
-                              _mm256_loadu_ps(cs + 8));
-    __m256 t8 = _mm256_add_ps(lo, hi);
-    __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));
-    __m128 t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
-    __m128 t1 = _mm_add_ss(t2, _mm_shuffle_ps(t2, t2, 1));
-    return norm - 2.0f * _mm_cvtss_f32(t1);
+    __m256i acc = _mm256_add_epi32(acc0, acc1);
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s) + rk_dot_c(wq + d, code + d, dim - d);
 }
 #endif
 
-typedef float (*RankKeyFn)(const float *, const int8_t *, int64_t, const float *, const uint16_t *, int64_t, float);
+typedef int32_t (*RankDotFn)(const int16_t *, const int8_t *, int64_t);
 
-static RankKeyFn rank_key_fn(int isa) {
+static RankDotFn rank_dot_fn(int isa) {
 #ifdef ECS_X86
-    if (isa == ISA_AMX || isa == ISA_AVX512VNNI) return rk_key_avx512;
-    if (isa == ISA_AVX2 || isa == ISA_AVXVNNI) return rk_key_avx2;
+    if (isa == ISA_AMX || isa == ISA_AVX512VNNI) return rk_dot_avx512;
+    if (isa == ISA_AVX2 || isa == ISA_AVXVNNI) return rk_dot_avx2;
 #endif
     (void)isa;
-    return rk_key_c;
+    return rk_dot_c;
+}
+
+/* cw . coord in 16 float32 lanes (j % 16), then a halving tree (i + i+8, i + i+4, i + i+2, 0 + 1). */
+static inline float rk_coord_sum(const float *cw, const uint16_t *coord, int64_t ncoord) {
+    float c[16] = {0};
+    int64_t j = 0;
+    for (; j + 16 <= ncoord; j += 16)
+        for (int l = 0; l < 16; l++) c[l] = c[l] + cw[j + l] * (float)coord[j + l];
+    for (int l = 0; j + l < ncoord; l++) c[l] = c[l] + cw[j + l] * (float)coord[j + l];
+    for (int half = 8; half >= 1; half /= 2)
+        for (int l = 0; l < half; l++) c[l] = c[l] + c[l + half];
+    return c[0];
+}
+
+/* Per query: w = (x - center) * scale (a float32 subtract, then multiply: numpy's order), then wq = round(w * s)
+ * (half away from zero: v + (v < 0 ? -0.5 : 0.5), truncated) with the s above; returns 1 / s (1 where w is all
+ * zero or not finite: the caller's keys are then undefined). Every operation is exact or one IEEE rounding, so the
+ * SIMD forms below equal this one bit for bit (max |w| in any order; their max(a, b) keeps b when a is NaN). */
+static float rk_scale_of(float most, int64_t dim) {
+    return most > 0.0f && most <= 3.0e38f ? (float)rk_wq_limit(dim) / most : 0.0f;
+}
+
+static float rk_prepare_c(const float *x, const float *center, const float *scale, int64_t dim, float *w,
+                          int16_t *wq) {
+    float most = 0.0f;
+    for (int64_t d = 0; d < dim; d++) {
+        w[d] = (x[d] - center[d]) * scale[d];
+        float a = w[d] < 0.0f ? -w[d] : w[d];
+        most = a > most ? a : most;
+    }
+    float s = rk_scale_of(most, dim);
+    for (int64_t d = 0; d < dim; d++) {
+        float v = w[d] * s;
+        wq[d] = (int16_t)(int32_t)(v + (v < 0.0f ? -0.5f : 0.5f));
+    }
+    return s > 0.0f ? 1.0f / s : 1.0f;
+}
+
+#ifdef ECS_X86
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static float rk_prepare_avx512(const float *x, const float *center, const float *scale, int64_t dim, float *w,
+                               int16_t *wq) {
+    __m512 most = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 16) {
+        __mmask16 in = dim - d >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (dim - d)) - 1);
+        __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, x + d), _mm512_maskz_loadu_ps(in, center + d)),
+                                 _mm512_maskz_loadu_ps(in, scale + d));
+        _mm512_mask_storeu_ps(w + d, in, v);
+        most = _mm512_max_ps(_mm512_abs_ps(v), most);
+    }
+    float s = rk_scale_of(_mm512_reduce_max_ps(most), dim);
+    const __m512 vs = _mm512_set1_ps(s), half = _mm512_set1_ps(0.5f), minus = _mm512_set1_ps(-0.5f);
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 16) {
+        __mmask16 in = dim - d >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (dim - d)) - 1);
+        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, w + d), vs);
+        __m512 h = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), half, minus);
+        _mm256_mask_storeu_epi16(wq + d, in, _mm512_cvtepi32_epi16(_mm512_cvttps_epi32(_mm512_add_ps(v, h))));
+    }
+    return s > 0.0f ? 1.0f / s : 1.0f;
+}
+
+__attribute__((target("avx2")))
+static float rk_prepare_avx2(const float *x, const float *center, const float *scale, int64_t dim, float *w,
+                             int16_t *wq) {
+    __m256 most = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    int64_t d = 0;
+    for (; d + 8 <= dim; d += 8) {
+        __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + d), _mm256_loadu_ps(center + d)),
+                                 _mm256_loadu_ps(scale + d));
+        _mm256_storeu_ps(w + d, v);
+        most = _mm256_max_ps(_mm256_andnot_ps(sign, v), most);
+    }
+    float lanes[8], top = 0.0f;
+    _mm256_storeu_ps(lanes, most);
+    for (int l = 0; l < 8; l++) top = lanes[l] > top ? lanes[l] : top;
+    for (; d < dim; d++) {
+        w[d] = (x[d] - center[d]) * scale[d];
+        float a = w[d] < 0.0f ? -w[d] : w[d];
+        top = a > top ? a : top;
+    }
+    float s = rk_scale_of(top, dim);
+    const __m256 vs = _mm256_set1_ps(s), half = _mm256_set1_ps(0.5f), zero = _mm256_setzero_ps();
+    for (d = 0; d + 8 <= dim; d += 8) {
+        __m256 v = _mm256_mul_ps(_mm256_loadu_ps(w + d), vs);
+        __m256 h = _mm256_blendv_ps(half, _mm256_xor_ps(half, sign), _mm256_cmp_ps(v, zero, _CMP_LT_OQ));
+        __m256i i32 = _mm256_cvttps_epi32(_mm256_add_ps(v, h));
+        __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+        _mm_storeu_si128((__m128i *)(wq + d), i16);
+    }
+    for (; d < dim; d++) {
+        float v = w[d] * s;
+        wq[d] = (int16_t)(int32_t)(v + (v < 0.0f ? -0.5f : 0.5f));
+    }
+    return s > 0.0f ? 1.0f / s : 1.0f;
+}
+#endif
+
+typedef float (*RankPrepareFn)(const float *, const float *, const float *, int64_t, float *, int16_t *);
+
+static RankPrepareFn rank_prepare_fn(int isa) {
+#ifdef ECS_X86
+    if (isa == ISA_AMX || isa == ISA_AVX512VNNI) return rk_prepare_avx512;
+    if (isa == ISA_AVX2 || isa == ISA_AVXVNNI) return rk_prepare_avx2;
+#endif
+    (void)isa;
+    return rk_prepare_c;
 }
 
 /* Shared by ecs_rank_keys / ecs_rank_best: calls emit(ctx, q, i, key) for every candidate, queries split
@@ -1335,7 +1414,8 @@ typedef struct {
     const int8_t *codes;
     const uint16_t *coords;
     const int64_t *cand;
-    RankKeyFn key;
+    RankPrepareFn prepare;
+    RankDotFn dot;
     RankEmit emit;
     void *ctx;
     int64_t q0, q1;
@@ -1344,19 +1424,31 @@ typedef struct {
 static void *rank_run(void *arg) {
     const RankJob *j = (const RankJob *)arg;
     float *w = (float *)malloc((size_t)j->dim * sizeof(float));
-    if (!w) return (void *)1;
+    int16_t *wq = (int16_t *)malloc((size_t)j->dim * sizeof(int16_t));
+    if (!w || !wq) {
+        free(w);
+        free(wq);
+        return (void *)1;
+    }
     int64_t end = j->q1 * j->ncand;
     for (int64_t q = j->q0; q < j->q1; q++) {
-        for (int64_t d = 0; d < j->dim; d++) w[d] = (j->queries[q * j->dim + d] - j->center[d]) * j->scale[d];
+        float inv = j->prepare(j->queries + q * j->dim, j->center, j->scale, j->dim, w, wq);
+        const float *cw = j->cw + q * j->ncoord;
         for (int64_t i = 0; i < j->ncand; i++) {
             int64_t p = q * j->ncand + i;
-            if (p + RK_AHEAD < end) rk_prefetch(j->codes + j->cand[p + RK_AHEAD] * j->code_stride, j->dim);
+            if (p + RK_AHEAD < end) {
+                int64_t ahead = j->cand[p + RK_AHEAD];
+                rk_prefetch(j->codes + ahead * j->code_stride, j->dim);
+                if (j->ncoord) __builtin_prefetch(j->coords + ahead * j->coord_stride, 0, 3);
+            }
             int64_t row = j->cand[p];
-            j->emit(j->ctx, q, i, j->key(w, j->codes + row * j->code_stride, j->dim, j->cw + q * j->ncoord,
-                                         j->coords + row * j->coord_stride, j->ncoord, j->norm[row]));
+            float part = (float)j->dot(wq, j->codes + row * j->code_stride, j->dim) * inv;
+            float sum = part + rk_coord_sum(cw, j->coords + row * j->coord_stride, j->ncoord);
+            j->emit(j->ctx, q, i, j->norm[row] - 2.0f * sum);
         }
     }
     free(w);
+    free(wq);
     return NULL;
 }
 
@@ -1378,7 +1470,7 @@ static int rank_candidates(const float *queries, const float *center, const floa
     RankJob jobs[64];
     for (int t = 0; t < threads; t++) {
         RankJob job = {queries, center, scale, cw, norm, dim, ncoord, ncand, code_stride, coord_stride, codes, coords,
-                       cand, rank_key_fn(isa), emit, ctx, nq * t / threads, nq * (t + 1) / threads};
+                       cand, rank_prepare_fn(isa), rank_dot_fn(isa), emit, ctx, nq * t / threads, nq * (t + 1) / threads};
         jobs[t] = job;
     }
     return run_jobs(rank_run, jobs, sizeof(RankJob), threads) ? -2 : 0;
