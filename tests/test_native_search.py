@@ -540,6 +540,24 @@ def test_rank_keys_are_bit_identical_on_every_path_and_order_candidates_like_the
         kernel.rank_best(queries, tables, candidates, 10)
 
 
+@pytest.mark.parametrize("dim", [1024, 3000])
+def test_rank_keys_integer_dot_does_not_overflow_at_the_extremes(dim):
+    """Every code at -128 and every weight at its largest magnitude, one sign: the int32 dot of the int16
+    weights is at its bound (RK_WQ_LIMIT shrinks with D) and the keys still match float64."""
+    rng = np.random.default_rng(dim)
+    rows = code_rows(rng, 40, dim, 8)
+    rows._codes[:] = -128
+    rows._codes[1::2] = 127
+    rows.prepare_ranking()
+    queries = np.repeat((rows.center + 50.0 / rows._scale)[None], 3, axis=0).astype(np.float32)  # w = 50 everywhere
+    candidates = np.tile(np.arange(6), (3, 1))
+    tables = rows._rank_tables(queries, None)
+    want = reference_rank_keys(queries, rows, candidates)
+    for isa in kernel.available:
+        got = kernel.rank_keys(queries, tables, candidates, isa=isa)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def test_rank_keys_do_not_depend_on_the_thread_count():
     rng = np.random.default_rng(12)
     rows = code_rows(rng, 500, 1024, 32)
