@@ -7,9 +7,11 @@ contract is checked as in test_search_compiled.py; the bottle numbers are in ben
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -588,3 +590,62 @@ def test_rerank_measures_the_best_ranked_candidates_only(monkeypatch):
         true = numpy_l2(queries, rows, candidates)
         np.testing.assert_allclose(distances[:, 0], true.min(axis=1), rtol=1e-5)
     assert measured == [(30, 1)]  # the numpy path measured 1 of 12 (the native one: kernel.rerank)
+
+
+# ---- the kernel's persistent thread pool (run_jobs) ----
+
+def _pool_workload(rng):
+    rows = code_rows(rng, 500, 1024, 32)
+    queries = rng.normal(0.0, 1.0, (800, 1024)).astype(np.float32)
+    candidates = rng.integers(0, 500, (800, 8))
+    return rows, queries, candidates, rows._rank_tables(queries, None)
+
+
+def test_pool_gives_the_same_results_to_concurrent_callers():
+    """Python threads calling at once (ctypes releases the GIL): one holds the pool, the others start threads of
+    their own; every caller gets what a lone call returns."""
+    import concurrent.futures
+
+    rows, queries, candidates, tables = _pool_workload(np.random.default_rng(21))
+    saved = kernel.threads
+    kernel.threads = 3
+    try:
+        want = kernel.rank_keys(queries, tables, candidates)
+        with concurrent.futures.ThreadPoolExecutor(4) as workers:
+            got = list(workers.map(lambda _: kernel.rank_keys(queries, tables, candidates), range(24)))
+    finally:
+        kernel.threads = saved
+    for keys in got:
+        np.testing.assert_array_equal(keys, want)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_pool_works_in_a_forked_child():
+    """The parent's workers do not exist in a forked child: it starts its own instead of waiting on them forever."""
+    rows, queries, candidates, tables = _pool_workload(np.random.default_rng(22))
+    saved = kernel.threads
+    kernel.threads = 2
+    try:
+        want = kernel.rank_keys(queries, tables, candidates)  # the parent's pool is running now
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report whether its threaded call matched, then leave without cleanup
+            try:
+                ok = np.array_equal(kernel.rank_keys(queries, tables, candidates), want)
+                os.write(write, b"1" if ok else b"0")
+            finally:
+                os._exit(0)
+        os.close(write)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
+            time.sleep(0.05)
+        hung = time.monotonic() >= deadline
+        if hung:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        answer = os.read(read, 1)
+        os.close(read)
+    finally:
+        kernel.threads = saved
+    assert not hung, "the forked child hung in the kernel's thread pool"
+    assert answer == b"1"

@@ -23,9 +23,11 @@
  */
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(__x86_64__)
 #define ECS_X86 1
@@ -783,15 +785,161 @@ int ecs_best_isa(void) {
     return ISA_SCALAR;
 }
 
-/* Top-k (all_keys == 0: out_idx/out_key are nq x k, ascending) or every key (all_keys == 1: out_key is
- * nq x m). queries: nq x 4g int8 codes; rows: m rows of 4g int8 codes, `stride` bytes apart; corr[m] =
- * 128 * sum of row m's codes. Returns 0, or -1 (bad arguments / unsupported isa), -2 (out of memory),
- * -3 (a thread failed). */
-/* Runs fn over `threads` jobs (job t at jobs + t * size): jobs 1.. on new threads, job 0 on this one, and any
- * job whose thread could not start here afterwards. Returns 1 when a job returned non-NULL (its failure). */
+/* ---- threads: a persistent pool -------------------------------------------------------------
+ *
+ * Why: a search makes four or five threaded calls per image (projection, top-k, ranking, measure), and a
+ * pthread_create + join costs ~40 us here, with the new thread starting its half that much late; bottle
+ * WRN50's whole search is ~5 ms. Workers are started on first use and kept: each has its own mailbox (state,
+ * fn, arg), spins on it for POOL_SPIN_NS after its last job (the calls of one search come tens of us apart),
+ * then sleeps on a condition variable, so an idle camera burns nothing. One dispatch at a time: a second
+ * caller meanwhile (another Python thread; ctypes releases the GIL) starts threads of its own, as before.
+ * A forked child starts its own workers (pool_after_fork). */
+#define POOL_MAX 63
+#define POOL_SPIN_NS 200000 /* a worker's spin for its next job, and the caller's for the workers to finish */
+enum { SLOT_IDLE = 0, SLOT_READY = 1, SLOT_DONE = 2 };
+
+typedef struct {
+    _Atomic int state;
+    _Atomic int sleeping;
+    void *(*fn)(void *);
+    void *arg;
+    void *result;
+    pthread_cond_t wake;
+} Slot;
+
+static struct {
+    pthread_mutex_t use;  /* held for one dispatch */
+    pthread_mutex_t lock; /* the condition variables' */
+    pthread_cond_t done;
+    _Atomic int waiting;  /* the dispatcher sleeps on done */
+    int started;
+    Slot slot[POOL_MAX];
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+
+static inline void cpu_relax(void) {
+#if defined(ECS_X86)
+    _mm_pause();
+#elif defined(ECS_ARM)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* Spins until *state == want or POOL_SPIN_NS pass; returns whether it got there. */
+static int spin_for(_Atomic int *state, int want) {
+    int64_t until = 0;
+    for (unsigned i = 0;; i++) {
+        if (atomic_load_explicit(state, memory_order_acquire) == want) return 1;
+        cpu_relax();
+        if ((i & 63) == 63) {
+            int64_t t = now_ns();
+            if (!until) until = t + POOL_SPIN_NS;
+            else if (t > until) return 0;
+        }
+    }
+}
+
+static void *pool_worker(void *arg) {
+    Slot *slot = (Slot *)arg;
+    for (;;) {
+        if (!spin_for(&slot->state, SLOT_READY)) {
+            pthread_mutex_lock(&pool.lock);
+            atomic_store(&slot->sleeping, 1); /* seq_cst with the dispatcher's store of READY: one sees the other */
+            while (atomic_load(&slot->state) != SLOT_READY) pthread_cond_wait(&slot->wake, &pool.lock);
+            atomic_store(&slot->sleeping, 0);
+            pthread_mutex_unlock(&pool.lock);
+        }
+        slot->result = slot->fn(slot->arg);
+        atomic_store(&slot->state, SLOT_DONE);
+        if (atomic_load(&pool.waiting)) {
+            pthread_mutex_lock(&pool.lock);
+            pthread_cond_broadcast(&pool.done);
+            pthread_mutex_unlock(&pool.lock);
+        }
+    }
+    return NULL;
+}
+
+static void pool_after_fork(void) { /* the child has none of the workers: start afresh (the old slots leak) */
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
+    pool.use = fresh;
+    pool.lock = fresh;
+    pool.done = cond;
+    atomic_store(&pool.waiting, 0);
+    pool.started = 0;
+}
+
+static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+/* Workers 0 .. n-1 exist (as many as could start); returns how many there are. Holds pool.use. */
+static int pool_grow(int n) {
+    while (pool.started < n) {
+        Slot *slot = &pool.slot[pool.started];
+        pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
+        slot->wake = cond;
+        atomic_store(&slot->state, SLOT_IDLE);
+        atomic_store(&slot->sleeping, 0);
+        pthread_attr_t attr;
+        pthread_t tid;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&tid, &attr, pool_worker, slot);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        pool.started++;
+    }
+    return pool.started < n ? pool.started : n;
+}
+
+/* Runs fn over `threads` jobs (job t at jobs + t * size): jobs 1.. on the pool's workers (or, while another
+ * caller holds the pool, on new threads), job 0 on this one, and any job no thread took here afterwards.
+ * Returns 1 when a job returned non-NULL (its failure). */
 static int run_jobs(void *(*fn)(void *), void *jobs, size_t size, int threads) {
-    pthread_t tids[64];
-    int started = 0, failed = 0;
+    int failed = 0;
+    if (threads > POOL_MAX + 1) threads = POOL_MAX + 1;
+    if (threads <= 1) return fn(jobs) != NULL;
+    pthread_once(&pool_once, pool_init);
+    if (pthread_mutex_trylock(&pool.use) == 0) {
+        int helpers = pool_grow(threads - 1);
+        for (int t = 0; t < helpers; t++) {
+            Slot *slot = &pool.slot[t];
+            slot->fn = fn;
+            slot->arg = (char *)jobs + (size_t)(t + 1) * size;
+            atomic_store(&slot->state, SLOT_READY);
+            if (atomic_load(&slot->sleeping)) {
+                pthread_mutex_lock(&pool.lock);
+                pthread_cond_signal(&slot->wake);
+                pthread_mutex_unlock(&pool.lock);
+            }
+        }
+        if (fn(jobs) != NULL) failed = 1;
+        for (int t = helpers + 1; t < threads; t++)
+            if (fn((char *)jobs + (size_t)t * size) != NULL) failed = 1;
+        for (int t = 0; t < helpers; t++) {
+            Slot *slot = &pool.slot[t];
+            if (!spin_for(&slot->state, SLOT_DONE)) {
+                pthread_mutex_lock(&pool.lock);
+                atomic_store(&pool.waiting, 1);
+                while (atomic_load(&slot->state) != SLOT_DONE) pthread_cond_wait(&pool.done, &pool.lock);
+                atomic_store(&pool.waiting, 0);
+                pthread_mutex_unlock(&pool.lock);
+            }
+            if (slot->result != NULL) failed = 1;
+            atomic_store(&slot->state, SLOT_IDLE);
+        }
+        pthread_mutex_unlock(&pool.use);
+        return failed;
+    }
+    pthread_t tids[POOL_MAX + 1];
+    int started = 0;
     for (int t = 1; t < threads; t++) {
         if (pthread_create(&tids[t], NULL, fn, (char *)jobs + (size_t)t * size) != 0) break;
         started = t;
@@ -807,6 +955,10 @@ static int run_jobs(void *(*fn)(void *), void *jobs, size_t size, int threads) {
     return failed;
 }
 
+/* Top-k (all_keys == 0: out_idx/out_key are nq x k, ascending) or every key (all_keys == 1: out_key is
+ * nq x m). queries: nq x 4g int8 codes; rows: m rows of 4g int8 codes, `stride` bytes apart; corr[m] =
+ * 128 * sum of row m's codes. Returns 0, or -1 (bad arguments / unsupported isa), -2 (out of memory),
+ * -3 (a thread failed). */
 static int run(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows, int64_t stride, int64_t m,
                const float *bias, const int32_t *corr, const float *cq, int64_t k, int32_t *out_idx,
                float *out_key, int all_keys, int isa, int threads) {
