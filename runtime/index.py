@@ -731,9 +731,9 @@ class CoarseSearcher(CoarseSearch):
 
         def proposer(projected: np.ndarray):
             if native_stage:
-                return ProjectedCandidates(projected, kernel, arrays["codes"].shape[1])
+                return ProjectedCandidates(projected, kernel)
             return GraphProposer(_hnswlib_index(graph, projected, params), params["ef_search"],
-                                 lambda index: _hnswlib_bytes(index, size), projected, kernel)
+                                 lambda index: _hnswlib_bytes(index, size), projected)
 
         # The native stage projects on the codes' own principal directions when they have the stored
         # projection's width: the same subspace, and the projection then doubles as the re-rank's PCA

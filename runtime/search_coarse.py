@@ -10,18 +10,18 @@ hardware limit"):
   hnswlib keeps its own float32 copy of what it indexes, so at 32 dims that copy is 1/32 of the fp32
   coreset, and every graph hop costs 32 multiply-adds instead of 1024 (hnswlib's SSE build: no
   AVX-512 needed, see ``.ci/install``).
-* **Re-rank.** The candidates are ranked on the int8 codes themselves (:meth:`CodeRows.rank_keys`, one
-  multiply-add per element; natively where the kernel loads) and only the best are decoded and measured
+* **Re-rank.** The candidates are ranked on the int8 codes themselves (:meth:`CodeRows.rank_keys`, an
+  integer dot product per candidate; natively where the kernel loads) and only the best are decoded and measured
   (:class:`CodeRows`: no fp32 copy of the coreset exists in memory, rows are decoded on demand, float64
   sums), so every distance returned is a true L2 distance to a stored row.
 * **Certified maximum.** The image score is the largest nearest-neighbour distance, which is where an
   approximate search is least reliable. As in hnsw mode, the block's worst queries are re-searched
   exactly until the maximum is proven; here the exact search is pruned by the projection: an orthogonal
   projection never lengthens a vector, so ``‖P(x − y)‖ ≤ ‖x − y‖`` bounds every point from below and
-  only points whose bound beats the current best are decoded. The candidate stage supplies the bounds
-  from what it holds (:meth:`Proposer.lower_bounds`): the float32 projections (the graph's, or the native
-  stage's while they cost at most 1/16 of the fp32 coreset, as at 1024-d), else the native stage's int8 codes
-  of them less their rounding bound, so a low-D coreset keeps no M×p float32 copy.
+  only points whose bound beats the current best are decoded. The bounds come from int8 codes of the
+  projections (:class:`CodeBounds`: the native stage's own table, or one made for the graph), less their
+  rounding, so no M×p float32 copy is held; natively (``Int8Kernel.exact_pruned``) the whole pruned search is
+  one call.
 """
 from __future__ import annotations
 
@@ -213,60 +213,96 @@ def rerank(queries: np.ndarray, rows: CodeRows, candidates: np.ndarray, k: int,
     return np.take_along_axis(distances, order, axis=1), np.take_along_axis(candidates, order, axis=1)
 
 
-class Proposer(Protocol):
-    """Coarse mode's candidate stage over the projected coreset: projected queries → Q×k rows, and lower
-    bounds of every row's projected distance to one projected query (the certified maximum's pruning)."""
+class CodeBounds:
+    """Lower bounds of ‖x̂ − y_m‖ (projected query x̂, projected row y_m) from int8 codes of the projections:
+    ŷ_m = mid + step ⊙ code_m, bound_m = (‖x̂ − ŷ_m‖ − margin) · (1 − slack), margin = ½ ‖step‖ (1 + slack) ≥
+    ‖ŷ_m − y_m‖ (triangle inequality; the slack covers float32 rounding). The certified maximum prunes on them.
 
-    def propose(self, projected: np.ndarray, k: int) -> np.ndarray: ...
+    Why codes, not the float32 projections: a quarter of the bytes (bottle WRN50: 0.47 vs 1.9 MB, read cold
+    after the engine ran), and the native stage already holds them. They are looser (bottle WRN50: the certified
+    query measures 92 rows instead of 55, 0.1 ms), which the native pruned search more than pays back.
 
-    def lower_bounds(self, projected: np.ndarray) -> np.ndarray: ...
-
-    def memory_bytes(self) -> int: ...
-
-
-class FloatBounds:
-    """Lower bounds ‖x̂ − y_m‖ · (1 − slack) of the certified maximum from the M×p float32 projections y.
-
-    With the native kernel they are kept transposed (p×M, the same bytes) and measured by
-    ``Int8Kernel.sqdist_t``: bottle WRN50's 14 739 × 32, 0.07 vs 0.43 ms per certified query with numpy.
+    Args:
+        table: M×W int8 codes (W ≥ width; contiguous rows), shared with its owner where it has one.
+        mid, step: width float32; codes of a constant direction (step where it spans nothing) are exact.
+        width: the projection's p.
+        rounding: ≥ max ‖ŷ_m − y_m‖.
     """
 
-    def __init__(self, points: np.ndarray, kernel: native.Int8Kernel | None = None) -> None:
-        self._kernel = kernel
-        self._points = np.ascontiguousarray(points.T if kernel is not None else points, dtype=np.float32)
+    def __init__(self, table: np.ndarray, mid: np.ndarray, step: np.ndarray, width: int, rounding: float) -> None:
+        self.table, self.width = table, int(width)
+        self.mid = np.ascontiguousarray(mid, dtype=np.float32)
+        self.step = np.ascontiguousarray(step, dtype=np.float32)
+        self.tables = native.BoundTables(table, self.step, self.width, float(rounding * (1.0 + _BOUND_SLACK)),
+                                         float(1.0 - _BOUND_SLACK))
 
-    def __call__(self, projected: np.ndarray) -> np.ndarray:
-        if self._kernel is not None:
-            distances = np.sqrt(self._kernel.sqdist_t(self._points, projected))
-        else:
-            distances = _distances_to(self._points, projected)
-        return distances * np.float32(1.0 - _BOUND_SLACK)
+    @classmethod
+    def of_points(cls, points: np.ndarray) -> "CodeBounds":
+        """Codes of M×p float32 ``points`` with each direction's full range in ±127 (the tightest bounds)."""
+        lo, hi = points.min(axis=0), points.max(axis=0)
+        mid = ((lo.astype(np.float64) + hi) / 2).astype(np.float32)
+        half = (hi.astype(np.float64) - lo) / 2
+        step = np.where(half > 0, half / 127.0, 1.0).astype(np.float32)
+        codes = np.clip(np.rint((points - mid) / step), -127, 127).astype(np.int8)
+        table = np.zeros((points.shape[0], (points.shape[1] + 3) // 4 * 4), np.int8)
+        table[:, : points.shape[1]] = codes
+        return cls(table, mid, step, points.shape[1], code_rounding(step, half))
+
+    def offsets(self, projected: np.ndarray) -> np.ndarray:
+        """mid − x̂: what the bounds add to step ⊙ code."""
+        return self.mid - projected
+
+    def __call__(self, projected: np.ndarray, rows: int = 2048) -> np.ndarray:
+        """M bounds for one projected query (numpy; the native search computes the same inside its call)."""
+        offsets = self.offsets(projected)
+        out = np.empty(self.table.shape[0], np.float32)
+        for start in range(0, len(out), rows):
+            block = self.table[start : start + rows, : self.width].astype(np.float32)
+            block *= self.step
+            block += offsets
+            np.einsum("md,md->m", block, block, out=out[start : start + rows])
+        np.sqrt(out, out=out)
+        out -= np.float32(self.tables.margin)
+        out *= np.float32(self.tables.shrink)
+        return out
 
     @property
     def nbytes(self) -> int:
-        return self._points.nbytes
+        return self.table.nbytes + self.mid.nbytes + self.step.nbytes
+
+
+def code_rounding(step: np.ndarray, half: np.ndarray) -> float:
+    """max ‖ŷ − y‖ of codes rounded to the nearest step (½ step a direction; a constant direction is exact)."""
+    return float(0.5 * np.linalg.norm(np.where(half > 0, step, 0.0)))
+
+
+class Proposer(Protocol):
+    """Coarse mode's candidate stage over the projected coreset: projected queries → Q×k rows, and the
+    :class:`CodeBounds` of every row's projection (the certified maximum's pruning)."""
+
+    bounds: CodeBounds
+
+    def propose(self, projected: np.ndarray, k: int) -> np.ndarray: ...
+
+    def memory_bytes(self) -> int: ...
 
 
 class GraphProposer:
     """hnswlib's graph over the projections (what coarse bundles store; the search without the native
     kernel's candidates). ``ef_search``: hnswlib's beam; ``nbytes``: the graph's resident bytes; ``points``: the
-    M×p float32 projections (the lower bounds' side of the coreset); ``kernel``: measures those bounds where loaded."""
+    M×p float32 projections, of which the bounds keep int8 codes (hnswlib keeps its own float32 copy)."""
 
-    def __init__(self, graph, ef_search: int, nbytes: Callable[[object], int], points: np.ndarray,
-                 kernel: native.Int8Kernel | None = None) -> None:
+    def __init__(self, graph, ef_search: int, nbytes: Callable[[object], int], points: np.ndarray) -> None:
         self.graph, self.ef_search, self._nbytes = graph, int(ef_search), nbytes
-        self._bounds = FloatBounds(points, kernel)
+        self.bounds = CodeBounds.of_points(points)
 
     def propose(self, projected: np.ndarray, k: int) -> np.ndarray:
         self.graph.set_ef(max(self.ef_search, k))
         labels, _ = self.graph.knn_query(projected, k=k)
         return labels.astype(np.int64)
 
-    def lower_bounds(self, projected: np.ndarray) -> np.ndarray:
-        return self._bounds(projected)
-
     def memory_bytes(self) -> int:
-        return self._nbytes(self.graph) + self._bounds.nbytes
+        return self._nbytes(self.graph) + self.bounds.nbytes
 
 
 class CoarseSearch:
@@ -351,7 +387,13 @@ class CoarseSearch:
         step stops at the first point whose bound is above the k-th best. Returns (k distances, k indices),
         nearest first (ties by index: the same whatever the steps).
         """
-        lower = self.proposer.lower_bounds(projected)
+        bounds = self.proposer.bounds
+        found = _native_decoder(self.rows)
+        if found is not None:  # the same rows in the same order (the steps' sizes do not change the result)
+            d, i, _ = found[0].exact_pruned(query, found[1], bounds.tables, bounds.offsets(projected), float(bound),
+                                            int(holder), k)
+            return d, i
+        lower = bounds(projected)
         order = _ascending_first(lower, batch)
         best_d = np.empty(0, np.float32)
         best_i = np.empty(0, np.int64)
@@ -381,18 +423,6 @@ class CoarseSearch:
             if len(best_d) == k:
                 kth = float(best_d[-1])
         return best_d, best_i
-
-
-def _distances_to(points: np.ndarray, point: np.ndarray, rows: int = 2048) -> np.ndarray:
-    """float32 ‖points − point‖ by direct difference, in row blocks: the values of one M×p difference
-    without its M×p temporary, whose fresh pages cost more than the arithmetic (bottle WRN50's 14 739 × 32
-    lower bounds alone: 0.29 vs 0.56 ms; with 64-point steps the certified maximum per frame in the detector
-    is 0.76–0.84 ms instead of 0.98–1.10)."""
-    out = np.empty(len(points), np.float32)
-    for start in range(0, len(points), rows):
-        diff = points[start : start + rows] - point
-        np.einsum("md,md->m", diff, diff, out=out[start : start + rows])
-    return np.sqrt(out, out=out)
 
 
 def _ascending_first(values: np.ndarray, count: int) -> np.ndarray:

@@ -20,7 +20,7 @@ from edgecore.runtime import native
 from edgecore.runtime.errors import BundleError
 from edgecore.runtime.index import FULL_D_PATHS, QuantizedIndex, int8_fallback_reason
 from edgecore.runtime.native.search import Int8Search, ProjectedCandidates
-from edgecore.runtime.search_coarse import GraphProposer
+from edgecore.runtime.search_coarse import CodeBounds, GraphProposer
 
 kernel = native.kernel()
 DIM, BLOCK, IMAGES = 256, 50, 40
@@ -130,7 +130,7 @@ def test_every_path_without_512_bit_dot_products_searches_the_projection(data, s
 
 
 def test_the_native_stage_holds_under_0_35x_fp32(data, saved, monkeypatch):
-    """Low D: the lower bounds come from the int8 projections, so no M×p float32 copy is held."""
+    """Low D: the lower bounds come from the stage's own int8 projections, so no M×p float32 copy is held."""
     dot_product = [isa for isa in ("avxvnni", "neon") if isa in kernel.available]
     if not dot_product:
         pytest.skip("no kernel path here with an int8 dot product that searches the projection")
@@ -138,26 +138,28 @@ def test_the_native_stage_holds_under_0_35x_fp32(data, saved, monkeypatch):
     directory, description = saved
     loaded = QuantizedIndex.load(directory, description)
     assert loaded.mode == "coarse"
-    assert isinstance(loaded.searcher.proposer, ProjectedCandidates) and loaded.searcher.proposer._float_bounds is None
+    proposer = loaded.searcher.proposer
+    assert isinstance(proposer, ProjectedCandidates) and proposer.bounds.table is proposer._table
     assert loaded.memory_bytes() <= 0.35 * data["points"].nbytes, loaded.memory_bytes() / data["points"].nbytes
 
 
 def test_the_int8_lower_bounds_never_exceed_the_projected_distance(coarse):
-    """‖x̂ − ŷ‖ − ½‖step‖ ≤ ‖x̂ − y‖ for every row, queries near and far (what the certified maximum prunes on)."""
+    """‖x̂ − ŷ‖ − ½‖step‖ ≤ ‖x̂ − y‖ for every row, queries near and far (what the certified maximum prunes on):
+    the native stage's codes (their step split with the query side) and the graph's own (full range)."""
     searcher = coarse.searcher
-    if not isinstance(searcher.proposer, ProjectedCandidates):
-        pytest.skip("the graph proposes on this CPU")
-    proposer = ProjectedCandidates(searcher.project_rows(), kernel, dim=10**6)  # share ≤ 1/16: float bounds kept
-    coded = ProjectedCandidates(searcher.project_rows(), kernel, dim=DIM)
-    assert proposer._float_bounds is not None and coded._float_bounds is None
-    rng = np.random.default_rng(11)
     rows = searcher.project_rows()
+    staged = ProjectedCandidates(rows, kernel).bounds
+    graph = CodeBounds.of_points(rows)
+    rng = np.random.default_rng(11)
     for query in (rows[3], rows[17] + 1e-3, rng.normal(size=rows.shape[1]).astype(np.float32) * 5):
         true = np.sqrt(((rows.astype(np.float64) - query) ** 2).sum(axis=1))
-        bound = coded.lower_bounds(query.astype(np.float32))
-        assert np.all(bound <= true), float((bound - true).max())
-        assert np.all(proposer.lower_bounds(query.astype(np.float32)) <= true)
-        assert float(np.median(true - bound)) < 0.5 * float(np.median(true))  # and still a useful bound
+        for bounds in (staged, graph):
+            bound = bounds(query.astype(np.float32))
+            assert np.all(bound <= true), float((bound - true).max())
+            assert float(np.median(true - bound)) < 0.5 * float(np.median(true))  # and still a useful bound
+        blocks = [staged(query.astype(np.float32), rows=r) for r in (1, 7, 2048, 10**6)]
+        for got in blocks[1:]:  # blocks that do not divide the rows, and one block for all
+            np.testing.assert_array_equal(got, blocks[0])
 
 
 def test_a_coarse_fallback_with_a_bad_projection_is_refused(saved, tmp_path):

@@ -265,6 +265,7 @@ def test_detector_scores_with_int8_search_as_with_exact(exported_bundle, synthet
 # libc6-dev-arm64-cross, qemu-user; .ci/install installs them). Checks every key and the top-k against a
 # plain-C int64 reference, and that a CPU without the dot-product extension refuses the NEON path.
 AARCH64_HARNESS = r"""
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -274,7 +275,12 @@ int ecs_topk(const int8_t *, int64_t, int64_t, const int8_t *, int64_t, int64_t,
 int ecs_keys(const int8_t *, int64_t, int64_t, const int8_t *, int64_t, int64_t, const float *, const int32_t *,
              const float *, float *, int, int);
 int ecs_project(const float *, int64_t, int64_t, const float *, const float *, int64_t, float *, int, int);
-int ecs_sqdist_t(const float *, int64_t, int64_t, const float *, float *, int);
+int ecs_l2(const float *, int64_t, int64_t, const int8_t *, int64_t, const float *, const float *, const float *,
+           int64_t, const uint16_t *, int64_t, const float *, const float *, const int64_t *, int64_t, float *, int, int);
+int ecs_exact_pruned(const float *, int64_t, const int8_t *, int64_t, const float *, const float *, const float *,
+                     int64_t, const uint16_t *, int64_t, const float *, const float *, int64_t, const int8_t *, int64_t,
+                     int64_t, const float *, const float *, float, float, float, int64_t, int64_t, float *, int64_t *,
+                     int64_t *, int);
 int ecs_isa_supported(int);
 int ecs_best_isa(void);
 const char *ecs_isa_name(int);
@@ -320,28 +326,46 @@ int main(void) {
         printf("case %d rc %d %d %d %d -> %s\n", ci, rc0, rc1, rc2, rc3, bad ? "FAIL" : "ok");
         fails += bad;
     }
-    { /* the projection and the transposed distances: the same bits as plain loops in the same order */
-        int64_t nq = 11, dim = 37, p = 35, m = 70;
+    { /* the projection: the same bits as a plain loop in the same order */
+        int64_t nq = 11, dim = 37, p = 35;
         float *x = malloc(4 * nq * dim), *c = malloc(4 * dim), *bt = malloc(4 * dim * p), *o = malloc(4 * nq * p);
-        float *pt = malloc(4 * p * m), *pnt = malloc(4 * p), *sd = malloc(4 * m);
         for (int64_t i = 0; i < nq * dim; i++) x[i] = (float)((int)(rnd() % 2001) - 1000) * 0.00137f;
         for (int64_t i = 0; i < dim; i++) c[i] = (float)((int)(rnd() % 201) - 100) * 0.0021f;
         for (int64_t i = 0; i < dim * p; i++) bt[i] = (float)((int)(rnd() % 2001) - 1000) * 0.00093f;
-        for (int64_t i = 0; i < p * m; i++) pt[i] = (float)((int)(rnd() % 2001) - 1000) * 0.0011f;
-        for (int64_t i = 0; i < p; i++) pnt[i] = (float)((int)(rnd() % 2001) - 1000) * 0.0007f;
-        int bad = ecs_project(x, nq, dim, c, bt, p, o, 4, 2) || ecs_sqdist_t(pt, p, m, pnt, sd, 4);
+        int bad = ecs_project(x, nq, dim, c, bt, p, o, 4, 2);
         for (int64_t q = 0; q < nq && !bad; q++)
             for (int64_t j = 0; j < p; j++) {
                 float acc = 0.0f;
                 for (int64_t d = 0; d < dim; d++) acc = acc + (x[q * dim + d] - c[d]) * bt[d * p + j];
                 if (acc != o[q * p + j]) bad = 1;
             }
-        for (int64_t i = 0; i < m && !bad; i++) {
-            float acc = 0.0f;
-            for (int64_t d = 0; d < p; d++) { float df = pt[d * m + i] - pnt[d]; acc = acc + df * df; }
-            if (acc != sd[i]) bad = 1;
-        }
         printf("projection -> %s\n", bad ? "FAIL" : "ok");
+        fails += bad;
+    }
+    { /* the pruned exact search: rows y = 0.5 + 0.01 code, bounded by their own codes (exact, margin 0), k = 3,
+       * against ecs_l2 over every row */
+        int64_t m = 300, dim = 40, k = 3;
+        int8_t *codes = malloc(m * dim);
+        float scale[40], offset[40], query[40], c[40], step[40], all[300], d3[3];
+        int64_t every[300], i3[3], measured = 0;
+        for (int64_t i = 0; i < m * dim; i++) codes[i] = (int8_t)(rnd() % 256 - 128);
+        for (int64_t i = 0; i < dim; i++) { scale[i] = step[i] = 0.01f; offset[i] = 0.5f; }
+        for (int64_t i = 0; i < dim; i++) { query[i] = 0.5f + 0.01f * (float)codes[7 * dim + i] + 0.003f; c[i] = 0.5f - query[i]; }
+        for (int64_t i = 0; i < m; i++) every[i] = i;
+        int bad = ecs_l2(query, 1, dim, codes, dim, scale, offset, NULL, 0, NULL, 0, NULL, NULL, every, m, all, 4, 1);
+        bad |= ecs_exact_pruned(query, dim, codes, dim, scale, offset, NULL, 0, NULL, 0, NULL, NULL, m, codes, dim, dim,
+                                c, step, 1e-4f, 0.9999f, INFINITY, -1, k, d3, i3, &measured, 4);
+        for (int64_t j = 0; j < k && !bad; j++) { /* the j-th smallest (distance, row) of all */
+            int64_t best = -1;
+            for (int64_t i = 0; i < m; i++) {
+                int taken = 0;
+                for (int64_t t = 0; t < j; t++) taken |= i3[t] == i;
+                if (!taken && (best < 0 || all[i] < all[best])) best = i;
+            }
+            if (i3[j] != best || d3[j] != all[best]) bad = 1;
+        }
+        if (measured < k || measured >= m) bad = 1; /* pruned, but not to nothing */
+        printf("exact pruned (%lld rows measured) -> %s\n", (long long)measured, bad ? "FAIL" : "ok");
         fails += bad;
     }
     return fails;
@@ -359,7 +383,7 @@ def test_neon_path_on_emulated_aarch64_matches_the_reference(tmp_path):
                     str(source), str(tmp_path / "harness.c")], check=True, capture_output=True, timeout=120)
     dotprod = subprocess.run([QEMU_ARM, "-cpu", "max", str(binary)], capture_output=True, text=True, timeout=120)
     assert dotprod.returncode == 0 and dotprod.stdout.startswith("best neon neon 1"), dotprod.stdout
-    assert dotprod.stdout.count("-> ok") == 6, dotprod.stdout
+    assert dotprod.stdout.count("-> ok") == 7, dotprod.stdout
     plain = subprocess.run([QEMU_ARM, "-cpu", "cortex-a53", str(binary)], capture_output=True, text=True, timeout=120)
     assert plain.stdout.startswith("best scalar neon 0"), plain.stdout  # no dot product: the C path
 
@@ -460,23 +484,9 @@ def test_projection_is_bit_identical_on_every_path_and_thread_count(nq, dim, p):
     np.testing.assert_allclose(results[0], exact, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(exact).max(initial=0))))
 
 
-def test_transposed_squared_distances_are_bit_identical_on_every_path():
-    rng = np.random.default_rng(4)
-    for m, p in ((14739, 32), (101, 7), (64, 1), (0, 3)):
-        points = rng.normal(size=(m, p)).astype(np.float32)
-        point = rng.normal(size=p).astype(np.float32)
-        points_t = np.ascontiguousarray(points.T)
-        results = [kernel.sqdist_t(points_t, point, isa=isa) for isa in kernel.available]
-        for got in results:
-            np.testing.assert_array_equal(got, results[0])
-        np.testing.assert_allclose(results[0], ((points.astype(np.float64) - point) ** 2).sum(axis=1), rtol=1e-5, atol=1e-6)
-
-
 def test_projection_and_distances_refuse_bad_arguments():
     with pytest.raises(ValueError, match="D center"):
         kernel.project(np.zeros((3, 8), np.float32), np.zeros(7, np.float32), np.zeros((8, 2), np.float32))
-    with pytest.raises(ValueError, match="contiguous p×M"):
-        kernel.sqdist_t(np.zeros((4, 9), np.float32).T, np.zeros(9, np.float32))
 
 
 def test_native_rerank_refuses_bad_arguments():

@@ -75,6 +75,18 @@ class RankTables(NamedTuple):
     coord_weights: np.ndarray
 
 
+class BoundTables(NamedTuple):
+    """Int8 codes of the rows' p-dimensional projections, for :meth:`Int8Kernel.exact_pruned`'s lower bounds:
+    ŷ_m = mid + step ⊙ code_m, bound_m = (‖ŷ_m − x̂‖ − margin) · shrink. table: M×W int8 (contiguous rows, W ≥
+    width); step: width float32; margin ≥ ‖ŷ − y‖ plus slack; shrink ≤ 1 (float32 rounding of the projection)."""
+
+    table: np.ndarray
+    step: np.ndarray
+    width: int
+    margin: float
+    shrink: float
+
+
 class NativeUnavailable(RuntimeError):
     """The library is missing, unloadable, or switched off (``EDGECORE_NATIVE_ISA=off``)."""
 
@@ -115,7 +127,11 @@ class Int8Kernel:
         lib.ecs_rank_keys.argtypes = rank + [_f32, ctypes.c_int, ctypes.c_int]
         lib.ecs_rank_best.argtypes = rank + [_i64, _idx, ctypes.c_int, ctypes.c_int]
         lib.ecs_project.argtypes = [_f32, _i64, _i64, _f32, _f32, _i64, _f32, ctypes.c_int, ctypes.c_int]
-        lib.ecs_sqdist_t.argtypes = [_f32, _i64, _i64, _f32, _f32, ctypes.c_int]
+        lib.ecs_exact_pruned.argtypes = [_f32, _i64, ctypes.c_void_p, _i64, _f32, _f32, ctypes.c_void_p, _i64,
+                                         ctypes.c_void_p, _i64, ctypes.c_void_p, ctypes.c_void_p, _i64,
+                                         ctypes.c_void_p, _i64, _i64, _f32, _f32, ctypes.c_float, ctypes.c_float,
+                                         ctypes.c_float, _i64, _i64, _f32, _idx, ctypes.POINTER(ctypes.c_int64),
+                                         ctypes.c_int]
         self.available = tuple(name for i, name in enumerate(ISAS) if lib.ecs_isa_supported(i))
         best = ISAS[lib.ecs_best_isa()]
         self.isa = best if isa in (None, "", "auto") else isa
@@ -179,22 +195,38 @@ class Int8Kernel:
                                           basis_t.shape[1], out, self._isa_id(isa), self.threads))
         return out
 
-    def sqdist_t(self, points_t: np.ndarray, point: np.ndarray, isa: str | None = None) -> np.ndarray:
-        """Squared L2 distances from ``point`` (p) to each of the M rows of ``points_t`` (the p×M transposed
-        table), each summed over p in order: the same bits on every path.
+    def exact_pruned(self, query: np.ndarray, tables: DecodeTables, bounds: BoundTables, offsets: np.ndarray,
+                     bound: float, holder: int, k: int, isa: str | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """The exact ``k`` nearest rows of one query (true L2 as :meth:`l2`, ties by row), measuring only the rows
+        whose lower bound from ``bounds`` can still beat the k-th distance (the certified maximum's search).
+
+        Args:
+            query: D float32; tables: the coreset's :class:`DecodeTables`; bounds: the int8 codes of the rows'
+                projections (:class:`BoundTables`); offsets: p float32, mid − the query's projection;
+                bound, holder: a distance already reached and its row (k = 1), else +inf and −1.
 
         Returns:
-            M float32.
+            (k distances, k row ids) nearest first, and how many rows were decoded.
         """
-        point = np.ascontiguousarray(point, dtype=np.float32)
-        if points_t.dtype != np.float32 or points_t.ndim != 2 or not points_t.flags.c_contiguous \
-                or point.shape != (points_t.shape[0],):
-            raise ValueError(f"sqdist_t needs a contiguous p×M float32 table and a p point, got "
-                             f"{points_t.dtype} {points_t.shape} and {point.shape}")
-        out = np.empty(points_t.shape[1], np.float32)
-        self._raise(self._lib.ecs_sqdist_t(points_t, points_t.shape[0], points_t.shape[1], point, out,
-                                           self._isa_id(isa)))
-        return out
+        m, dim = tables.codes.shape
+        args, _ = self._decode_args(np.asarray(query, np.float32).reshape(1, -1), tables, np.zeros((1, 0), np.int64))
+        table, width = bounds.table, bounds.width
+        if (table.dtype != np.int8 or table.ndim != 2 or table.shape[0] != m or table.strides[1] != 1
+                or not 1 <= width <= min(table.shape[1], MAX_COORDS)):
+            raise ValueError(f"bound table must be M×W int8 rows (M={m}) holding {width} codes")
+        offsets = np.ascontiguousarray(offsets, dtype=np.float32)
+        step = np.ascontiguousarray(bounds.step, dtype=np.float32)
+        if offsets.shape != (width,) or step.shape != (width,):
+            raise ValueError(f"offsets and step must hold {width} floats, got {offsets.shape}, {step.shape}")
+        if not 1 <= k <= m or (k == 1 and not 0 <= holder < m):
+            raise ValueError(f"k must be in [1, {m}] (and k = 1 needs a holder row), got k={k}, holder={holder}")
+        dist = np.empty(k, np.float32)
+        idx = np.empty(k, np.int64)
+        measured = ctypes.c_int64(0)
+        self._raise(self._lib.ecs_exact_pruned(
+            args[0], dim, *args[3:13], m, table.ctypes.data, table.strides[0], width, offsets, step,
+            bounds.margin, bounds.shrink, bound, holder, k, dist, idx, ctypes.byref(measured), self._isa_id(isa)))
+        return dist, idx, int(measured.value)
 
     def l2(self, queries: np.ndarray, tables: DecodeTables, candidates: np.ndarray,
            isa: str | None = None) -> np.ndarray:

@@ -25,13 +25,9 @@ from __future__ import annotations
 import numpy as np
 
 from edgecore.runtime.native import Int8Kernel, quantize_queries
-from edgecore.runtime.search_coarse import _BOUND_SLACK, CodeRows, FloatBounds, direct_l2, rerank
+from edgecore.runtime.search_coarse import CodeBounds, CodeRows, code_rounding, direct_l2, rerank
 
 INT8_CANDIDATES = 16  # untuned default (--search int8 on another mode's bundle); export tunes it per coreset
-# Coarse mode's lower bounds come from the float32 projections while they cost at most this share of the fp32
-# coreset (bottle WRN50: 32/1024, tighter bounds, 0.3-0.4 ms per frame faster), else from the int8 codes (Lite0:
-# 32/152 = 21 % of the fp32 bytes saved, which keeps the index under 0.35x).
-FLOAT_BOUNDS_MAX_SHARE = 1 / 16
 PROJECTED_STEP_EXPONENT = 0.5  # coarse mode: row code step × (σ_max / σ_d) ** this (see ProjectedCandidates)
 _COORD_STEP = 257  # uint16 coordinate code ≈ 257 · (int8 + 128): 0..65535 onto 0..255
 _KEY_SLACK = 1e-4  # relative float32 rounding allowance on the key bounds (float32 norms summed over D terms)
@@ -170,9 +166,8 @@ class ProjectedCandidates:
     ``latency``, RESULTS.md #11 "AMX").
     """
 
-    def __init__(self, projected: np.ndarray, kernel: Int8Kernel, dim: int) -> None:
-        """``projected``: the M×p float32 projections; ``dim``: the coreset's D (see FLOAT_BOUNDS_MAX_SHARE)."""
-        self._float_bounds = FloatBounds(projected, kernel) if projected.shape[1] <= FLOAT_BOUNDS_MAX_SHARE * dim else None
+    def __init__(self, projected: np.ndarray, kernel: Int8Kernel) -> None:
+        """``projected``: the M×p float32 projections (only their int8 codes are kept)."""
         lo, hi = projected.min(axis=0), projected.max(axis=0)
         self._mid = ((lo.astype(np.float64) + hi) / 2).astype(np.float32)
         half = (hi.astype(np.float64) - lo) / 2
@@ -185,32 +180,14 @@ class ProjectedCandidates:
         decoded = self._mid + self._step * codes.astype(np.float32)
         self._bias = np.einsum("md,md->m", decoded, decoded).astype(np.float32)
         self._corr, _ = _row_tables(self._table)
-        # |ŷ_d − y_d| ≤ step_d / 2 (the gain keeps every code inside ±127: no clipping), so ‖ŷ − y‖ ≤ ½ ‖step‖
-        self._rounding = float(0.5 * np.linalg.norm(np.where(half > 0, self._step, 0.0)))  # constant ones: exact
+        # |ŷ_d − y_d| ≤ step_d / 2 (the gain keeps every code inside ±127: no clipping): the certified maximum's
+        # bounds read the same table
+        self.bounds = CodeBounds(self._table, self._mid, self._step, projected.shape[1], code_rounding(self._step, half))
         self.kernel = kernel
 
     @property
     def isa(self) -> str:
         return self.kernel.path_for(self._table.shape[1])
-
-    def lower_bounds(self, projected: np.ndarray, rows: int = 2048) -> np.ndarray:
-        """M lower bounds of ‖x̂ − y_m‖ (projected query x̂, projected row y_m): from the float32 projections
-        where they are kept, else from the int8 codes alone, ‖x̂ − ŷ_m‖ − ½ ‖step‖ (triangle inequality;
-        float32 rounding covered by the coarse bound slack). Bottle Lite0: the codes' bounds are looser by
-        1.5–2 % of the certified distance, and the certified query measures 1.2× the rows."""
-        if self._float_bounds is not None:
-            return self._float_bounds(projected)
-        width = projected.shape[0]
-        out = np.empty(self._table.shape[0], np.float32)
-        for start in range(0, len(out), rows):
-            block = self._table[start : start + rows, :width].astype(np.float32)
-            block *= self._step
-            block += self._mid - projected
-            np.einsum("md,md->m", block, block, out=out[start : start + rows])
-        np.sqrt(out, out=out)
-        out -= np.float32(self._rounding * (1.0 + _BOUND_SLACK))
-        out *= np.float32(1.0 - _BOUND_SLACK)
-        return out
 
     def propose(self, projected: np.ndarray, k: int) -> np.ndarray:
         """Q×k candidate rows for Q projected queries."""
@@ -220,5 +197,4 @@ class ProjectedCandidates:
         return idx
 
     def memory_bytes(self) -> int:
-        kept = self._float_bounds.nbytes if self._float_bounds is not None else 0
-        return kept + self._table.nbytes + self._bias.nbytes + self._corr.nbytes + self._mid.nbytes + self._step.nbytes
+        return self._table.nbytes + self._bias.nbytes + self._corr.nbytes + self._mid.nbytes + self._step.nbytes
