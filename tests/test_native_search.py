@@ -326,7 +326,7 @@ int main(void) {
         printf("case %d rc %d %d %d %d -> %s\n", ci, rc0, rc1, rc2, rc3, bad ? "FAIL" : "ok");
         fails += bad;
     }
-    { /* the projection: the same bits as a plain loop in the same order */
+    { /* the projection: the same bits as a plain loop of fused multiply-adds in the same order */
         int64_t nq = 11, dim = 37, p = 35;
         float *x = malloc(4 * nq * dim), *c = malloc(4 * dim), *bt = malloc(4 * dim * p), *o = malloc(4 * nq * p);
         for (int64_t i = 0; i < nq * dim; i++) x[i] = (float)((int)(rnd() % 2001) - 1000) * 0.00137f;
@@ -336,7 +336,7 @@ int main(void) {
         for (int64_t q = 0; q < nq && !bad; q++)
             for (int64_t j = 0; j < p; j++) {
                 float acc = 0.0f;
-                for (int64_t d = 0; d < dim; d++) acc = acc + (x[q * dim + d] - c[d]) * bt[d * p + j];
+                for (int64_t d = 0; d < dim; d++) acc = __builtin_fmaf(x[q * dim + d] - c[d], bt[d * p + j], acc);
                 if (acc != o[q * p + j]) bad = 1;
             }
         printf("projection -> %s\n", bad ? "FAIL" : "ok");

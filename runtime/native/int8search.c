@@ -670,8 +670,13 @@ static inline void pair_rows_512(const Ctx *c, int64_t qb, int64_t m0, int64_t m
         const int8_t *rp = c->rows + m * stride;
         /* named accumulators, not an array: GCC keeps an asm operand array in memory when the loop stays rolled.
          * 16 chains: vpdpbusd zmm has a 4-5 cycle latency and issues on two ports (8 rows: Lite0 4.9 ms vs 6.0 at 4) */
-        __m512i a00 = _mm512_setzero_si512(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-        __m512i a40 = a00, a41 = a00, a50 = a00, a51 = a00, a60 = a00, a61 = a00, a70 = a00, a71 = a00;
+        /* each row's accumulators start at -corr (128 * its row sum), so they end as the exact dots: the u8 bias is
+         * undone once per row instead of once per row and block */
+        const int32_t *corr = c->corr + m;
+        __m512i a00 = _mm512_set1_epi32(-corr[0]), a01 = a00, a10 = _mm512_set1_epi32(-corr[1]), a11 = a10;
+        __m512i a20 = _mm512_set1_epi32(-corr[2]), a21 = a20, a30 = _mm512_set1_epi32(-corr[3]), a31 = a30;
+        __m512i a40 = _mm512_set1_epi32(-corr[4]), a41 = a40, a50 = _mm512_set1_epi32(-corr[5]), a51 = a50;
+        __m512i a60 = _mm512_set1_epi32(-corr[6]), a61 = a60, a70 = _mm512_set1_epi32(-corr[7]), a71 = a70;
         for (int64_t j = 0; j < g; j++) {
             const __m512i a = _mm512_loadu_si512((const void *)(qp0 + j * QB * 4));
             const __m512i b = _mm512_loadu_si512((const void *)(qp1 + j * QB * 4));
@@ -687,8 +692,8 @@ static inline void pair_rows_512(const Ctx *c, int64_t qb, int64_t m0, int64_t m
         const __m512i acc[PAIR_ROWS][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31},
                                            {a40, a41}, {a50, a51}, {a60, a61}, {a70, a71}};
         for (int r = 0; r < PAIR_ROWS; r++) {
-            __m512 key0 = keys512(acc[r][0], c->corr[m + r], c->bias[m + r], vcq0);
-            __m512 key1 = keys512(acc[r][1], c->corr[m + r], c->bias[m + r], vcq1);
+            __m512 key0 = keys512_exact(acc[r][0], c->bias[m + r], vcq0);
+            __m512 key1 = keys512_exact(acc[r][1], c->bias[m + r], vcq1);
             __mmask16 hit0 = _mm512_cmp_ps_mask(key0, vk0, _CMP_LE_OQ), hit1 = _mm512_cmp_ps_mask(key1, vk1, _CMP_LE_OQ);
             if (__builtin_expect(hit0 != 0, 0)) vk0 = list_hits(c, q0, lanes0, (int32_t)(m + r), hit0, key0, vk0);
             if (__builtin_expect(hit1 != 0, 0)) vk1 = list_hits(c, q1, lanes1, (int32_t)(m + r), hit1, key1, vk1);
@@ -1688,11 +1693,13 @@ int ecs_rank_best(const float *queries, const float *center, const float *scale,
 /* ---- projection: coarse mode's PCA coordinates of the queries (and of the rows, at load) ----
  *
  * out[q * p + j] = sum over d = 0 .. dim-1, in that order, of (x[q * dim + d] - center[d]) * bt[d * p + j]:
- * a float32 subtract, multiply and add per term (no fusing, -ffp-contract=off), accumulated from +0, so every
- * path and thread count returns the same bits. Why native: numpy's (x - center) @ B on the one BLAS thread the
- * detector allows took 1.0 of the 6.4 ms bottle WRN50 search (784 x 1024 x 32); here it is split between the
- * kernel's threads and no 784 x 1024 centred copy is made. The lanes run over j (the p outputs), so the same
- * loop body, compiled for AVX-512 or AVX2 or the baseline (SSE2 / NEON), only changes the vector width. */
+ * a float32 subtract, then one fused multiply-add per term (correctly rounded: the hardware FMA of the AVX2,
+ * AVX-512 and NEON paths, rr_fma on the baseline), accumulated from +0, so every path and thread count returns
+ * the same bits. Why native: numpy's (x - center) @ B on the one BLAS thread the detector allows took 1.0 of the
+ * 6.4 ms bottle WRN50 search (784 x 1024 x 32); here it is split between the kernel's threads and no 784 x 1024
+ * centred copy is made. Why fused: the multiply-adds are the whole cost, and one instruction instead of two took
+ * the 784 queries from 0.45 to 0.3x ms in the detector (RESULTS.md #11, "Integer ranking"). The lanes run over j
+ * (the p outputs). */
 #define PJ_QUERIES 4   /* queries sharing one pass over bt */
 #define PJ_WIDTH 32    /* outputs per pass (accumulators of PJ_QUERIES x PJ_WIDTH floats) */
 #define PJ_MIN_WORK (4 * 1024 * 1024) /* multiply-adds per thread, at least */
@@ -1716,7 +1723,7 @@ static inline __attribute__((always_inline)) void pj_block(const float *x, int64
             }
             for (int i = 0; i < PJ_QUERIES; i++) {
                 float v = xs[i][d] - center[d];
-                for (int j = 0; j < PJ_WIDTH; j++) acc[i][j] = acc[i][j] + v * bd[j];
+                for (int j = 0; j < PJ_WIDTH; j++) acc[i][j] = rr_fma(v, bd[j], acc[i][j]);
             }
         }
         for (int64_t i = 0; i < nq && i < PJ_QUERIES; i++) memcpy(out + i * p + j0, acc[i], (size_t)w * sizeof(float));
@@ -1733,7 +1740,7 @@ static void pj_rows_c(const float *x, int64_t nq, int64_t dim, const float *cent
 /* pj_block with its accumulators in registers: PJ_QUERIES_512 queries x 2 zmm (32 outputs), masked past p;
  * the block's centred queries are formed first (the same float32 subtraction), then broadcast from memory. */
 #define PJ_QUERIES_512 8
-__attribute__((target("avx512f")))
+__attribute__((target("avx512f,fma")))
 static void pj_rows_avx512(const float *x, int64_t nq, int64_t dim, const float *center, const float *bt, int64_t p,
                            float *out) {
     float *centred = (float *)malloc((size_t)(PJ_QUERIES_512 * dim) * sizeof(float));
@@ -1757,8 +1764,8 @@ static void pj_rows_avx512(const float *x, int64_t nq, int64_t dim, const float 
                 __m512 b0 = _mm512_maskz_loadu_ps(m0, bd), b1 = _mm512_maskz_loadu_ps(m1, bd + 16);
                 for (int i = 0; i < PJ_QUERIES_512; i++) {
                     __m512 v = _mm512_set1_ps(centred[i * dim + d]);
-                    acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_mul_ps(v, b0));
-                    acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_mul_ps(v, b1));
+                    acc[i][0] = _mm512_fmadd_ps(v, b0, acc[i][0]);
+                    acc[i][1] = _mm512_fmadd_ps(v, b1, acc[i][1]);
                 }
             }
             for (int64_t i = 0; i < PJ_QUERIES_512 && q + i < nq; i++) {
@@ -1770,11 +1777,39 @@ static void pj_rows_avx512(const float *x, int64_t nq, int64_t dim, const float 
     free(centred);
 }
 
-__attribute__((target("avx2")))
+/* PJ_QUERIES queries x 16 outputs in 8 ymm, the last outputs through a zero-padded copy of bt's row. */
+__attribute__((target("avx2,fma")))
 static void pj_rows_avx2(const float *x, int64_t nq, int64_t dim, const float *center, const float *bt, int64_t p,
                          float *out) {
-    for (int64_t q = 0; q < nq; q += PJ_QUERIES)
-        pj_block(x + q * dim, nq - q, dim, center, bt, p, out + q * p);
+    float b[16], o[16];
+    for (int64_t q = 0; q < nq; q += PJ_QUERIES) {
+        const float *xs[PJ_QUERIES];
+        for (int i = 0; i < PJ_QUERIES; i++) xs[i] = x + (q + i < nq ? q + i : q) * dim;
+        for (int64_t j0 = 0; j0 < p; j0 += 16) {
+            int64_t w = p - j0 < 16 ? p - j0 : 16;
+            __m256 acc[PJ_QUERIES][2];
+            for (int i = 0; i < PJ_QUERIES; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+            memset(b, 0, sizeof b);
+            for (int64_t d = 0; d < dim; d++) {
+                const float *bd = bt + d * p + j0;
+                if (w < 16) {
+                    memcpy(b, bd, (size_t)w * sizeof(float));
+                    bd = b;
+                }
+                __m256 b0 = _mm256_loadu_ps(bd), b1 = _mm256_loadu_ps(bd + 8);
+                for (int i = 0; i < PJ_QUERIES; i++) {
+                    __m256 v = _mm256_set1_ps(xs[i][d] - center[d]);
+                    acc[i][0] = _mm256_fmadd_ps(v, b0, acc[i][0]);
+                    acc[i][1] = _mm256_fmadd_ps(v, b1, acc[i][1]);
+                }
+            }
+            for (int64_t i = 0; i < PJ_QUERIES && q + i < nq; i++) {
+                _mm256_storeu_ps(o, acc[i][0]);
+                _mm256_storeu_ps(o + 8, acc[i][1]);
+                memcpy(out + (q + i) * p + j0, o, (size_t)w * sizeof(float));
+            }
+        }
+    }
 }
 #endif
 
