@@ -30,6 +30,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from edgecore.runtime import native
+from edgecore.runtime.errors import NonFiniteError
 
 # Orthogonal-projection lower bounds are shrunk by this relative margin before pruning: the stored
 # basis is orthonormal only to float32 rounding, and the projections are float32.
@@ -353,9 +354,19 @@ class CoarseSearch:
     def nbytes(self) -> int:
         return self._basis_t.nbytes + self._center.nbytes + self.proposer.memory_bytes()
 
+    @property
+    def checks_queries(self) -> bool:
+        """Whether :meth:`search` refuses non-finite queries itself: the native projection computes every term,
+        so a NaN or infinite coordinate makes every output of its query non-finite, and checking the Q×p
+        projections replaces the caller's pass over the Q×D queries (bottle WRN50: 0.15–0.3 ms a frame)."""
+        return self._kernel is not None
+
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         k = min(int(k), self.size)
         projected = self.project(queries)
+        if self._kernel is not None and not np.isfinite(projected).all():
+            raise NonFiniteError("index search: the query features contain NaN or infinite values "
+                                 "(or overflow float32 in their projection)")
         candidates = self.proposer.propose(projected, max(self.candidates, k))
         distances, indices = rerank(queries, self.rows, candidates, k, projected if self._projects_coords else None)
         for start in range(0, queries.shape[0], self.certify_block):

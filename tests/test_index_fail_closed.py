@@ -210,3 +210,17 @@ def test_index_search_with_non_finite_result_raises(built, mode, value):
     queries[7, 3:5] = value  # two coordinates at 3e38: the distance, ~4.2e38, is beyond float32
     with pytest.raises(NonFiniteError):
         index.search(queries, 1)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_coarse_search_refuses_a_non_finite_coordinate_anywhere_from_its_projection(built, value):
+    """With the native kernel, coarse mode checks the queries through their projections (no Q×D pass): one bad
+    coordinate, first or last, in the first or the last query, still makes the search raise."""
+    index = built["coarse"]
+    if not getattr(index.searcher, "checks_queries", False):
+        pytest.skip("no native kernel: the index checks the queries itself")
+    for row, col in ((0, 0), (49, index.dim - 1), (20, index.dim // 2)):
+        queries = np.zeros((50, index.dim), np.float32)
+        queries[row, col] = value
+        with pytest.raises(NonFiniteError, match="NaN or infinite"):
+            index.search(queries, 1)
