@@ -94,7 +94,7 @@ class CodeRows:
         """
         found = _native_decoder(self)
         if found is not None:
-            return found[0].rank_keys(queries, self._rank_tables(queries, coords), index)
+            return found[0].rank_keys(queries, self.rank_tables(queries, coords), index)
         centred = queries - self._center
         # einsum reads the int8 codes directly (casting in small buffers): 4× faster than
         # converting the Q×K×D gather to float32 and calling a batched matmul.
@@ -110,7 +110,7 @@ class CodeRows:
         (ties by candidate position)."""
         found = _native_decoder(self)
         if found is not None:
-            return found[0].rank_best(queries, self._rank_tables(queries, coords), index, keep)
+            return found[0].rank_best(queries, self.rank_tables(queries, coords), index, keep)
         order = np.argsort(self.rank_keys(queries, index, coords), axis=1, kind="stable")[:, :keep]
         return np.take_along_axis(index, order, axis=1)
 
@@ -121,7 +121,9 @@ class CodeRows:
             coords = queries @ self._basis_t - self._center_coords
         return coords * self._coord_scale
 
-    def _rank_tables(self, queries: np.ndarray, coords: np.ndarray | None) -> native.RankTables:
+    def rank_tables(self, queries: np.ndarray, coords: np.ndarray | None) -> native.RankTables:
+        """The native kernel's :class:`~edgecore.runtime.native.RankTables` for these queries (``coords``: as
+        :meth:`rank_keys`)."""
         return native.RankTables(self._codes, self._coord_codes, self._center, self._scale, self._norms,
                                  self._coord_weights(queries, coords))
 
@@ -204,9 +206,11 @@ def rerank(queries: np.ndarray, rows: CodeRows, candidates: np.ndarray, k: int,
     RESULTS.md #11), and the image maximum is certified exact afterwards regardless. ``coords``: the
     queries' PCA coordinates (:meth:`CodeRows.rank_keys`), where the caller has computed them already.
     """
+    found = _native_decoder(rows)
+    if found is not None and candidates.shape[1] > k:  # ranked and measured in one pass over the queries
+        return found[0].rank_measure(queries, rows.rank_tables(queries, coords), found[1], candidates, k)
     if candidates.shape[1] > k:
         candidates = rows.rank_best(queries, candidates, k, coords)
-    found = _native_decoder(rows)
     if found is not None:
         return found[0].rerank(queries, found[1], candidates, k)
     distances = direct_l2(queries, rows, candidates)

@@ -531,7 +531,7 @@ def test_rank_keys_are_bit_identical_on_every_path_and_order_candidates_like_the
     queries = (rows[rng.integers(0, m, 70)] + rng.normal(0.0, 0.3, (70, dim))).astype(np.float32)
     candidates = rng.integers(0, m, (70, 9))
     candidates[:, 4] = candidates[:, 1]  # equal keys: the earlier position ranks first
-    tables = rows._rank_tables(queries, None)
+    tables = rows.rank_tables(queries, None)
     keys = [kernel.rank_keys(queries, tables, candidates, isa=isa) for isa in kernel.available]
     coords = (queries - rows.center) @ rows.basis.T  # a caller's own PCA coordinates give the same keys
     np.testing.assert_allclose(rows.rank_keys(queries, candidates, coords), keys[0], rtol=1e-5,
@@ -563,11 +563,33 @@ def test_rank_keys_integer_dot_does_not_overflow_at_the_extremes(dim):
     rows.prepare_ranking()
     queries = np.repeat((rows.center + 50.0 / rows._scale)[None], 3, axis=0).astype(np.float32)  # w = 50 everywhere
     candidates = np.tile(np.arange(6), (3, 1))
-    tables = rows._rank_tables(queries, None)
+    tables = rows.rank_tables(queries, None)
     want = reference_rank_keys(queries, rows, candidates)
     for isa in kernel.available:
         got = kernel.rank_keys(queries, tables, candidates, isa=isa)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("m,dim,ncoord,keep", [(300, 203, 17, 1), (120, 1024, 32, 3), (90, 7, 0, 2), (500, 64, 16, 1)])
+def test_rank_measure_is_rank_best_then_rerank_bit_for_bit(m, dim, ncoord, keep):
+    """One pass (rank, keep, measure while in cache) returns exactly what the two calls return, on every path and
+    thread count, ties included (duplicate rows: equal keys and distances, settled by rank)."""
+    rng = np.random.default_rng(dim + keep)
+    rows = code_rows(rng, m, dim, ncoord, duplicates=True)
+    queries = (rows[rng.integers(0, m, 70)] + rng.normal(0.0, 0.3, (70, dim))).astype(np.float32)
+    candidates = rng.integers(0, m, (70, 9))
+    candidates[:, 4] = candidates[:, 1]
+    tables, decode = rows.rank_tables(queries, None), rows.decode_tables()
+    for isa in kernel.available:
+        if isa == "scalar" and dim > 256:
+            continue  # the baseline's software FMA decode: covered at the smaller sizes
+        kept = kernel.rank_best(queries, tables, candidates, keep, isa=isa)
+        want = kernel.rerank(queries, decode, kept, keep, isa=isa)
+        for got in on_threads((1, 3), lambda: kernel.rank_measure(queries, tables, decode, candidates, keep, isa=isa)):
+            np.testing.assert_array_equal(got[1], want[1])
+            np.testing.assert_array_equal(got[0], want[0])
+    with pytest.raises(ValueError, match="keep must be"):
+        kernel.rank_measure(queries, tables, decode, candidates, 10)
 
 
 def test_rank_keys_do_not_depend_on_the_thread_count():
@@ -575,7 +597,7 @@ def test_rank_keys_do_not_depend_on_the_thread_count():
     rows = code_rows(rng, 500, 1024, 32)
     queries = rng.normal(0.0, 1.0, (800, 1024)).astype(np.float32)
     candidates = rng.integers(0, 500, (800, 8))  # 6.6 M multiply-adds: three threads of RK_MIN_WORK
-    tables = rows._rank_tables(queries, None)
+    tables = rows.rank_tables(queries, None)
     results = on_threads((1, 3), lambda: (kernel.rank_keys(queries, tables, candidates),
                                           kernel.rank_best(queries, tables, candidates, 2)))
     np.testing.assert_array_equal(results[0][0], results[1][0])
@@ -608,7 +630,7 @@ def _pool_workload(rng):
     rows = code_rows(rng, 500, 1024, 32)
     queries = rng.normal(0.0, 1.0, (800, 1024)).astype(np.float32)
     candidates = rng.integers(0, 500, (800, 8))
-    return rows, queries, candidates, rows._rank_tables(queries, None)
+    return rows, queries, candidates, rows.rank_tables(queries, None)
 
 
 def test_pool_gives_the_same_results_to_concurrent_callers():

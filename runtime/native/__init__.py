@@ -126,6 +126,8 @@ class Int8Kernel:
                 _idx, _i64]
         lib.ecs_rank_keys.argtypes = rank + [_f32, ctypes.c_int, ctypes.c_int]
         lib.ecs_rank_best.argtypes = rank + [_i64, _idx, ctypes.c_int, ctypes.c_int]
+        lib.ecs_rank_measure.argtypes = rank + [_i64, _f32, _f32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                                _f32, _idx, ctypes.c_int, ctypes.c_int]
         lib.ecs_project.argtypes = [_f32, _i64, _i64, _f32, _f32, _i64, _f32, ctypes.c_int, ctypes.c_int]
         lib.ecs_exact_pruned.argtypes = [_f32, _i64, ctypes.c_void_p, _i64, _f32, _f32, ctypes.c_void_p, _i64,
                                          ctypes.c_void_p, _i64, ctypes.c_void_p, ctypes.c_void_p, _i64,
@@ -291,6 +293,27 @@ class Int8Kernel:
         out = np.empty((shape[0], keep), np.int64)
         self._raise_rank(self._lib.ecs_rank_best(*args, keep, out, self._isa_id(isa), self.threads))
         return out
+
+    def rank_measure(self, queries: np.ndarray, ranking: RankTables, tables: DecodeTables, candidates: np.ndarray,
+                     keep: int, isa: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`rank_best` then :meth:`rerank` of the kept rows in one call (one pass over the queries, each
+        query's winners measured while they are in cache): the same results, bit for bit.
+
+        Returns:
+            (Q×keep float32 true L2 distances, Q×keep int64 row ids), ascending by (distance, rank).
+        """
+        args, shape = self._rank_args(queries, ranking, candidates)
+        if not 1 <= keep <= shape[1]:
+            raise ValueError(f"keep must be in [1, {shape[1]}], got {keep}")
+        decode, _ = self._decode_args(args[0], tables, np.zeros((shape[0], 0), np.int64))
+        if tables.codes.ctypes.data != ranking.codes.ctypes.data or tables.codes.shape != ranking.codes.shape:
+            raise ValueError("rank and decode tables must describe the same codes")
+        dist = np.empty((shape[0], keep), np.float32)
+        idx = np.empty((shape[0], keep), np.int64)
+        self._raise_rank(self._lib.ecs_rank_measure(*args, keep, tables.scale, tables.offset, tables.basis.ctypes.data,
+                                                    tables.coord_scale.ctypes.data, tables.coord_offset.ctypes.data,
+                                                    dist, idx, self._isa_id(isa), self.threads))
+        return dist, idx
 
     @staticmethod
     def _rank_args(queries: np.ndarray, r: "RankTables", candidates: np.ndarray) -> tuple[list, tuple[int, int]]:

@@ -1261,6 +1261,33 @@ typedef struct {
     int isa;
 } RrJob;
 
+/* The group's distances (rows of them, dist[r]) on the isa's path; the group's acc must start at 0. */
+static void rr_measure(const Rerank *c, Group *g, int rows, int isa, float *dist) {
+    int64_t done = 0;
+#ifdef ECS_X86
+    if (isa == ISA_AMX || isa == ISA_AVX512VNNI)
+        done = rr_dims_avx2(c, g, rr_dims_avx512(c, g)); /* AVX2 takes 8 of the last < 16 dims */
+    else if (isa == ISA_AVX2 || isa == ISA_AVXVNNI)
+        done = rr_dims_avx2(c, g, 0);
+#endif
+    (void)isa;
+    rr_dims_c(c, g, done, c->dim);
+    for (int r = 0; r < rows; r++) {
+        double s = 0.0;
+        for (int l = 0; l < RR_LANES; l++) s += g->acc[r][l];
+        dist[r] = (float)rr_sqrt(s);
+    }
+}
+
+/* Fills group slot r with row m of query x (its decoded coordinates; acc cleared). */
+static void rr_slot(const Rerank *c, Group *g, int r, int64_t m, const float *x) {
+    g->code[r] = c->codes + m * c->code_stride;
+    g->x[r] = x;
+    for (int64_t j = 0; j < c->ncoord; j++)
+        g->cval[r][j] = (float)c->coords[m * c->coord_stride + j] * c->coord_scale[j] + c->coord_offset[j];
+    for (int l = 0; l < RR_LANES; l++) g->acc[r][l] = 0.0;
+}
+
 static void *rr_run(void *arg) {
     const RrJob *job = (const RrJob *)arg;
     const Rerank *c = job->r;
@@ -1270,26 +1297,9 @@ static void *rr_run(void *arg) {
         int rows = (int)(job->p1 - p0 < RR_ROWS ? job->p1 - p0 : RR_ROWS);
         for (int r = 0; r < RR_ROWS; r++) {
             int64_t p = p0 + (r < rows ? r : 0);
-            int64_t m = c->cand[p];
-            g->code[r] = c->codes + m * c->code_stride;
-            g->x[r] = c->queries + p / c->ncand * c->dim;
-            for (int64_t j = 0; j < c->ncoord; j++)
-                g->cval[r][j] = (float)c->coords[m * c->coord_stride + j] * c->coord_scale[j] + c->coord_offset[j];
-            for (int l = 0; l < RR_LANES; l++) g->acc[r][l] = 0.0;
+            rr_slot(c, g, r, c->cand[p], c->queries + p / c->ncand * c->dim);
         }
-        int64_t done = 0;
-#ifdef ECS_X86
-        if (job->isa == ISA_AMX || job->isa == ISA_AVX512VNNI)
-            done = rr_dims_avx2(c, g, rr_dims_avx512(c, g)); /* AVX2 takes 8 of the last < 16 dims */
-        else if (job->isa == ISA_AVX2 || job->isa == ISA_AVXVNNI)
-            done = rr_dims_avx2(c, g, 0);
-#endif
-        rr_dims_c(c, g, done, c->dim);
-        for (int r = 0; r < rows; r++) {
-            double s = 0.0;
-            for (int l = 0; l < RR_LANES; l++) s += g->acc[r][l];
-            c->dist[p0 + r] = (float)rr_sqrt(s);
-        }
+        rr_measure(c, g, rows, job->isa, c->dist + p0);
     }
     free(g);
     return NULL;
@@ -1687,6 +1697,134 @@ int ecs_rank_best(const float *queries, const float *center, const float *scale,
         for (int64_t p = 0; p < nq * keep; p++) out_idx[p] = cand[p / keep * ncand + out_idx[p]];
     free(best);
     free(filled);
+    return rc;
+}
+
+/* ---- rank, then measure: ecs_rank_best + ecs_rerank in one pass over the queries ----------------
+ *
+ * Each thread ranks its queries' candidates (the keys of ecs_rank_keys), keeps each query's `keep` best, and
+ * measures them (ecs_l2) RR_ROWS at a time while the queries and the winners' rows are still in its cache;
+ * then orders each query's measured rows by (distance, rank). The results are ecs_rank_best's followed by
+ * ecs_rerank's, bit for bit. Why: the two calls read the Q x D queries twice (bottle WRN50: 3.2 MB, written
+ * by the engine just before) and the winners' rows twice. */
+typedef struct {
+    RankJob rank;
+    const Rerank *rr;
+    int isa;
+    int64_t keep;
+    float *scratch;   /* nq x keep: the kept candidates' distances */
+    int64_t *kept;    /* nq x keep: their row ids, in rank order */
+    float *out_dist;  /* nq x keep */
+    int64_t *out_idx; /* nq x keep */
+} RmJob;
+
+static void *rm_run(void *arg) {
+    const RmJob *job = (const RmJob *)arg;
+    const RankJob *j = &job->rank;
+    const Rerank *c = job->rr;
+    const int64_t keep = job->keep;
+    float *w = (float *)malloc((size_t)j->dim * sizeof(float));
+    int16_t *wq = (int16_t *)malloc((size_t)j->dim * sizeof(int16_t));
+    float *bk = (float *)malloc((size_t)keep * sizeof(float));
+    int64_t *bp = (int64_t *)malloc((size_t)keep * sizeof(int64_t));
+    Group *g = (Group *)malloc(sizeof(Group));
+    if (!w || !wq || !bk || !bp || !g) {
+        free(w); free(wq); free(bk); free(bp); free(g);
+        return (void *)1;
+    }
+    int64_t end = j->q1 * j->ncand;
+    int pending = 0;
+    int64_t slot_at[RR_ROWS];
+    for (int64_t q = j->q0; q < j->q1; q++) {
+        float inv = j->prepare(j->queries + q * j->dim, j->center, j->scale, j->dim, w, wq);
+        const float *cw = j->cw + q * j->ncoord;
+        int64_t filled = 0;
+        for (int64_t i = 0; i < j->ncand; i++) {
+            int64_t p = q * j->ncand + i;
+            if (p + RK_AHEAD < end) {
+                int64_t ahead = j->cand[p + RK_AHEAD];
+                rk_prefetch(j->codes + ahead * j->code_stride, j->dim);
+                if (j->ncoord) __builtin_prefetch(j->coords + ahead * j->coord_stride, 0, 3);
+            }
+            int64_t row = j->cand[p];
+            float part = (float)j->dot(wq, j->codes + row * j->code_stride, j->dim) * inv;
+            float sum = part + rk_coord_sum(cw, j->coords + row * j->coord_stride, j->ncoord);
+            keep_smallest(bk, bp, &filled, keep, j->norm[row] - 2.0f * sum, i);
+        }
+        for (int64_t t = 0; t < keep; t++) {
+            int64_t row = j->cand[q * j->ncand + bp[t]];
+            job->kept[q * keep + t] = row;
+            slot_at[pending] = q * keep + t;
+            rr_slot(c, g, pending, row, j->queries + q * j->dim);
+            if (++pending == RR_ROWS) {
+                float d[RR_ROWS];
+                rr_measure(c, g, RR_ROWS, job->isa, d);
+                for (int r = 0; r < RR_ROWS; r++) job->scratch[slot_at[r]] = d[r];
+                pending = 0;
+            }
+        }
+    }
+    if (pending) { /* the last group, padded by repeating its first pair (results dropped) */
+        for (int r = pending; r < RR_ROWS; r++) {
+            g->code[r] = g->code[0];
+            g->x[r] = g->x[0];
+            memcpy(g->cval[r], g->cval[0], sizeof g->cval[0]);
+            for (int l = 0; l < RR_LANES; l++) g->acc[r][l] = 0.0;
+        }
+        float d[RR_ROWS];
+        rr_measure(c, g, pending, job->isa, d);
+        for (int r = 0; r < pending; r++) job->scratch[slot_at[r]] = d[r];
+    }
+    for (int64_t q = j->q0; q < j->q1; q++) { /* ecs_rerank's order: (distance, rank) */
+        int64_t filled = 0;
+        float *od = job->out_dist + q * keep;
+        int64_t *oi = job->out_idx + q * keep;
+        for (int64_t t = 0; t < keep; t++) keep_smallest(od, oi, &filled, keep, job->scratch[q * keep + t], t);
+        for (int64_t t = 0; t < keep; t++) oi[t] = job->kept[q * keep + oi[t]];
+    }
+    free(w); free(wq); free(bk); free(bp); free(g);
+    return NULL;
+}
+
+/* ecs_rank_best (keep of each query's ncand candidates, by rank key) then ecs_rerank (their true L2, ascending
+ * by (distance, rank)) in one call: out_dist / out_idx are nq x keep. Takes ecs_rank_keys' arguments, then the
+ * decoding tables of ecs_l2 (basis, coord_scale, coord_offset). Returns as ecs_rank_keys. */
+int ecs_rank_measure(const float *queries, const float *center, const float *scale, const float *cw, int64_t nq,
+                     int64_t dim, const int8_t *codes, int64_t code_stride, int64_t ncoord, const uint16_t *coords,
+                     int64_t coord_stride, const float *norm, int64_t m, const int64_t *cand, int64_t ncand,
+                     int64_t keep, const float *dec_scale, const float *dec_offset, const float *basis,
+                     const float *coord_scale, const float *coord_offset, float *out_dist, int64_t *out_idx, int isa,
+                     int threads) {
+    if (nq < 0 || dim < 1 || ncand < 1 || keep < 1 || keep > ncand || ncoord < 0 || ncoord > RR_MAX_COORDS ||
+        code_stride < dim || (ncoord && coord_stride < ncoord) || !ecs_isa_supported(isa))
+        return -1;
+    for (int64_t p = 0; p < nq * ncand; p++)
+        if (cand[p] < 0 || cand[p] >= m) return -1;
+    if (nq == 0) return 0;
+    float *scratch = (float *)malloc((size_t)(nq * keep) * sizeof(float));
+    int64_t *kept = (int64_t *)malloc((size_t)(nq * keep) * sizeof(int64_t));
+    if (!scratch || !kept) {
+        free(scratch); free(kept);
+        return -2;
+    }
+    Rerank rr = {queries, nq, dim, codes, code_stride, dec_scale, dec_offset, basis, ncoord, coords, coord_stride,
+                 coord_scale, coord_offset, NULL, keep, NULL};
+    /* threads as the ranking's (RK_MIN_WORK), the measure's work (RR_MIN_WORK) added */
+    int64_t work = nq * ncand * dim + nq * keep * dim * (ncoord + 2) / 6, most = work / RK_MIN_WORK;
+    if (threads > 64) threads = 64;
+    if (threads > most) threads = (int)most;
+    if (threads > nq) threads = (int)nq;
+    if (threads < 1) threads = 1;
+    RmJob jobs[64];
+    for (int t = 0; t < threads; t++) {
+        RankJob rank = {queries, center, scale, cw, norm, dim, ncoord, ncand, code_stride, coord_stride, codes, coords,
+                        cand, rank_prepare_fn(isa), rank_dot_fn(isa), NULL, NULL, nq * t / threads,
+                        nq * (t + 1) / threads};
+        RmJob job = {rank, &rr, isa, keep, scratch, kept, out_dist, out_idx};
+        jobs[t] = job;
+    }
+    int rc = run_jobs(rm_run, jobs, sizeof(RmJob), threads) ? -2 : 0;
+    free(scratch); free(kept);
     return rc;
 }
 
