@@ -120,9 +120,9 @@ class QuantizedIndex:
     (points and centred points, 8·M·D bytes), plus in hnsw mode hnswlib's own fp32
     copy and links (4·D + 8·m + 12 bytes per point). Coarse mode holds the stored
     arrays and either the int8 codes of the projections for the native kernel (p + 8
-    bytes per point, plus their float32 copy, 4·p, for the lower bounds where p/D ≤ 1/16)
-    or, without the kernel, the float32 projections, hnswlib's copy of them and its
-    links: no fp32 copy of the coreset. Int8
+    bytes per point; its lower bounds read the same codes) or, without the kernel,
+    hnswlib's float32 copy of the projections, its links, and p-byte int8 codes of the
+    projections for the lower bounds: no fp32 copy of the coreset. Int8
     mode holds the stored arrays (its codes share the kernel's table), the table's
     8-bit PCA columns and padding, and 12 bytes per point of row tables.
     """
