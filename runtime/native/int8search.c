@@ -2062,9 +2062,56 @@ static inline __attribute__((always_inline)) int64_t ep_scan(const int8_t *table
 static int64_t ep_scan_c(const int8_t *t, int64_t s, int64_t m, int64_t p16, const float *c, const float *st, float l,
                          Bound *o) { return ep_scan(t, s, m, p16, c, st, l, o); }
 #ifdef ECS_X86
-__attribute__((target("avx512f")))
+/* 16 rows at a time, each row's 16 lanes in a zmm, then one transposing reduction of the 16 vectors whose adds are
+ * the scalar halving tree's (i + i+8, i + i+4, i + i+2, 0 + 1): the same bits, without a horizontal sum per row
+ * (bottle WRN50's 14 739 rows: 0.16 -> 0.0x ms). Lane L of the result holds row 4 (L % 4) + L / 4. */
+__attribute__((target("avx512f,avx512bw,avx512vl")))
 static int64_t ep_scan_avx512(const int8_t *t, int64_t s, int64_t m, int64_t p16, const float *c, const float *st,
-                              float l, Bound *o) { return ep_scan(t, s, m, p16, c, st, l, o); }
+                              float l, Bound *o) {
+    if (s < p16) return ep_scan(t, s, m, p16, c, st, l, o); /* rows narrower than the padded width */
+    const __m512 limit = _mm512_set1_ps(l);
+    int64_t n = 0, i0 = 0;
+    for (; i0 + 16 <= m; i0 += 16) {
+        __m512 sq[16];
+        for (int r = 0; r < 16; r++) {
+            const int8_t *code = t + (i0 + r) * s;
+            __m512 lane = _mm512_setzero_ps();
+            for (int64_t d0 = 0; d0 < p16; d0 += 16) {
+                __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(code + d0))));
+                __m512 v = _mm512_add_ps(_mm512_mul_ps(x, _mm512_loadu_ps(st + d0)), _mm512_loadu_ps(c + d0));
+                lane = _mm512_add_ps(lane, _mm512_mul_ps(v, v));
+            }
+            sq[r] = lane;
+        }
+        __m512 u[8], w[4], y[2];
+        for (int k = 0; k < 8; k++) /* i + i+8: rows 2k, 2k+1 */
+            u[k] = _mm512_add_ps(_mm512_shuffle_f32x4(sq[2 * k], sq[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_f32x4(sq[2 * k], sq[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+        for (int k = 0; k < 4; k++) /* i + i+4: rows 4k .. 4k+3, one per 128-bit chunk */
+            w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+        for (int k = 0; k < 2; k++) /* i + i+2 */
+            y[k] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * k], w[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(w[2 * k], w[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+        __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)), /* 0 + 1 */
+                                 _mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+        __mmask16 hit = _mm512_cmp_ps_mask(z, limit, _CMP_LE_OQ);
+        if (hit) {
+            float sums[16];
+            _mm512_storeu_ps(sums, z);
+            while (hit) {
+                int lane = __builtin_ctz(hit);
+                hit &= hit - 1;
+                o[n].lb = sums[lane];
+                o[n].row = (int32_t)(i0 + 4 * (lane % 4) + lane / 4);
+                n++;
+            }
+        }
+    }
+    int64_t tail = ep_scan(t + i0 * s, s, m - i0, p16, c, st, l, o + n); /* the last < 16 rows */
+    for (int64_t i = n; i < n + tail; i++) o[i].row += (int32_t)i0;
+    return n + tail;
+}
 __attribute__((target("avx2")))
 static int64_t ep_scan_avx2(const int8_t *t, int64_t s, int64_t m, int64_t p16, const float *c, const float *st,
                             float l, Bound *o) { return ep_scan(t, s, m, p16, c, st, l, o); }
