@@ -1836,7 +1836,7 @@ int ecs_rank_measure(const float *queries, const float *center, const float *sca
  * the same bits. Why native: numpy's (x - center) @ B on the one BLAS thread the detector allows took 1.0 of the
  * 6.4 ms bottle WRN50 search (784 x 1024 x 32); here it is split between the kernel's threads and no 784 x 1024
  * centred copy is made. Why fused: the multiply-adds are the whole cost, and one instruction instead of two took
- * the 784 queries from 0.45 to 0.3x ms in the detector (RESULTS.md #11, "Integer ranking"). The lanes run over j
+ * the 784 queries from 0.45 to 0.38 ms in the detector (RESULTS.md #11, "Integer ranking"). The lanes run over j
  * (the p outputs). */
 #define PJ_QUERIES 4   /* queries sharing one pass over bt */
 #define PJ_WIDTH 32    /* outputs per pass (accumulators of PJ_QUERIES x PJ_WIDTH floats) */
@@ -2064,7 +2064,7 @@ static int64_t ep_scan_c(const int8_t *t, int64_t s, int64_t m, int64_t p16, con
 #ifdef ECS_X86
 /* 16 rows at a time, each row's 16 lanes in a zmm, then one transposing reduction of the 16 vectors whose adds are
  * the scalar halving tree's (i + i+8, i + i+4, i + i+2, 0 + 1): the same bits, without a horizontal sum per row
- * (bottle WRN50's 14 739 rows: 0.16 -> 0.0x ms). Lane L of the result holds row 4 (L % 4) + L / 4. */
+ * (bottle WRN50's 14 739 rows: 0.18 -> 0.09 ms per certified query). Lane L of the result holds row 4 (L % 4) + L / 4. */
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 static int64_t ep_scan_avx512(const int8_t *t, int64_t s, int64_t m, int64_t p16, const float *c, const float *st,
                               float l, Bound *o) {
