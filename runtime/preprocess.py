@@ -27,14 +27,17 @@ the part of the frame that lands on the map; v1 does so too wherever that gives 
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
 
+from edgecore.runtime import native
 from edgecore.runtime.tiles import canvas_size, check_tiling, tile_origins
 
 ASPECT_MODES = ("squash", "pad", "crop", "tile")
@@ -256,17 +259,53 @@ def _resize_v2(rgb: np.ndarray, rh: int, rw: int, visible: tuple[int, int, int, 
     reach_x, reach_y = max(1.0, width / rw), max(1.0, height / rh)  # the bilinear filter's support
     top, bottom = max(0, math.floor(box_y[0] - reach_y)), min(height, math.ceil(box_y[1] + reach_y))
     left, right = max(0, math.floor(box_x[0] - reach_x)), min(width, math.ceil(box_x[1] + reach_x))
-    image = Image.fromarray(rgb[top:bottom])  # whole rows: still contiguous, nothing copied twice
+    rows = rgb[top:bottom]  # whole rows: still contiguous, nothing copied twice
     box_y = [v - top for v in box_y]
     factor_x = max(1, int((box_x[1] - box_x[0]) / out_w / gap))
     factor_y = max(1, int((box_y[1] - box_y[0]) / out_h / gap))
     if factor_x > 1 or factor_y > 1:
-        image = image.reduce((factor_x, factor_y), box=(left, 0, right, bottom - top))
+        reduced = _reduce_native(rows, factor_x, factor_y, left, right)
+        image = (Image.fromarray(reduced) if reduced is not None else
+                 Image.fromarray(rows).reduce((factor_x, factor_y), box=(left, 0, right, bottom - top)))
         box_x = [(v - left) / factor_x for v in box_x]
         box_y = [v / factor_y for v in box_y]
+    else:
+        image = Image.fromarray(rows)
     image = image.resize((out_w, image.height), Image.Resampling.BILINEAR, box=(box_x[0], 0, box_x[1], image.height))
     image = image.resize((out_w, out_h), Image.Resampling.BILINEAR, box=(0, box_y[0], out_w, box_y[1]))
     return np.asarray(image)
+
+
+@lru_cache(maxsize=1)
+def _reducer():
+    """``ecp_reduce`` from the built ``_resample`` library (``native/reduce.c``), or None: Pillow reduces then."""
+    path = native.library_path("_resample")
+    if path is None:
+        return None
+    try:
+        fn = ctypes.CDLL(str(path)).ecp_reduce
+    except (OSError, AttributeError):
+        return None
+    i64 = ctypes.c_int64
+    fn.argtypes = [ctypes.c_void_p, i64, i64, i64, i64, i64, i64, i64, i64, ctypes.c_void_p, i64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _reduce_native(rows: np.ndarray, factor_x: int, factor_y: int, left: int, right: int) -> np.ndarray | None:
+    """Columns [left, right) of H×W×3 uint8 ``rows`` reduced by whole factors, byte for byte
+    ``Image.fromarray(rows).reduce((factor_x, factor_y), box=(left, 0, right, H))``, without Pillow's copy of the
+    frame into its 4-byte pixels (bottle's 900 × 900 frames: preprocessing 1.4 → 0.6 ms); None where the library is
+    missing or the rows are not laid out as it reads them (Pillow then)."""
+    fn = _reducer()
+    if fn is None or rows.strides[1:] != (3, 1) or rows.strides[0] < 3 * rows.shape[1]:
+        return None
+    height, width = rows.shape[0], right - left
+    out = np.empty(((height + factor_y - 1) // factor_y, (width + factor_x - 1) // factor_x, 3), np.uint8)
+    if fn(rows.ctypes.data, rows.strides[0], 3, left, 0, width, height, factor_x, factor_y, out.ctypes.data,
+          out.strides[0]) != 0:
+        return None
+    return out
 
 
 def preprocess(rgb: np.ndarray, config: PreprocessConfig) -> np.ndarray:

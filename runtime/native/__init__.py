@@ -93,7 +93,8 @@ class NativeUnavailable(RuntimeError):
 
 def library_path(stem: str = "_int8search") -> Path | None:
     """The built shared object ``stem`` next to this file (None when not built): ``_int8search``, the
-    search kernel, or ``_pngfilter``, the PNG unfilter of ``edgecore.runtime.png``."""
+    search kernel, ``_pngfilter``, the PNG unfilter of ``edgecore.runtime.png``, or ``_resample``, the box
+    reduction of ``edgecore.runtime.preprocess``."""
     here = Path(__file__).resolve().parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         path = here / f"{stem}{suffix}"
