@@ -290,14 +290,6 @@ def _chunks(view: memoryview) -> tuple[int, int, int, tuple[tuple[int, int], ...
 @lru_cache(maxsize=1)
 def _unfilter():
     """``ecp_unfilter`` from the built ``_pngfilter`` library, or None (Pillow decodes every PNG then)."""
-    path = native.library_path("_pngfilter")
-    if path is None:
-        return None
-    try:
-        function = ctypes.CDLL(str(path)).ecp_unfilter
-    except (OSError, AttributeError):
-        return None
-    function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-                         ctypes.c_void_p]
-    return function
+    return native.load_function("_pngfilter", "ecp_unfilter", [ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p,
+                                                               ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                                                               ctypes.c_void_p])

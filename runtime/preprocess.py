@@ -279,17 +279,9 @@ def _resize_v2(rgb: np.ndarray, rh: int, rw: int, visible: tuple[int, int, int, 
 @lru_cache(maxsize=1)
 def _reducer():
     """``ecp_reduce`` from the built ``_resample`` library (``native/reduce.c``), or None: Pillow reduces then."""
-    path = native.library_path("_resample")
-    if path is None:
-        return None
-    try:
-        fn = ctypes.CDLL(str(path)).ecp_reduce
-    except (OSError, AttributeError):
-        return None
     i64 = ctypes.c_int64
-    fn.argtypes = [ctypes.c_void_p, i64, i64, i64, i64, i64, i64, i64, i64, ctypes.c_void_p, i64]
-    fn.restype = ctypes.c_int
-    return fn
+    return native.load_function("_resample", "ecp_reduce", [ctypes.c_void_p, i64, i64, i64, i64, i64, i64, i64, i64,
+                                                            ctypes.c_void_p, i64])
 
 
 def _reduce_native(rows: np.ndarray, factor_x: int, factor_y: int, left: int, right: int) -> np.ndarray | None:

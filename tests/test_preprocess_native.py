@@ -58,3 +58,20 @@ def test_preprocess_gives_the_same_bytes_with_or_without_the_native_reduction(mo
     native = preprocess_module.preprocess(frame, config)
     monkeypatch.setattr(preprocess_module, "_reduce_native", lambda *args: None)
     np.testing.assert_array_equal(native, preprocess_module.preprocess(frame, config))
+
+
+def test_without_the_library_pillow_reduces_to_the_same_bytes(monkeypatch):
+    from edgecore.runtime import native
+
+    config = PreprocessConfig.from_dict({"resize": 256, "crop": 224, "resample": "v2"})
+    frame = np.random.default_rng(7).integers(0, 256, (900, 900, 3), dtype=np.uint8)
+    want = preprocess_module.preprocess(frame, config)
+    monkeypatch.setattr(native, "library_path", lambda stem="_int8search": None)
+    preprocess_module._reducer.cache_clear()
+    try:
+        assert preprocess_module._reducer() is None and preprocess_module._reduce_native(frame, 3, 3, 0, 900) is None
+        np.testing.assert_array_equal(preprocess_module.preprocess(frame, config), want)
+    finally:
+        monkeypatch.undo()
+        preprocess_module._reducer.cache_clear()
+    assert preprocess_module._reducer() is not None

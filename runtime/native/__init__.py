@@ -103,6 +103,20 @@ def library_path(stem: str = "_int8search") -> Path | None:
     return None
 
 
+def load_function(stem: str, name: str, argtypes: list, restype=ctypes.c_int):
+    """Function ``name`` of the built library ``stem`` (:func:`library_path`) with its ctypes signature, or None
+    when the library is missing or does not load: the callers then use their Pillow/numpy path."""
+    path = library_path(stem)
+    if path is None:
+        return None
+    try:
+        function = getattr(ctypes.CDLL(str(path)), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = argtypes, restype
+    return function
+
+
 class Int8Kernel:
     """Fused brute-force top-k over int8 rows: key[q, m] = bias[m] − cq[q] · dot(query_q, row_m).
 
