@@ -325,9 +325,9 @@ class Int8Kernel:
             raise ValueError("rank and decode tables must describe the same codes")
         dist = np.empty((shape[0], keep), np.float32)
         idx = np.empty((shape[0], keep), np.int64)
-        self._raise_rank(self._lib.ecs_rank_measure(*args, keep, tables.scale, tables.offset, tables.basis.ctypes.data,
-                                                    tables.coord_scale.ctypes.data, tables.coord_offset.ctypes.data,
-                                                    dist, idx, self._isa_id(isa), self.threads))
+        # the checked decode arguments: scale, offset, basis; coord_scale, coord_offset (see _decode_args)
+        self._raise_rank(self._lib.ecs_rank_measure(*args, keep, *decode[5:8], *decode[11:13], dist, idx,
+                                                    self._isa_id(isa), self.threads))
         return dist, idx
 
     @staticmethod

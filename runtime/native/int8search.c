@@ -1588,6 +1588,21 @@ typedef struct {
     int64_t q0, q1;
 } RankJob;
 
+/* The key of query q's candidate i (wq, inv: from the job's prepare), prefetching the row RK_AHEAD candidates ahead
+ * (end: the job's last candidate + 1). Shared by rank_run and rm_run, so both give the same bits. */
+static inline float rank_key(const RankJob *j, int64_t q, int64_t i, int64_t end, const int16_t *wq, float inv) {
+    int64_t p = q * j->ncand + i;
+    if (p + RK_AHEAD < end) {
+        int64_t ahead = j->cand[p + RK_AHEAD];
+        rk_prefetch(j->codes + ahead * j->code_stride, j->dim);
+        if (j->ncoord) __builtin_prefetch(j->coords + ahead * j->coord_stride, 0, 3);
+    }
+    int64_t row = j->cand[p];
+    float part = (float)j->dot(wq, j->codes + row * j->code_stride, j->dim) * inv;
+    float sum = part + rk_coord_sum(j->cw + q * j->ncoord, j->coords + row * j->coord_stride, j->ncoord);
+    return j->norm[row] - 2.0f * sum;
+}
+
 static void *rank_run(void *arg) {
     const RankJob *j = (const RankJob *)arg;
     float *w = (float *)malloc((size_t)j->dim * sizeof(float));
@@ -1600,19 +1615,7 @@ static void *rank_run(void *arg) {
     int64_t end = j->q1 * j->ncand;
     for (int64_t q = j->q0; q < j->q1; q++) {
         float inv = j->prepare(j->queries + q * j->dim, j->center, j->scale, j->dim, w, wq);
-        const float *cw = j->cw + q * j->ncoord;
-        for (int64_t i = 0; i < j->ncand; i++) {
-            int64_t p = q * j->ncand + i;
-            if (p + RK_AHEAD < end) {
-                int64_t ahead = j->cand[p + RK_AHEAD];
-                rk_prefetch(j->codes + ahead * j->code_stride, j->dim);
-                if (j->ncoord) __builtin_prefetch(j->coords + ahead * j->coord_stride, 0, 3);
-            }
-            int64_t row = j->cand[p];
-            float part = (float)j->dot(wq, j->codes + row * j->code_stride, j->dim) * inv;
-            float sum = part + rk_coord_sum(cw, j->coords + row * j->coord_stride, j->ncoord);
-            j->emit(j->ctx, q, i, j->norm[row] - 2.0f * sum);
-        }
+        for (int64_t i = 0; i < j->ncand; i++) j->emit(j->ctx, q, i, rank_key(j, q, i, end, wq, inv));
     }
     free(w);
     free(wq);
@@ -1737,20 +1740,8 @@ static void *rm_run(void *arg) {
     int64_t slot_at[RR_ROWS];
     for (int64_t q = j->q0; q < j->q1; q++) {
         float inv = j->prepare(j->queries + q * j->dim, j->center, j->scale, j->dim, w, wq);
-        const float *cw = j->cw + q * j->ncoord;
         int64_t filled = 0;
-        for (int64_t i = 0; i < j->ncand; i++) {
-            int64_t p = q * j->ncand + i;
-            if (p + RK_AHEAD < end) {
-                int64_t ahead = j->cand[p + RK_AHEAD];
-                rk_prefetch(j->codes + ahead * j->code_stride, j->dim);
-                if (j->ncoord) __builtin_prefetch(j->coords + ahead * j->coord_stride, 0, 3);
-            }
-            int64_t row = j->cand[p];
-            float part = (float)j->dot(wq, j->codes + row * j->code_stride, j->dim) * inv;
-            float sum = part + rk_coord_sum(cw, j->coords + row * j->coord_stride, j->ncoord);
-            keep_smallest(bk, bp, &filled, keep, j->norm[row] - 2.0f * sum, i);
-        }
+        for (int64_t i = 0; i < j->ncand; i++) keep_smallest(bk, bp, &filled, keep, rank_key(j, q, i, end, wq, inv), i);
         for (int64_t t = 0; t < keep; t++) {
             int64_t row = j->cand[q * j->ncand + bp[t]];
             job->kept[q * keep + t] = row;
