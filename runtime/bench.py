@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edgecore.runtime import native, png
+from edgecore.runtime import native
 from edgecore.runtime.cpu import cpu_info
 from edgecore.runtime.frames import expand_images
 
@@ -302,7 +302,7 @@ def emulate_camera(bundle: str | Path, configs: list[BenchConfig], images: str |
     estimate). OpenVINO's CPU plugin honours ONEDNN_MAX_CPU_ISA, which must be set before it
     loads, hence the child (``python -m edgecore.runtime.bench``); it reports the kernel ISAs it
     actually used, so the report can say whether the cap took effect. numpy's BLAS is held to
-    1 thread too, and so is PNG decoding; hnswlib's query threads are not capped (stated in the report)."""
+    1 thread too (PNG decoding is one thread anyway); hnswlib's query threads are not capped (stated in the report)."""
     with tempfile.TemporaryDirectory() as scratch:
         spec, out = Path(scratch) / "spec.json", Path(scratch) / "camera.json"
         spec.write_text(json.dumps({
@@ -310,7 +310,7 @@ def emulate_camera(bundle: str | Path, configs: list[BenchConfig], images: str |
             "configs": [{**config.__dict__, "threads": 1} for config in configs],
         }))
         env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-               native.ENV_THREADS: "1", png.ENV_THREADS: "1"}
+               native.ENV_THREADS: "1"}
         if platform.machine().lower() in ("x86_64", "amd64"):  # the native search's AVX2 path, as on the camera
             env[native.ENV_ISA] = "avx2"
         command = [sys.executable, "-m", "edgecore.runtime.bench", str(spec), str(out)]

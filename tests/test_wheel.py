@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEELHOUSE = ROOT / ".cache" / "wheelhouse"
-CAMERA_DEPS = ("numpy", "pillow", "zlib_ng", "typer", "rich", "openvino", "hnswlib", "threadpoolctl")
+CAMERA_DEPS = ("numpy", "pillow", "deflate", "typer", "rich", "openvino", "hnswlib", "threadpoolctl")
 
 
 def _wheelhouse_ready() -> bool:
@@ -69,9 +69,9 @@ def test_wheel_installs_offline_and_runs_the_camera_workflow(camera_venv, export
                             "print(u.find_spec('torch') is None)"], capture_output=True, text=True, env=env, cwd=work)
     location, no_torch = probe.stdout.split()
     assert str(venv) in location and no_torch == "True"  # the wheel's copy, in a venv without torch
-    fast_png = subprocess.run([python, "-c", "from edgecore.runtime import png; import zlib_ng; print(png._unfilter() is not None)"],
+    fast_png = subprocess.run([python, "-c", "from edgecore.runtime import png; print(png._unfilter() is not None and png._libdeflate is not None)"],
                               capture_output=True, text=True, env=env, cwd=work)
-    assert fast_png.stdout.strip() == "True", fast_png.stderr  # the wheel carries the PNG unfilter and zlib-ng
+    assert fast_png.stdout.strip() == "True", fast_png.stderr  # the wheel carries the PNG unfilter; libdeflate is installed
 
     archive = pack_bundle(exported_bundle, work / "part.edgecore.tar")
     camera = work / "camera"
