@@ -53,22 +53,18 @@ static void row_paeth(const uint8_t *in, const uint8_t *up, uint8_t *out, int64_
     for (; i < n; i++) out[i] = (uint8_t)(in[i] + paeth(out[i - bpp], up[i], up[i - bpp]));
 }
 
-/* ---- Paeth rows four at a time (3- and 4-byte pixels) ---------------------------------------------------
+/* ---- Paeth rows eight at a time (3- and 4-byte pixels) --------------------------------------------------
  * A Paeth row is one long dependency chain: each pixel needs the one to its left. The rows below it need only
- * what is above them, so four consecutive Paeth rows are reconstructed side by side, each one pixel behind the
+ * what is above them, so eight consecutive Paeth rows are reconstructed side by side, each one pixel behind the
  * one above (a wavefront): slot k of two vectors holds row k's pixel t − k at step t, its 3 or 4 bytes in
- * 16-bit lanes. A slot's pixel above is then the slot above's result of the step before, moved over in
- * registers (a load of what was just stored would wait for the store to reach the cache); only the top row
- * reads its row above from memory. One step is one chain for all four rows, in GCC's portable vector types
- * (SSE2 on x86-64, NEON on aarch64; an AVX2 clone where the CPU has it). Pixels are read and written as 4 bytes:
- * for RGB the 4th lane is the next pixel's first byte, computed as garbage, written, and overwritten by the
- * next step. The first and last pixels of each row, where the slots start and end, take the scalar code.
- * The same bytes as row_paeth, tested. */
-#define WAVE_ROWS 4
-
-typedef int16_t v8i16 __attribute__((vector_size(16)));
-typedef uint8_t v16u8 __attribute__((vector_size(16)));
-typedef uint32_t v4u32 __attribute__((vector_size(16)));
+ * 16-bit lanes (slots 0–3 in one vector, 4–7 in the other). A slot's pixel above is then the slot above's result
+ * of the step before, moved over in registers (a load of what was just stored would wait for the store to reach
+ * the cache); only the top row reads its row above from memory. One step is one chain for all eight rows, in
+ * GCC's portable vector types (SSE2 on x86-64, NEON on aarch64) or AVX2 intrinsics where the CPU has them.
+ * Pixels are read and written as 4 bytes: for RGB the 4th lane is the next pixel's first byte, computed as
+ * garbage, written, and overwritten by the next step. The first and last pixels of each row, where the slots
+ * start and end, take the scalar code. The same bytes as row_paeth, tested. */
+#define WAVE_ROWS 8
 
 static inline uint32_t load32(const uint8_t *p) {
     uint32_t v;
@@ -78,25 +74,56 @@ static inline uint32_t load32(const uint8_t *p) {
 
 static inline void store32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 
+static inline void paeth_pixel(const uint8_t *in, const uint8_t *up, uint8_t *out, int64_t x, int bpp) {
+    for (int64_t i = x * bpp; i < (x + 1) * bpp; i++)
+        out[i] = (uint8_t)(in[i] + (x ? paeth(out[i - bpp], up[i], up[i - bpp]) : up[i]));
+}
+
+/* The wavefront's start: the upper rows' first pixels, up to the step where every slot is in its row; then each
+ * slot's left (a) and upper-left (c) pixels as 4-byte words (zeros for the last slot, which starts at pixel 0). */
+static void wave_start(const uint8_t *const in[WAVE_ROWS], const uint8_t *const up[WAVE_ROWS],
+                       uint8_t *const out[WAVE_ROWS], int bpp, uint32_t a[WAVE_ROWS], uint32_t c[WAVE_ROWS]) {
+    for (int64_t t = 0; t < WAVE_ROWS - 1; t++)
+        for (int k = 0; k <= t; k++) paeth_pixel(in[k], up[k], out[k], t - k, bpp);
+    for (int k = 0; k < WAVE_ROWS; k++) {
+        int64_t x = WAVE_ROWS - 1 - k;
+        a[k] = x ? load32(out[k] + (x - 1) * bpp) : 0;
+        c[k] = x ? load32(up[k] + (x - 1) * bpp) : 0;
+    }
+}
+
+/* The wavefront's end: each row's pixels from step `from` on (the lower rows' last pixels). */
+static void wave_end(const uint8_t *const in[WAVE_ROWS], const uint8_t *const up[WAVE_ROWS],
+                     uint8_t *const out[WAVE_ROWS], int64_t width, int bpp, int64_t from) {
+    for (int64_t t = from; t < width + WAVE_ROWS - 1; t++)
+        for (int k = 0; k < WAVE_ROWS; k++)
+            if (t - k < width) paeth_pixel(in[k], up[k], out[k], t - k, bpp);
+}
+
+/* Portable: slots in pairs, four 128-bit vectors of 16-bit lanes (SSE2 on x86-64, NEON on aarch64). */
+typedef int16_t v8i16 __attribute__((vector_size(16)));
+
+typedef uint8_t v8u8 __attribute__((vector_size(8)));
+typedef uint32_t v2u32 __attribute__((vector_size(8)));
+
+static inline v8i16 widen2(uint32_t first, uint32_t second) {  /* two 4-byte pixels → their bytes in 16-bit lanes */
+    return __builtin_convertvector((v8u8)(v2u32){first, second}, v8i16);
+}
+
+static inline v2u32 narrow2(v8i16 lanes) {  /* the inverse (lanes hold 0..255) */
+    return (v2u32)__builtin_convertvector(lanes, v8u8);
+}
+
+static inline v8i16 up_one_slot(v8i16 lower, v8i16 upper) {  /* [lower's second slot, upper's first] */
+    return __builtin_shufflevector(lower, upper, 4, 5, 6, 7, 8, 9, 10, 11);
+}
+
 static inline v8i16 vabs16(v8i16 v) {
     v8i16 sign = v >> 15;
     return (v ^ sign) - sign;
 }
 
-/* Four 4-byte pixels (slots 0..3) → their bytes in 16-bit lanes: slots 0, 1 in lo; 2, 3 in hi. */
-static inline void widen(v4u32 words, v8i16 *lo, v8i16 *hi) {
-    v16u8 bytes = (v16u8)words, zero = {0};
-    *lo = (v8i16)__builtin_shufflevector(bytes, zero, 0, 16, 1, 16, 2, 16, 3, 16, 4, 16, 5, 16, 6, 16, 7, 16);
-    *hi = (v8i16)__builtin_shufflevector(bytes, zero, 8, 16, 9, 16, 10, 16, 11, 16, 12, 16, 13, 16, 14, 16, 15, 16);
-}
-
-static inline v4u32 narrow(v8i16 lo, v8i16 hi) {  /* the inverse of widen (lanes hold 0..255) */
-    return (v4u32)__builtin_shufflevector((v16u8)lo, (v16u8)hi, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
-                                          28, 30);
-}
-
-/* The reconstructed bytes (in + Paeth(a, b, c)) mod 256, lane by lane, with row_paeth's tie order:
- * a unless pa > min(pb, pc); else b unless pb > pc; else c. */
+/* The reconstructed bytes (in + Paeth(a, b, c)) mod 256, lane by lane, with row_paeth's tie order. */
 static inline v8i16 paeth_lanes(v8i16 a, v8i16 b, v8i16 c, v8i16 in) {
     v8i16 p = b - c, d = a - c;
     v8i16 pa = vabs16(p), pb = vabs16(d), pc = vabs16(d + p);
@@ -105,92 +132,96 @@ static inline v8i16 paeth_lanes(v8i16 a, v8i16 b, v8i16 c, v8i16 in) {
     return (in + ((take_a & a) | (~take_a & bc))) & 0xFF;
 }
 
+/* Rows in[k] (filter bytes stripped) → out[k], k < WAVE_ROWS, all Paeth; up[0]: the row over out[0], up[k] = out[k − 1].
+ * width ≥ 2 · WAVE_ROWS pixels (the caller checks). */
+static void rows_paeth_wave_generic(const uint8_t *const in[WAVE_ROWS], const uint8_t *const up[WAVE_ROWS],
+                                    uint8_t *const out[WAVE_ROWS], int64_t width, int bpp) {
+    uint32_t a[WAVE_ROWS], c[WAVE_ROWS];
+    wave_start(in, up, out, bpp, a, c);
+    v8i16 a0 = widen2(a[0], a[1]), a1 = widen2(a[2], a[3]), a2 = widen2(a[4], a[5]), a3 = widen2(a[6], a[7]);
+    v8i16 c0 = widen2(c[0], c[1]), c1 = widen2(c[2], c[3]), c2 = widen2(c[4], c[5]), c3 = widen2(c[6], c[7]);
+    const int64_t last = width - 2;  /* the last step every slot takes in the vectors */
+    for (int64_t t = WAVE_ROWS - 1; t <= last; t++) {
+        const int64_t x = t * bpp;  /* slot k's pixel starts at x − k·bpp */
+        v8i16 b0 = up_one_slot(widen2(0, load32(up[0] + x)), a0), b1 = up_one_slot(a0, a1),
+              b2 = up_one_slot(a1, a2), b3 = up_one_slot(a2, a3);
+        a0 = paeth_lanes(a0, b0, c0, widen2(load32(in[0] + x), load32(in[1] + x - bpp)));
+        a1 = paeth_lanes(a1, b1, c1, widen2(load32(in[2] + x - 2 * bpp), load32(in[3] + x - 3 * bpp)));
+        a2 = paeth_lanes(a2, b2, c2, widen2(load32(in[4] + x - 4 * bpp), load32(in[5] + x - 5 * bpp)));
+        a3 = paeth_lanes(a3, b3, c3, widen2(load32(in[6] + x - 6 * bpp), load32(in[7] + x - 7 * bpp)));
+        c0 = b0, c1 = b1, c2 = b2, c3 = b3;
+        const v2u32 done[4] = {narrow2(a0), narrow2(a1), narrow2(a2), narrow2(a3)};
+        for (int k = 0; k < WAVE_ROWS; k++) store32(out[k] + x - k * bpp, done[k / 2][k % 2]);
+    }
+    wave_end(in, up, out, width, bpp, last + 1);
+}
+
 #if defined(__x86_64__)
 #include <immintrin.h>
-/* The same with SSSE3/SSE4.1 instructions (absolute value, minimum, blend), three cycles shorter a step. */
-__attribute__((target("avx2"), always_inline)) static inline v8i16 paeth_lanes_avx2(v8i16 a_, v8i16 b_, v8i16 c_,
-                                                                                  v8i16 in) {
-    __m128i a = (__m128i)a_, b = (__m128i)b_, c = (__m128i)c_;
-    __m128i p = _mm_sub_epi16(b, c), d = _mm_sub_epi16(a, c);
-    __m128i pa = _mm_abs_epi16(p), pb = _mm_abs_epi16(d), pc = _mm_abs_epi16(_mm_add_epi16(d, p));
-    __m128i bc = _mm_blendv_epi8(b, c, _mm_cmpgt_epi16(pb, pc));
-    __m128i pred = _mm_blendv_epi8(a, bc, _mm_cmpgt_epi16(pa, _mm_min_epi16(pb, pc)));
-    return (in + (v8i16)pred) & 0xFF;
-}
-#endif
+/* AVX2: slots 0–3 and 4–7 in two 256-bit vectors, with AVX2's absolute value, minimum and blend. */
+#define AVX2_INLINE __attribute__((target("avx2"), always_inline)) static inline
 
-static inline void paeth_pixel(const uint8_t *in, const uint8_t *up, uint8_t *out, int64_t x, int bpp) {
-    for (int64_t i = x * bpp; i < (x + 1) * bpp; i++)
-        out[i] = (uint8_t)(in[i] + (x ? paeth(out[i - bpp], up[i], up[i - bpp]) : up[i]));
+AVX2_INLINE __m256i widen4_avx2(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3) {
+    return _mm256_cvtepu8_epi16(_mm_setr_epi32((int)w0, (int)w1, (int)w2, (int)w3));
 }
 
-typedef v8i16 (*paeth_fn)(v8i16, v8i16, v8i16, v8i16);
+AVX2_INLINE __m256i paeth_lanes_avx2(__m256i a, __m256i b, __m256i c, __m256i in) {
+    __m256i p = _mm256_sub_epi16(b, c), d = _mm256_sub_epi16(a, c);
+    __m256i pa = _mm256_abs_epi16(p), pb = _mm256_abs_epi16(d), pc = _mm256_abs_epi16(_mm256_add_epi16(d, p));
+    __m256i bc = _mm256_blendv_epi8(b, c, _mm256_cmpgt_epi16(pb, pc));
+    __m256i pred = _mm256_blendv_epi8(a, bc, _mm256_cmpgt_epi16(pa, _mm256_min_epi16(pb, pc)));
+    return _mm256_and_si256(_mm256_add_epi16(in, pred), _mm256_set1_epi16(0xFF));
+}
 
-/* Rows in[k] (filter bytes stripped) → out[k], k < WAVE_ROWS, all Paeth; above: the row over out[0]; out[k]'s
- * row above is out[k − 1]. width ≥ 2 · WAVE_ROWS pixels (the caller checks). Inlined into each ISA's wrapper
- * with its own paeth_lanes. */
-__attribute__((always_inline)) static inline void paeth_wave(const uint8_t *const in[WAVE_ROWS], const uint8_t *above,
-                                                             uint8_t *const out[WAVE_ROWS], int64_t width, int bpp,
-                                                             paeth_fn paeth_lanes) {
-    const uint8_t *up[WAVE_ROWS] = {above, out[0], out[1], out[2]};
-    const int64_t first = WAVE_ROWS - 1, last = width - 2;  /* the steps every slot takes in the vectors */
-    for (int64_t t = 0; t < first; t++)  /* the wavefront's start: the upper rows' first pixels */
-        for (int k = 0; k <= t; k++) paeth_pixel(in[k], up[k], out[k], t - k, bpp);
-    v8i16 a_lo, a_hi, c_lo, c_hi;  /* each slot's left and upper-left pixels (slot 3 starts at pixel 0: zeros) */
-    {
-        uint32_t a[WAVE_ROWS], c[WAVE_ROWS];
-        for (int k = 0; k < WAVE_ROWS; k++) {
-            int64_t x = first - k;
-            a[k] = x ? load32(out[k] + (x - 1) * bpp) : 0;
-            c[k] = x ? load32(up[k] + (x - 1) * bpp) : 0;
-        }
-        widen((v4u32){a[0], a[1], a[2], a[3]}, &a_lo, &a_hi);
-        widen((v4u32){c[0], c[1], c[2], c[3]}, &c_lo, &c_hi);
-    }
-    for (int64_t t = first; t <= last; t++) {
-        const int64_t o0 = t * bpp, o1 = o0 - bpp, o2 = o1 - bpp, o3 = o2 - bpp;
-        v8i16 top, unused, b_lo, b_hi, in_lo, in_hi;
-        widen((v4u32){load32(above + o0)}, &top, &unused);
-        widen((v4u32){load32(in[0] + o0), load32(in[1] + o1), load32(in[2] + o2), load32(in[3] + o3)}, &in_lo, &in_hi);
-        b_lo = __builtin_shufflevector(top, a_lo, 0, 1, 2, 3, 8, 9, 10, 11);  /* above row 0 | slot 0 → 1 */
-        b_hi = __builtin_shufflevector(a_lo, a_hi, 4, 5, 6, 7, 8, 9, 10, 11);  /* slot 1 → 2 | slot 2 → 3 */
-        a_lo = paeth_lanes(a_lo, b_lo, c_lo, in_lo);
-        a_hi = paeth_lanes(a_hi, b_hi, c_hi, in_hi);
+__attribute__((target("avx2"))) static void rows_paeth_wave_avx2(const uint8_t *const in[WAVE_ROWS],
+                                                                 const uint8_t *const up[WAVE_ROWS],
+                                                                 uint8_t *const out[WAVE_ROWS], int64_t width, int bpp) {
+    uint32_t a[WAVE_ROWS], c[WAVE_ROWS];
+    wave_start(in, up, out, bpp, a, c);
+    __m256i a_lo = widen4_avx2(a[0], a[1], a[2], a[3]), a_hi = widen4_avx2(a[4], a[5], a[6], a[7]);
+    __m256i c_lo = widen4_avx2(c[0], c[1], c[2], c[3]), c_hi = widen4_avx2(c[4], c[5], c[6], c[7]);
+    const int64_t last = width - 2;
+    for (int64_t t = WAVE_ROWS - 1; t <= last; t++) {
+        const int64_t x = t * bpp;
+        /* slot k's pixel above is slot k − 1's last result: every slot moves up one 64-bit quarter */
+        __m256i top = _mm256_cvtepu8_epi16(_mm_cvtsi32_si128((int)load32(up[0] + x)));
+        __m256i b_lo = _mm256_blend_epi32(_mm256_permute4x64_epi64(a_lo, 0x90), top, 0x03);
+        __m256i b_hi = _mm256_blend_epi32(_mm256_permute4x64_epi64(a_hi, 0x90), _mm256_permute4x64_epi64(a_lo, 0xFF),
+                                          0x03);
+        __m256i in_lo = widen4_avx2(load32(in[0] + x), load32(in[1] + x - bpp), load32(in[2] + x - 2 * bpp),
+                                    load32(in[3] + x - 3 * bpp));
+        __m256i in_hi = widen4_avx2(load32(in[4] + x - 4 * bpp), load32(in[5] + x - 5 * bpp),
+                                    load32(in[6] + x - 6 * bpp), load32(in[7] + x - 7 * bpp));
+        a_lo = paeth_lanes_avx2(a_lo, b_lo, c_lo, in_lo);
+        a_hi = paeth_lanes_avx2(a_hi, b_hi, c_hi, in_hi);
         c_lo = b_lo;
         c_hi = b_hi;
-        v4u32 done = narrow(a_lo, a_hi);
-        store32(out[0] + o0, done[0]);
-        store32(out[1] + o1, done[1]);
-        store32(out[2] + o2, done[2]);
-        store32(out[3] + o3, done[3]);
+        /* packus interleaves the halves: its 32-bit words are slots 0 1 4 5 2 3 6 7 */
+        __m256i done = _mm256_packus_epi16(a_lo, a_hi);
+        store32(out[0] + x, (uint32_t)_mm256_extract_epi32(done, 0));
+        store32(out[1] + x - bpp, (uint32_t)_mm256_extract_epi32(done, 1));
+        store32(out[4] + x - 4 * bpp, (uint32_t)_mm256_extract_epi32(done, 2));
+        store32(out[5] + x - 5 * bpp, (uint32_t)_mm256_extract_epi32(done, 3));
+        store32(out[2] + x - 2 * bpp, (uint32_t)_mm256_extract_epi32(done, 4));
+        store32(out[3] + x - 3 * bpp, (uint32_t)_mm256_extract_epi32(done, 5));
+        store32(out[6] + x - 6 * bpp, (uint32_t)_mm256_extract_epi32(done, 6));
+        store32(out[7] + x - 7 * bpp, (uint32_t)_mm256_extract_epi32(done, 7));
     }
-    for (int64_t t = last + 1; t < width + first; t++)  /* the wavefront's end: the lower rows' last pixels */
-        for (int k = 0; k < WAVE_ROWS; k++)
-            if (t - k < width) paeth_pixel(in[k], up[k], out[k], t - k, bpp);
-}
-
-static void rows_paeth_wave_generic(const uint8_t *const in[WAVE_ROWS], const uint8_t *above,
-                                    uint8_t *const out[WAVE_ROWS], int64_t width, int bpp) {
-    paeth_wave(in, above, out, width, bpp, paeth_lanes);
-}
-
-#if defined(__x86_64__)
-__attribute__((target("avx2"))) static void rows_paeth_wave_avx2(const uint8_t *const in[WAVE_ROWS],
-                                                                 const uint8_t *above, uint8_t *const out[WAVE_ROWS],
-                                                                 int64_t width, int bpp) {
-    paeth_wave(in, above, out, width, bpp, paeth_lanes_avx2);
+    wave_end(in, up, out, width, bpp, last + 1);
 }
 #endif
 
 static void rows_paeth_wave(const uint8_t *const in[WAVE_ROWS], const uint8_t *above, uint8_t *const out[WAVE_ROWS],
                             int64_t width, int bpp) {
+    const uint8_t *up[WAVE_ROWS] = {above};
+    for (int k = 1; k < WAVE_ROWS; k++) up[k] = out[k - 1];
 #if defined(__x86_64__)
     if (__builtin_cpu_supports("avx2")) {
-        rows_paeth_wave_avx2(in, above, out, width, bpp);
+        rows_paeth_wave_avx2(in, up, out, width, bpp);
         return;
     }
 #endif
-    rows_paeth_wave_generic(in, above, out, width, bpp);
+    rows_paeth_wave_generic(in, up, out, width, bpp);
 }
 
 /* Whether the WAVE_ROWS rows from this filter byte on are all Paeth. */
