@@ -50,6 +50,26 @@ def test_fp32_engine_and_index_reproduce_the_host(fp32_bundle, test_crops):
     assert ((camera.image >= model.threshold) == (host.image >= model.threshold)).all()
 
 
+def test_engine_writes_each_frame_into_its_own_array(fp32_bundle, test_crops):
+    """The OpenVINO engine writes straight into a fresh output array per call (no 3 MB copy for WRN50): a result
+    is never the engine's buffer, so later frames cannot overwrite it; and it equals the copying path's."""
+    _, crops, _ = test_crops
+    with Detector.open(fp32_bundle, precision="fp32") as detector:
+        engine = detector.engine
+        assert engine._direct_output
+        first = engine.infer(crops[:1])
+        kept = first.copy()
+        second = engine.infer(crops[-1:])
+        engine.infer(crops[:1])
+        engine._direct_output = False  # the copying path, for reference
+        reference_first, reference_second = engine.infer(crops[:1]), engine.infer(crops[-1:])
+    assert first.dtype == np.float32 and first.flags.c_contiguous and first.flags.writeable
+    np.testing.assert_array_equal(first, kept)  # untouched by the calls after it
+    np.testing.assert_array_equal(first, reference_first)
+    np.testing.assert_array_equal(second, reference_second)
+    assert not np.array_equal(first, second)
+
+
 def test_detect_accepts_path_bytes_and_array(fp32_bundle, synthetic_category):
     path = synthetic_category / "test" / "spot" / "000.png"
     from edgecore.runtime.imageio import load_image
