@@ -21,8 +21,10 @@
  * The keys are never materialised as a Q x M matrix: a vector compare against each query's current
  * k-th key, and an insertion on the hits (scalar, or SIMD in run_job_512). Ties: (key, row) order.
  */
+#define _GNU_SOURCE
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -810,6 +812,7 @@ typedef struct {
     void *arg;
     void *result;
     pthread_cond_t wake;
+    pthread_t tid;
 } Slot;
 
 static struct {
@@ -899,9 +902,26 @@ static int pool_grow(int n) {
         int rc = pthread_create(&tid, &attr, pool_worker, slot);
         pthread_attr_destroy(&attr);
         if (rc != 0) break;
+        slot->tid = tid;
         pool.started++;
     }
     return pool.started < n ? pool.started : n;
+}
+
+/* Lets a sleeping worker run anywhere the process may but on the caller's CPU. Why: woken from a long sleep,
+ * Linux places the worker on its waker's CPU (wake-affine, the other CPU having gone idle), and the two then
+ * share one CPU for milliseconds: a search after an idle gap (a camera between frames) ran no faster on two
+ * threads than on one. */
+static void away_from_caller(pthread_t worker) {
+#if defined(__linux__)
+    cpu_set_t allowed;
+    int here = sched_getcpu();
+    if (here < 0 || sched_getaffinity(0, sizeof allowed, &allowed) != 0 || CPU_COUNT(&allowed) < 2) return;
+    CPU_CLR(here, &allowed);
+    pthread_setaffinity_np(worker, sizeof allowed, &allowed);
+#else
+    (void)worker;
+#endif
 }
 
 /* Runs fn over `threads` jobs (job t at jobs + t * size): jobs 1.. on the pool's workers (or, while another
@@ -920,6 +940,7 @@ static int run_jobs(void *(*fn)(void *), void *jobs, size_t size, int threads) {
             slot->arg = (char *)jobs + (size_t)(t + 1) * size;
             atomic_store(&slot->state, SLOT_READY);
             if (atomic_load(&slot->sleeping)) {
+                away_from_caller(slot->tid);
                 pthread_mutex_lock(&pool.lock);
                 pthread_cond_signal(&slot->wake);
                 pthread_mutex_unlock(&pool.lock);
