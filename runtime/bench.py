@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import platform
 import resource
@@ -201,6 +202,7 @@ def run_bench(
     streams: int = 1,
     throughput_seconds: float = 3.0,
     target_ms: float = 200.0,
+    interval_ms: float = 0.0,
 ) -> dict:
     """Benchmark one or more configurations, interleaved round-robin when there are several.
 
@@ -213,6 +215,10 @@ def run_bench(
         streams: > 1 adds a multi-stream throughput run.
         throughput_seconds: length of that run.
         target_ms: PASS when total p99 <= target.
+        interval_ms: pace the timed frames as a camera's frame rate does: each detect starts interval_ms after
+            the one before (the CPU idles in between); 0: back to back. Why: after an idle gap a CPU (or a VM's
+            virtual CPU) runs the next frame slower, and thread placement after a wake-up can halve its
+            parallelism; back-to-back frames hide both.
 
     Returns:
         the report (JSON-able): per-stage percentiles, what executed, sizes, load, warnings.
@@ -223,6 +229,8 @@ def run_bench(
         raise ValueError(f"--iterations must be >= 1, got {iterations}")
     if warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {warmup}")
+    if not (interval_ms >= 0 and math.isfinite(interval_ms)):
+        raise ValueError(f"--interval-ms must be a finite number >= 0, got {interval_ms}")
     if not configs:
         raise ValueError("nothing to benchmark: no configuration given")
     load_before = load_average()
@@ -243,8 +251,12 @@ def run_bench(
             for i in range(warmup):
                 detector.detect(frames[i % len(frames)])
         samples = [{stage: [] for stage in STAGES} for _ in detectors]
+        due = time.perf_counter()
         for i in range(iterations):  # round-robin: drift hits every configuration alike
             for slot, detector in enumerate(detectors):
+                if interval_ms:  # the next frame arrives interval_ms after the last one did
+                    time.sleep(max(0.0, due - time.perf_counter()))
+                    due = max(due, time.perf_counter()) + interval_ms / 1e3
                 timings = detector.detect(frames[i % len(frames)]).timings_ms
                 for stage in STAGES:
                     samples[slot][stage].append(timings[stage])
@@ -281,6 +293,7 @@ def run_bench(
             "bundle": str(bundle),
             "iterations": iterations,
             "warmup": warmup,
+            "interval_ms": interval_ms,
             "frames": len(frames),
             "frames_source": SYNTHETIC_NOTE if synthetic else "frames: the given images (decode measured on them)",
             "peak_rss_mb": peak_rss_mb(),
@@ -350,7 +363,9 @@ def render_markdown(report: dict) -> str:
         "",
         f"CPU: {env.get('cpu_model')} ({env.get('cpu_count')} logical), ISA: {', '.join(env.get('isa', []))}; "
         f"{env.get('os')}; peak RSS {report['peak_rss_mb']:.0f} MB; {report['iterations']} iterations "
-        f"after {report['warmup']} warm-up, {report['frames']} frames; load average {report.get('load_before')} "
+        f"after {report['warmup']} warm-up, {report['frames']} frames"
+        f"{'; one every %g ms' % report['interval_ms'] if report.get('interval_ms') else ', back to back'}; "
+        f"load average {report.get('load_before')} "
         f"before, {report.get('load_after')} after.",
         "",
         f"{report.get('frames_source', '')}",

@@ -165,6 +165,8 @@ def bench(
     threads: Optional[int] = typer.Option(None, help="Inference threads (default: the backend's choice)."),
     streams: int = typer.Option(1, help="Parallel streams for the multi-stream throughput run."),
     target_ms: float = typer.Option(200.0, help="Per-image budget; PASS when total p99 <= target."),
+    interval_ms: float = typer.Option(0.0, "--interval-ms", help="Pace timed frames like a camera: one every N ms, "
+                                      "idle in between (e.g. 100 at 10 fps); 0: back to back."),
     emulate_camera: bool = typer.Option(False, "--emulate-camera", help="Also run 1 thread + AVX2-capped ISA (estimate)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the report as Markdown."),
@@ -180,7 +182,7 @@ def bench(
         for s in (search or [None])
     ]
     frames = bench_mod.folder_frames(images) if images else None
-    options = dict(iterations=iterations, warmup=warmup, streams=streams, target_ms=target_ms)
+    options = dict(iterations=iterations, warmup=warmup, streams=streams, target_ms=target_ms, interval_ms=interval_ms)
     report = bench_mod.run_bench(bundle, configs, frames=frames, **options)
     if emulate_camera:
         report["camera_estimate"] = bench_mod.emulate_camera(bundle, configs, images, **options)

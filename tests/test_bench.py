@@ -59,3 +59,25 @@ def test_camera_emulation_runs_capped_and_labelled(exported_bundle, tmp_path):
     if platform.machine().lower() in ("x86_64", "amd64"):  # the native int8 search is capped like the engine
         assert camera["native_search_isa"] == "avx2", camera["native_search_isa"]
         assert "search on its avx2 path with 1 thread" in camera["estimate"]
+
+
+def test_interval_paces_the_frames_like_a_camera(exported_bundle, tmp_path, monkeypatch):
+    """--interval-ms 150: each timed frame starts 150 ms after the one before, the process idling in between
+    (back to back there is no wait at all); the report says how the frames came."""
+    import time
+
+    from edgecore.runtime import bench as bench_mod
+
+    waits: list[float] = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(bench_mod.time, "sleep", lambda seconds: (waits.append(seconds), real_sleep(seconds)))
+    out, md = tmp_path / "paced.json", tmp_path / "paced.md"
+    result = runner.invoke(app, ["bench", str(exported_bundle), "--iterations", "4", "--warmup", "0", "--interval-ms",
+                                 "150", "--json", str(out), "--markdown", str(md), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    frame_ms = report["runs"][0]["stages_ms"]["total"]["max"]
+    assert report["interval_ms"] == 150.0 and "one every 150 ms" in md.read_text()
+    assert len(waits) == 4 and waits[0] <= 0.001  # the first frame is due at once, each later one 150 ms on
+    assert all(abs(w - (0.150 - frame_ms / 1e3)) < 0.05 for w in waits[1:]), (waits, frame_ms)
+    assert runner.invoke(app, ["bench", str(exported_bundle), "--interval-ms", "-1", "--quiet"]).exit_code != 0
