@@ -65,9 +65,12 @@ def http_json(url: str, data: bytes | None = None, content_type: str = "applicat
 
 
 def results(jsonl: Path) -> list[dict]:
+    """The result rows of a JSONL file the service may still be appending to: only whole lines (a reader of a
+    growing file can catch the last line half written, as any tail -f consumer can)."""
     if not jsonl.exists():
         return []
-    return [row for row in map(json.loads, jsonl.read_text().splitlines()) if "frame_id" in row]
+    whole = jsonl.read_text().split("\n")[:-1]
+    return [row for row in map(json.loads, whole) if "frame_id" in row]
 
 
 # --- real services ---------------------------------------------------------------------
