@@ -924,6 +924,15 @@ static void away_from_caller(pthread_t worker) {
 #endif
 }
 
+/* A call's thread count: what the caller asked for, at most 64 (the job arrays), `most` (work per thread above the
+ * call's minimum) and `units` (the pieces the work splits into), at least 1. */
+static int job_threads(int threads, int64_t most, int64_t units) {
+    if (threads > 64) threads = 64;
+    if (threads > most) threads = (int)most;
+    if (threads > units) threads = (int)units;
+    return threads < 1 ? 1 : threads;
+}
+
 /* Runs fn over `threads` jobs (job t at jobs + t * size): jobs 1.. on the pool's workers (or, while another
  * caller holds the pool, on new threads), job 0 on this one, and any job no thread took here afterwards.
  * Returns 1 when a job returned non-NULL (its failure). */
@@ -1654,10 +1663,7 @@ static int rank_candidates(const float *queries, const float *center, const floa
     for (int64_t p = 0; p < pairs; p++)
         if (cand[p] < 0 || cand[p] >= m) return -1;
     int64_t most = pairs * dim / RK_MIN_WORK;
-    if (threads > 64) threads = 64;
-    if (threads > most) threads = (int)most;
-    if (threads > nq) threads = (int)nq;
-    if (threads < 1) threads = 1;
+    threads = job_threads(threads, most, nq);
     RankJob jobs[64];
     for (int t = 0; t < threads; t++) {
         RankJob job = {queries, center, scale, cw, norm, dim, ncoord, ncand, code_stride, coord_stride, codes, coords,
@@ -1823,10 +1829,7 @@ int ecs_rank_measure(const float *queries, const float *center, const float *sca
                  coord_scale, coord_offset, NULL, keep, NULL};
     /* threads as the ranking's (RK_MIN_WORK), the measure's work (RR_MIN_WORK) added */
     int64_t work = nq * ncand * dim + nq * keep * dim * (ncoord + 2) / 6, most = work / RK_MIN_WORK;
-    if (threads > 64) threads = 64;
-    if (threads > most) threads = (int)most;
-    if (threads > nq) threads = (int)nq;
-    if (threads < 1) threads = 1;
+    threads = job_threads(threads, most, nq);
     RmJob jobs[64];
     for (int t = 0; t < threads; t++) {
         RankJob rank = {queries, center, scale, cw, norm, dim, ncoord, ncand, code_stride, coord_stride, codes, coords,
@@ -1995,10 +1998,7 @@ int ecs_project(const float *x, int64_t nq, int64_t dim, const float *center, co
     if (nq < 0 || dim < 1 || p < 1 || !ecs_isa_supported(isa)) return -1;
     if (nq == 0) return 0;
     int64_t blocks = (nq + PJ_QUERIES - 1) / PJ_QUERIES, most = nq * dim * p / PJ_MIN_WORK;
-    if (threads > 64) threads = 64;
-    if (threads > most) threads = (int)most;
-    if (threads > blocks) threads = (int)blocks;
-    if (threads < 1) threads = 1;
+    threads = job_threads(threads, most, blocks);
     ProjectJob jobs[64];
     for (int t = 0; t < threads; t++) {
         int64_t q0 = blocks * t / threads * PJ_QUERIES, q1 = blocks * (t + 1) / threads * PJ_QUERIES;
