@@ -11,6 +11,7 @@ module into the ONNX graph, so the camera computes what the workstation did.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -21,42 +22,37 @@ import torch.nn.functional as F
 from torch import nn
 
 
-#: Widest pooling window that is computed as that many channel gathers; wider ones use the matrix.
-MAX_GATHERED_WINDOW = 4
-
-
 def _pool_windows(channels: int, embed_dim: int) -> list[tuple[int, int]]:
     """``adaptive_avg_pool1d``'s window [start, end) over channels for each of the embed_dim outputs."""
     return [((j * channels) // embed_dim, -((-(j + 1) * channels) // embed_dim)) for j in range(embed_dim)]
 
 
 def adaptive_pool_matrix(channels: int, embed_dim: int) -> np.ndarray:
-    """C×D matrix equal to ``adaptive_avg_pool1d`` over channels (a plain MatMul in ONNX)."""
+    """C×D matrix equal to ``adaptive_avg_pool1d`` over channels."""
     matrix = np.zeros((channels, embed_dim), dtype=np.float32)
     for j, (start, end) in enumerate(_pool_windows(channels, embed_dim)):
         matrix[start:end, j] = 1.0 / (end - start)
     return matrix
 
 
-def adaptive_pool_gathers(channels: int, embed_dim: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The same pooling as K channel gathers: (K×D indices, K×D weights), None if a window exceeds
-    ``MAX_GATHERED_WINDOW``.
+#: Narrowest channel group of the reduction's MatMul: equal groups are merged in twos until this wide.
+MIN_GROUP_CHANNELS = 12
 
-    Output j is Σ_t weights[t, j] · x[indices[t, j]]. Why: the dense C×D matrix is almost all zeros
-    (WRN50's 1536 → 1024 averages channel pairs), yet as a MatMul it was 9 of the int8 engine's 21 ms
-    on the CPU (fp32 GEMM, 1.2 GMAC); two gathers and an add take 0.5 ms (OpenVINO PERF_COUNT, RESULTS.md).
+
+def grouped_pool(channels: int, embed_dim: int) -> tuple[int, np.ndarray]:
+    """The same pooling as g equal small ones: (g, a×b matrix) with a = C/g, b = D/g, g a divisor of gcd(C, D).
+
+    Output i·b + t averages channels of group i only (from i·a + ⌊t·a/b⌋ to i·a + ⌈(t+1)·a/b⌉), so the C×D
+    matrix is block diagonal with g equal a×b blocks: the reduction is a reshape to g × a and one a×b MatMul.
+    Why: WRN50's 1536 → 1024 averages channel pairs. As a dense MatMul it was 9 of the int8 engine's 21 ms
+    (1.2 GMAC); as channel gathers, their transpose and reorders 1.5 ms; as this 0.48 ms (the concatenation
+    included), bit-identical. Groups are merged up to ``MIN_GROUP_CHANNELS``: OpenVINO's fp32 MatMul took
+    0.40 ms on 3×2 blocks and 0.26 on 12×8 (PERF_COUNT, RESULTS.md #11 "The head's reduction as one MatMul").
     """
-    windows = _pool_windows(channels, embed_dim)
-    width = max(end - start for start, end in windows)
-    if width > MAX_GATHERED_WINDOW:
-        return None
-    indices = np.zeros((width, embed_dim), dtype=np.int64)
-    weights = np.zeros((width, embed_dim), dtype=np.float32)
-    for j, (start, end) in enumerate(windows):
-        for t in range(width):
-            indices[t, j] = min(start + t, end - 1)  # a padded slot repeats the last channel, weighted 0
-            weights[t, j] = 1.0 / (end - start) if start + t < end else 0.0
-    return indices, weights
+    groups = math.gcd(channels, embed_dim)
+    while groups % 2 == 0 and channels // groups < MIN_GROUP_CHANNELS:
+        groups //= 2
+    return groups, adaptive_pool_matrix(channels // groups, embed_dim // groups)
 
 
 class PatchCoreFeatures(nn.Module):
@@ -74,24 +70,9 @@ class PatchCoreFeatures(nn.Module):
         self.register_buffer("shift", torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1))
         total = sum(channels)
         self.embed_dim = min(embed_dim, total)
-        reduction = indices = weights = None
-        self.gather_scale: float | None = None
-        if embed_dim < total:
-            gathers = adaptive_pool_gathers(total, embed_dim)
-            if gathers is None:
-                reduction = torch.from_numpy(adaptive_pool_matrix(total, embed_dim))
-            else:
-                indices = torch.from_numpy(gathers[0])
-                if np.all(gathers[1] == gathers[1][0, 0]):
-                    self.gather_scale = float(gathers[1][0, 0])
-                else:
-                    weights = torch.from_numpy(gathers[1][:, None, :, None])
-        # The channel reduction, as one of: a C×D matrix (windows too wide to gather); or K×D channel
-        # indices whose gathers are summed, then scaled by gather_scale (every window the same width) or
-        # weighted per output by the K×1×D×1 gather_weights (not).
-        self.register_buffer("reduction", reduction)
-        self.register_buffer("gather_indices", indices)
-        self.register_buffer("gather_weights", weights)
+        self.pool_groups, block = grouped_pool(total, self.embed_dim) if embed_dim < total else (0, None)
+        # The channel reduction (None: no-op): the a×b block each of the pool_groups channel groups is pooled by.
+        self.register_buffer("pool_block", None if block is None else torch.from_numpy(block))
         self.pool = nn.AvgPool2d(kernel_size=3, stride=1, padding=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -101,23 +82,13 @@ class PatchCoreFeatures(nn.Module):
         maps = [self.pool(m) for m in self.trunk(x)]
         size = maps[0].shape[-2:]
         maps = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
-        stacked = torch.cat(maps, dim=1).flatten(2)  # N×C×P
-        if self.gather_indices is not None:
-            stacked = self._pool_channels(stacked)
-        patches = stacked.transpose(1, 2)  # N×P×C
-        if self.reduction is not None:
-            patches = patches @ self.reduction
-        return patches
-
-    def _pool_channels(self, stacked: torch.Tensor) -> torch.Tensor:
-        """N×C×P → N×D×P: adaptive average pooling over channels as a few whole-row gathers."""
-        pooled = None
-        for t, indices in enumerate(self.gather_indices):
-            term = stacked.index_select(1, indices)
-            if self.gather_weights is not None:
-                term = term * self.gather_weights[t]
-            pooled = term if pooled is None else pooled + term
-        return pooled * self.gather_scale if self.gather_weights is None else pooled
+        stacked = torch.cat(maps, dim=1)  # N×C×h×w
+        if self.pool_block is None:
+            return stacked.flatten(2).transpose(1, 2)  # N×P×C
+        n, channels = stacked.shape[:2]
+        # channels last first: OpenVINO then writes the concatenation in that layout and runs one small MatMul
+        grouped = stacked.permute(0, 2, 3, 1).reshape(n, -1, self.pool_groups, channels // self.pool_groups)
+        return (grouped @ self.pool_block).reshape(n, -1, self.embed_dim)
 
 
 def grid_shape(module: PatchCoreFeatures, input_hw: tuple[int, int]) -> tuple[int, int]:
