@@ -15,6 +15,7 @@ setup(
             sources=["runtime/native/int8search.c"],
             extra_compile_args=["-O3", "-ffp-contract=off", "-std=gnu11"],
             extra_link_args=["-pthread"],
+            libraries=["m"],
             optional=True,
         ),
         Extension(  # PNG row reconstruction for edgecore.runtime.png (portable C; AVX2 chosen at run time)

@@ -380,7 +380,7 @@ def test_neon_path_on_emulated_aarch64_matches_the_reference(tmp_path):
     (tmp_path / "harness.c").write_text(AARCH64_HARNESS)
     binary = tmp_path / "harness"
     subprocess.run([CROSS_CC, "-O3", "-ffp-contract=off", "-std=gnu11", "-static", "-pthread", "-o", str(binary),
-                    str(source), str(tmp_path / "harness.c")], check=True, capture_output=True, timeout=120)
+                    str(source), str(tmp_path / "harness.c"), "-lm"], check=True, capture_output=True, timeout=120)
     dotprod = subprocess.run([QEMU_ARM, "-cpu", "max", str(binary)], capture_output=True, text=True, timeout=120)
     assert dotprod.returncode == 0 and dotprod.stdout.startswith("best neon neon 1"), dotprod.stdout
     assert dotprod.stdout.count("-> ok") == 7, dotprod.stdout

@@ -87,6 +87,29 @@ class BoundTables(NamedTuple):
     shrink: float
 
 
+class RowClusters(NamedTuple):
+    """Rows grouped for :meth:`Int8Kernel.topk_pruned`: cluster j's row ids are ``member[start[j]:start[j + 1]]``
+    (a multiple of 8, padded with −1), its ``center`` (p float32) and ``radius`` (float32, at least every member's
+    distance to the centre in the space the keys measure)."""
+
+    start: np.ndarray
+    member: np.ndarray
+    center: np.ndarray
+    radius: np.ndarray
+
+
+class QueryBounds(NamedTuple):
+    """One :meth:`Int8Kernel.topk_pruned` call's queries: ``xt`` Q×p float32, each query as its int8 codes and
+    scale represent it in the clusters' space, so that key = ‖y − x̃‖² − N_q exactly for a row y; ``shift`` Q
+    float32, N_q plus the float32 rounding of the key, rounded up; ``margin`` Q float32, the float32 rounding of a
+    distance ‖c − x̃‖; ``lift`` Q float32, N_q less the key's rounding, rounded down."""
+
+    xt: np.ndarray
+    shift: np.ndarray
+    margin: np.ndarray
+    lift: np.ndarray
+
+
 class NativeUnavailable(RuntimeError):
     """The library is missing, unloadable, or switched off (``EDGECORE_NATIVE_ISA=off``)."""
 
@@ -133,6 +156,10 @@ class Int8Kernel:
         common = [_i8, _i64, _i64, ctypes.c_void_p, _i64, _i64, _f32, _i32, _f32]
         lib.ecs_topk.argtypes = common + [_i64, _i32, _f32, ctypes.c_int, ctypes.c_int]
         lib.ecs_keys.argtypes = common + [_f32, ctypes.c_int, ctypes.c_int]
+        lib.ecs_quantize_bounds.argtypes = [_f32, _i64, _i64, _f32, _i64, _i8, _f32, _f32, ctypes.c_double,
+                                            ctypes.c_double, ctypes.c_double, _f32, _f32, _f32, _f32]
+        lib.ecs_topk_pruned.argtypes = common + [_i64, _i32, _f32, ctypes.c_int, ctypes.c_int, _i64, _i64, _idx, _i32,
+                                                 _f32, _f32, _f32, _f32, _f32, _f32]
         decode = [_f32, _i64, _i64, ctypes.c_void_p, _i64, _f32, _f32, ctypes.c_void_p, _i64, ctypes.c_void_p, _i64,
                   ctypes.c_void_p, ctypes.c_void_p, _idx, _i64]
         lib.ecs_l2.argtypes = decode + [_f32, ctypes.c_int, ctypes.c_int]
@@ -176,6 +203,53 @@ class Int8Kernel:
         idx = np.empty((queries.shape[0], k), np.int32)
         rc = self._lib.ecs_topk(queries, queries.shape[0], g, rows.ctypes.data, rows.strides[0], m, bias, corr,
                                 cq, k, idx, keys, self._isa_id(isa), self.threads)
+        self._raise(rc)
+        return keys, idx.astype(np.int64)
+
+    def quantize_bounds(self, projected: np.ndarray, scale: np.ndarray, width: int, mid: np.ndarray,
+                        bias_max: float, reach: float, bias_error: float) -> tuple[np.ndarray, np.ndarray, QueryBounds]:
+        """:func:`quantize_queries` of ``projected * scale`` (the same bits) and the codes' :class:`QueryBounds`
+        for rows ŷ = mid + scale ⊙ code, in one pass (see ``ecs_quantize_bounds``).
+
+        Args:
+            projected: Q×p float32; scale, mid: p float32; width: the codes' row width (≥ p);
+            bias_max, reach, bias_error: the rows' largest |bias|, ‖ŷ − mid‖ and |bias − ‖ŷ‖²|.
+
+        Returns:
+            (Q×width int8 codes, Q float32 steps, bounds).
+        """
+        projected = np.ascontiguousarray(projected, dtype=np.float32)
+        nq, p = projected.shape
+        codes = np.empty((nq, width), np.int8)
+        step = np.empty(nq, np.float32)
+        xt = np.empty((nq, p), np.float32)
+        shift, margin, lift = (np.empty(nq, np.float32) for _ in range(3))
+        self._raise(self._lib.ecs_quantize_bounds(projected, nq, p, np.ascontiguousarray(scale, np.float32), width,
+                                                  codes, step, np.ascontiguousarray(mid, np.float32), bias_max, reach,
+                                                  bias_error, xt, shift, margin, lift))
+        return codes, step, QueryBounds(xt, shift, margin, lift)
+
+    def topk_pruned(self, queries: np.ndarray, rows: np.ndarray, bias: np.ndarray, corr: np.ndarray, cq: np.ndarray,
+                    k: int, clusters: "RowClusters", bounds: "QueryBounds", isa: str | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`topk` with whole clusters of rows skipped where their bound shows no row can enter a query's k
+        best (on the AVX-512 list path; elsewhere every row is scanned): the same results, bit for bit.
+
+        Args:
+            clusters: the rows' :class:`RowClusters`; bounds: these queries' :class:`QueryBounds`.
+        """
+        queries, g, m = self._check(queries, rows, bias, corr, cq)
+        if not 1 <= k <= m:
+            raise ValueError(f"k must be in [1, {m}], got {k}")
+        nq, p = queries.shape[0], clusters.center.shape[1]
+        if bounds.xt.shape != (nq, p) or any(v.shape != (nq,) for v in (bounds.shift, bounds.margin, bounds.lift)):
+            raise ValueError(f"query bounds must describe {nq} queries of {p} dims")
+        keys = np.empty((nq, k), np.float32)
+        idx = np.empty((nq, k), np.int32)
+        rc = self._lib.ecs_topk_pruned(queries, nq, g, rows.ctypes.data, rows.strides[0], m, bias, corr, cq, k, idx,
+                                       keys, self._isa_id(isa), self.threads, clusters.center.shape[0], p,
+                                       clusters.start, clusters.member, clusters.center, clusters.radius, bounds.xt,
+                                       bounds.shift, bounds.margin, bounds.lift)
         self._raise(rc)
         return keys, idx.astype(np.int64)
 

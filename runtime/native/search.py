@@ -22,13 +22,20 @@ all M keys of one query in one pass.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from edgecore.runtime.native import Int8Kernel, quantize_queries
+from edgecore.runtime.native import Int8Kernel, RowClusters, quantize_queries
 from edgecore.runtime.search_coarse import CodeBounds, CodeRows, code_rounding, direct_l2, rerank
 
 INT8_CANDIDATES = 16  # untuned default (--search int8 on another mode's bundle); export tunes it per coreset
 PROJECTED_STEP_EXPONENT = 0.5  # coarse mode: row code step × (σ_max / σ_d) ** this (see ProjectedCandidates)
+# Coarse mode's candidate stage skips whole clusters of rows (Int8Kernel.topk_pruned) from this many rows, with about
+# ROWS_PER_CLUSTER rows in each (bottle WRN50, RESULTS.md #11 "Clusters of rows").
+PRUNE_MIN_ROWS = 4096
+ROWS_PER_CLUSTER = 32
+_CLUSTER_BLOCK = 2048  # rows per block of the assignment to the nearest seed
 _COORD_STEP = 257  # uint16 coordinate code ≈ 257 · (int8 + 128): 0..65535 onto 0..255
 _KEY_SLACK = 1e-4  # relative float32 rounding allowance on the key bounds (float32 norms summed over D terms)
 
@@ -184,6 +191,12 @@ class ProjectedCandidates:
         # bounds read the same table
         self.bounds = CodeBounds(self._table, self._mid, self._step, projected.shape[1], code_rounding(self._step, half))
         self.kernel = kernel
+        self._clusters = None
+        if len(codes) >= PRUNE_MIN_ROWS and kernel.path_for(self._table.shape[1]) == "avx512vnni":  # where it prunes
+            # the rows as the keys see them: ŷ = mid + step ⊙ code, exact in float64
+            exact = self._mid.astype(np.float64) + self._step.astype(np.float64) * codes
+            self._clusters = row_clusters(exact, max(1, len(codes) // ROWS_PER_CLUSTER))
+            self._key_terms = _KeyTerms.of(exact, self._bias, self._mid)
 
     @property
     def isa(self) -> str:
@@ -191,10 +204,74 @@ class ProjectedCandidates:
 
     def propose(self, projected: np.ndarray, k: int) -> np.ndarray:
         """Q×k candidate rows for Q projected queries."""
-        codes, step = quantize_queries(projected * self._step, self._table.shape[1])
         k = min(k, self._table.shape[0])
-        _, idx = self.kernel.topk(codes, self._table, self._bias, self._corr, (2.0 * step).astype(np.float32), k)
-        return idx
+        if self._clusters is None:
+            codes, step = quantize_queries(projected * self._step, self._table.shape[1])
+            return self.kernel.topk(codes, self._table, self._bias, self._corr, (2.0 * step).astype(np.float32), k)[1]
+        terms = self._key_terms
+        codes, step, bounds = self.kernel.quantize_bounds(projected, self._step, self._table.shape[1], self._mid,
+                                                          terms.bias_max, terms.reach, terms.bias_error)
+        cq = (2.0 * step).astype(np.float32)
+        return self.kernel.topk_pruned(codes, self._table, self._bias, self._corr, cq, k, self._clusters, bounds)[1]
 
     def memory_bytes(self) -> int:
-        return self._table.nbytes + self._bias.nbytes + self._corr.nbytes + self._mid.nbytes + self._step.nbytes
+        clusters = sum(a.nbytes for a in self._clusters) if self._clusters is not None else 0
+        return (self._table.nbytes + self._bias.nbytes + self._corr.nbytes + self._mid.nbytes + self._step.nbytes
+                + clusters)
+
+
+def row_clusters(points: np.ndarray, count: int) -> RowClusters:
+    """Rows in ``count`` clusters for :meth:`Int8Kernel.topk_pruned`: farthest-point seeds (from row 0, so the
+    result depends on the rows alone), each row with its nearest seed, centred on the members' mean.
+
+    Why farthest-point: a skipped cluster is one whose radius is small against its distance to the query, and
+    farthest-point seeds bound the largest radius (the k-center criterion of the coreset itself). ``points``: M×p
+    float64, the rows exactly as the keys see them; the radii are measured from the float32 centres the kernel
+    reads and rounded up.
+    """
+    size = len(points)
+    count = min(count, size)
+    sq = np.einsum("md,md->m", points, points)
+    seeds = np.zeros(count, np.int64)
+    nearest = sq - 2.0 * points @ points[0] + sq[0]
+    for i in range(1, count):
+        seeds[i] = int(np.argmax(nearest))
+        nearest = np.minimum(nearest, sq - 2.0 * points @ points[seeds[i]] + sq[seeds[i]])
+    label = np.empty(size, np.int64)
+    seed_points = points[seeds]
+    seed_sq = sq[seeds]
+    for start in range(0, size, _CLUSTER_BLOCK):
+        block = slice(start, start + _CLUSTER_BLOCK)
+        label[block] = np.argmin(seed_sq[None, :] - 2.0 * points[block] @ seed_points.T, axis=1)
+    members = np.bincount(label, minlength=count)
+    center = np.zeros((count, points.shape[1]), np.float64)
+    np.add.at(center, label, points)
+    center = (center / np.maximum(members, 1)[:, None]).astype(np.float32)
+    distance = np.sqrt(np.sum((points - center[label].astype(np.float64)) ** 2, axis=1))
+    radius = np.zeros(count, np.float64)
+    np.maximum.at(radius, label, distance * (1.0 + 1e-9))
+    radius = np.nextafter(radius.astype(np.float32), np.float32(np.inf))
+    order = np.argsort(label, kind="stable")
+    padded = (members + 7) // 8 * 8
+    start = np.zeros(count + 1, np.int64)
+    start[1:] = np.cumsum(padded)
+    member = np.full(int(start[-1]), -1, np.int32)
+    ends = np.cumsum(members)
+    for j in range(count):
+        member[start[j] : start[j] + members[j]] = order[ends[j] - members[j] : ends[j]]
+    return RowClusters(start, member, center, radius)
+
+
+class _KeyTerms(NamedTuple):
+    """What the per-call :class:`QueryBounds` (``Int8Kernel.quantize_bounds``) need of the rows: the largest |bias|,
+    the largest ‖ŷ − mid‖ and the largest |bias − ‖ŷ‖²| (the bias is float32)."""
+
+    bias_max: float
+    reach: float
+    bias_error: float
+
+    @classmethod
+    def of(cls, exact: np.ndarray, bias: np.ndarray, mid: np.ndarray) -> "_KeyTerms":
+        norms = np.einsum("md,md->m", exact, exact)
+        reach = float(np.sqrt(np.max(np.sum((exact - mid.astype(np.float64)) ** 2, axis=1))))
+        return cls(float(np.max(np.abs(bias))), reach, float(np.max(np.abs(bias.astype(np.float64) - norms))))
