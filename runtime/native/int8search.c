@@ -20,6 +20,9 @@
  *   scalar      plain C
  * The keys are never materialised as a Q x M matrix: a vector compare against each query's current
  * k-th key, and an insertion on the hits (scalar, or SIMD in run_job_512). Ties: (key, row) order.
+ * ecs_topk_pruned (coarse mode's candidates): the rows in clusters, and on the AVX-512 list path whole clusters
+ * skipped where a distance bound shows none of their rows can enter a query's list (run_job_512_pruned); the
+ * results are ecs_topk's, bit for bit.
  */
 #define _GNU_SOURCE
 #include <math.h>
@@ -810,10 +813,13 @@ typedef struct Clusters {
     const float *shift;    /* nq: N_q + the key's rounding, rounded up */
     const float *margin;   /* nq: the float32 rounding of ||c - x~|| (absolute) */
     const float *lift;     /* nq: N_q less the key's rounding, rounded down (the upper bounds) */
+    const float *center_sq; /* n: ||c_j||^2 (computed per call) */
+    const float *cap_radius; /* n: R_j where cluster j has at least k rows, else +inf (computed per call) */
     _Atomic int64_t *next; /* the next pair of query blocks to take (the threads share them out as they go) */
 } Clusters;
 
 #define CL_MAX_DIMS 64
+#define CL_GROUP 4 /* clusters per pass over the pair's queries (cluster_bounds) */
 
 /* As pair_rows_512 on a list of row ids (n a multiple of PAIR_ROWS; id -1: no row, its key NaN: never a hit). */
 __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline))
@@ -884,61 +890,82 @@ static inline __mmask16 lanes_mask(int64_t nq, int64_t q0) {
     return n >= QB ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
 }
 
-/* low[j * 32 + h] = a lower bound of ||c_j - x~_q|| - R_j for the pair's lane h (q = qb * 16 + h; +inf for a
- * padded lane), first[h] the cluster nearest to lane h (-1: padded), and top[h] an upper bound of lane h's k-th
- * smallest key: every key of a cluster with at least k rows is at most (||c_j - x~_q|| + R_j)^2 - lift_q. */
+/* low[j * 32 + h] = a lower bound of ||c_j - x~_q||^2 for the pair's lane h (q = qb * 16 + h; +inf for a padded
+ * lane), first[h] the cluster nearest to lane h (-1: padded), and top[h] an upper bound of lane h's k-th smallest
+ * key: every key of the nearest cluster, when it has at least k rows, is at most (||c_j - x~_q|| + R_j)^2 - lift_q.
+ * ||c - x~||^2 is ||c||^2 + ||x~||^2 - 2 c . x~: one fused multiply-add per dimension and lane; its float32 error is
+ * below (p + 3) 2^-24 (||c||^2 + ||x~||^2 + 2 |c . x~|) <= 1e-5 (||c||^2 + ||x~||^2) for p <= 64, taken off the
+ * lower bound and added to the upper. No square root per cluster (the stage was bound by them): the caller
+ * compares squares. */
 __attribute__((target("avx512f")))
 static void cluster_bounds(const Ctx *c, int64_t qb, float *low, int32_t *first, float *top) {
     const Clusters *cl = c->cl;
     const int64_t p = cl->p;
     __m512 xt[2][CL_MAX_DIMS];
     __mmask16 in[2];
-    __m512 margin[2], best[2], far[2];
+    __m512 xsq[2], best[2];
     __m512i arg[2];
     for (int h = 0; h < 2; h++) {
         int64_t q0 = (qb + h) * QB;
         in[h] = lanes_mask(c->nq, q0);
         const __m512i lane_q = _mm512_add_epi32(_mm512_set1_epi32((int32_t)q0),
                                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-        for (int64_t d = 0; d < p; d++)
-            xt[h][d] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in[h], _mm512_mullo_epi32(lane_q, _mm512_set1_epi32((int32_t)p)),
-                                                cl->xt + d, 4);
-        margin[h] = _mm512_maskz_loadu_ps(in[h], cl->margin + q0);
-        best[h] = _mm512_set1_ps(INFINITY);
-        far[h] = _mm512_set1_ps(INFINITY);
-        arg[h] = _mm512_set1_epi32(-1);
-    }
-    const __m512 shrink = _mm512_set1_ps(1.0f - 1e-5f), grow = _mm512_set1_ps(1.0f + 1e-5f), inf = _mm512_set1_ps(INFINITY);
-    for (int64_t j = 0; j < cl->n; j++) {
-        const float *cj = cl->center + j * p;
-        const int full = cl->start[j + 1] - cl->start[j] >= c->k && cl->member[cl->start[j] + c->k - 1] >= 0;
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
+        const __m512i at = _mm512_mullo_epi32(lane_q, _mm512_set1_epi32((int32_t)p));
+        __m512 acc = _mm512_setzero_ps();
         for (int64_t d = 0; d < p; d++) {
-            __m512 v = _mm512_set1_ps(cj[d]);
-            __m512 e0 = _mm512_sub_ps(v, xt[0][d]), e1 = _mm512_sub_ps(v, xt[1][d]);
-            acc0 = _mm512_fmadd_ps(e0, e0, acc0);
-            acc1 = _mm512_fmadd_ps(e1, e1, acc1);
+            xt[h][d] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in[h], at, cl->xt + d, 4);
+            acc = _mm512_fmadd_ps(xt[h][d], xt[h][d], acc);
         }
-        __m512 dist[2] = {_mm512_sqrt_ps(acc0), _mm512_sqrt_ps(acc1)};
-        __m512 rj = _mm512_set1_ps(cl->radius[j]);
-        for (int h = 0; h < 2; h++) {
-            __mmask16 nearer = _mm512_mask_cmp_ps_mask(in[h], dist[h], best[h], _CMP_LT_OQ);
-            best[h] = _mm512_mask_mov_ps(best[h], nearer, dist[h]);
-            arg[h] = _mm512_mask_mov_epi32(arg[h], nearer, _mm512_set1_epi32((int32_t)j));
-            __m512 lo = _mm512_sub_ps(_mm512_sub_ps(_mm512_mul_ps(dist[h], shrink), rj), margin[h]);
-            _mm512_storeu_ps(low + j * 2 * QB + h * QB, _mm512_mask_mov_ps(inf, in[h], lo));
-            if (full) far[h] = _mm512_min_ps(far[h], _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(dist[h], grow), rj), margin[h]));
+        xsq[h] = acc;
+        best[h] = _mm512_set1_ps(INFINITY);
+        arg[h] = _mm512_setzero_si512();
+    }
+    const __m512 inf = _mm512_set1_ps(INFINITY), rel = _mm512_set1_ps(1e-5f), zero = _mm512_setzero_ps();
+    const __m512 minus2 = _mm512_set1_ps(-2.0f), shrink = _mm512_set1_ps((1.0f - 1e-5f) * (1.0f - 1e-5f));
+    /* four clusters at a time: eight independent multiply-add chains (one chain per cluster waited on its latency) */
+    for (int64_t j0 = 0; j0 < cl->n; j0 += CL_GROUP) {
+        const int count = cl->n - j0 < CL_GROUP ? (int)(cl->n - j0) : CL_GROUP;
+        const float *cj[CL_GROUP];
+        for (int u = 0; u < CL_GROUP; u++) cj[u] = cl->center + (j0 + (u < count ? u : 0)) * p;
+        __m512 dot[CL_GROUP][2];
+        for (int u = 0; u < CL_GROUP; u++) dot[u][0] = dot[u][1] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < p; d++) {
+            const __m512 x0 = xt[0][d], x1 = xt[1][d];
+            for (int u = 0; u < CL_GROUP; u++) {
+                __m512 v = _mm512_set1_ps(cj[u][d]);
+                dot[u][0] = _mm512_fmadd_ps(v, x0, dot[u][0]);
+                dot[u][1] = _mm512_fmadd_ps(v, x1, dot[u][1]);
+            }
+        }
+        for (int u = 0; u < count; u++) {
+            const int64_t j = j0 + u;
+            const __m512 csq = _mm512_set1_ps(cl->center_sq[j]);
+            for (int h = 0; h < 2; h++) {
+                __m512 norms = _mm512_add_ps(csq, xsq[h]);
+                __m512 sq = _mm512_fmadd_ps(minus2, dot[u][h], norms);
+                __mmask16 nearer = _mm512_mask_cmp_ps_mask(in[h], sq, best[h], _CMP_LT_OQ);
+                best[h] = _mm512_mask_mov_ps(best[h], nearer, sq);
+                arg[h] = _mm512_mask_mov_epi32(arg[h], nearer, _mm512_set1_epi32((int32_t)j));
+                __m512 lo = _mm512_mul_ps(_mm512_max_ps(_mm512_fnmadd_ps(rel, norms, sq), zero), shrink);
+                _mm512_storeu_ps(low + j * 2 * QB + h * QB, _mm512_mask_mov_ps(inf, in[h], lo));
+            }
         }
     }
-    for (int h = 0; h < 2; h++) { /* the squared distance, rounded up, less lift: padded lanes +inf (never read) */
-        __m512 sq = _mm512_mul_ps(_mm512_mul_ps(far[h], far[h]), grow);
-        __m512 lift = _mm512_maskz_loadu_ps(in[h], cl->lift + (qb + h) * QB);
-        __m512 t = _mm512_sub_ps(sq, lift);
-        t = _mm512_add_ps(t, _mm512_mul_ps(_mm512_set1_ps(1e-5f), _mm512_add_ps(sq, _mm512_abs_ps(lift))));
+    const __m512 grow = _mm512_set1_ps(1.0f + 1e-5f);
+    for (int h = 0; h < 2; h++) {
+        int64_t q0 = (qb + h) * QB;
+        _mm512_storeu_si512((void *)(first + h * QB), _mm512_mask_mov_epi32(_mm512_set1_epi32(-1), in[h], arg[h]));
+        /* the nearest cluster's reach (+inf where it has fewer than k rows), rounded up, less lift */
+        __m512 csq = _mm512_mask_i32gather_ps(zero, in[h], arg[h], cl->center_sq, 4);
+        __m512 cap = _mm512_mask_i32gather_ps(zero, in[h], arg[h], cl->cap_radius, 4);
+        __m512 eps = _mm512_mul_ps(rel, _mm512_add_ps(csq, xsq[h]));
+        __m512 far = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(_mm512_add_ps(_mm512_max_ps(best[h], zero), eps)), grow), cap),
+                                   _mm512_maskz_loadu_ps(in[h], cl->margin + q0));
+        __m512 sq = _mm512_mul_ps(_mm512_mul_ps(far, far), grow);
+        __m512 lift = _mm512_maskz_loadu_ps(in[h], cl->lift + q0);
+        __m512 t = _mm512_add_ps(_mm512_sub_ps(sq, lift), _mm512_mul_ps(rel, _mm512_add_ps(sq, _mm512_abs_ps(lift))));
         _mm512_storeu_ps(top + h * QB, _mm512_mask_mov_ps(inf, in[h], t));
     }
-    _mm512_storeu_si512((void *)first, arg[0]);
-    _mm512_storeu_si512((void *)(first + QB), arg[1]);
 }
 
 /* The smallest distance to x~ a row can have and still beat lane h's k-th key, rounded up (kth + shift: the
@@ -980,15 +1007,22 @@ static void *run_job_512_pruned(void *arg) {
         }
         __mmask16 in0 = lanes_mask(c->nq, qb * QB), in1 = lanes_mask(c->nq, (qb + 1) * QB);
         __m512 shift0 = _mm512_maskz_loadu_ps(in0, cl->shift + qb * QB), shift1 = _mm512_maskz_loadu_ps(in1, cl->shift + (qb + 1) * QB);
-        __m512 reach0 = reach512(_mm512_loadu_ps(kth), shift0), reach1 = reach512(_mm512_loadu_ps(kth + QB), shift1);
+        const __m512 margin0 = _mm512_maskz_loadu_ps(in0, cl->margin + qb * QB);
+        const __m512 margin1 = _mm512_maskz_loadu_ps(in1, cl->margin + (qb + 1) * QB);
+        /* a row of cluster j can beat lane h's k-th key only if ||c_j - x~||^2 <= (R_j + margin + reach)^2 */
+        __m512 need0 = _mm512_add_ps(reach512(_mm512_loadu_ps(kth), shift0), margin0);
+        __m512 need1 = _mm512_add_ps(reach512(_mm512_loadu_ps(kth + QB), shift1), margin1);
+        const __m512 grow = _mm512_set1_ps(1.0f + 1e-6f);
         for (int64_t j = 0; j < cl->n; j++) {
             if (seen[j]) continue;
-            __mmask16 out0 = _mm512_cmp_ps_mask(_mm512_loadu_ps(low + j * 2 * QB), reach0, _CMP_GT_OQ);
-            __mmask16 out1 = _mm512_cmp_ps_mask(_mm512_loadu_ps(low + j * 2 * QB + QB), reach1, _CMP_GT_OQ);
+            __m512 rj = _mm512_set1_ps(cl->radius[j]);
+            __m512 t0 = _mm512_add_ps(rj, need0), t1 = _mm512_add_ps(rj, need1);
+            __mmask16 out0 = _mm512_cmp_ps_mask(_mm512_loadu_ps(low + j * 2 * QB), _mm512_mul_ps(_mm512_mul_ps(t0, t0), grow), _CMP_GT_OQ);
+            __mmask16 out1 = _mm512_cmp_ps_mask(_mm512_loadu_ps(low + j * 2 * QB + QB), _mm512_mul_ps(_mm512_mul_ps(t1, t1), grow), _CMP_GT_OQ);
             if ((__mmask16)(out0 & out1) == (__mmask16)0xFFFF) continue; /* no row of it can beat any lane's k-th */
             pair_ids_512_any(c, qb, cl->member + cl->start[j], cl->start[j + 1] - cl->start[j], kth, top);
-            reach0 = reach512(_mm512_loadu_ps(kth), shift0);
-            reach1 = reach512(_mm512_loadu_ps(kth + QB), shift1);
+            need0 = _mm512_add_ps(reach512(_mm512_loadu_ps(kth), shift0), margin0);
+            need1 = _mm512_add_ps(reach512(_mm512_loadu_ps(kth + QB), shift1), margin1);
         }
     }
     free(low); free(seen);
@@ -1008,7 +1042,18 @@ int ecs_effective_isa(int isa, int64_t width) { return isa == ISA_AMX && width <
 const char *ecs_isa_name(int isa) { return isa >= 0 && isa < ISA_COUNT ? ISA_NAMES[isa] : NULL; }
 
 /* 1 when this build has the path and the CPU runs it. */
-int ecs_isa_supported(int isa) { return isa >= 0 && isa < ISA_COUNT && isa_supported(isa); }
+/* Cached per ISA (0 unknown, 1 no, 2 yes): every entry point checks its path, and the AMX check runs cpuid, which
+ * a VM traps (~20 us a call on the Xeon VM: 8 % of the certification's exact search). */
+int ecs_isa_supported(int isa) {
+    static _Atomic int known[ISA_COUNT];
+    if (isa < 0 || isa >= ISA_COUNT) return 0;
+    int state = atomic_load_explicit(&known[isa], memory_order_relaxed);
+    if (!state) {
+        state = isa_supported(isa) ? 2 : 1;
+        atomic_store_explicit(&known[isa], state, memory_order_relaxed);
+    }
+    return state == 2;
+}
 
 /* The fastest supported path. */
 int ecs_best_isa(void) {
@@ -1369,8 +1414,18 @@ int ecs_topk_pruned(const int8_t *queries, int64_t nq, int64_t g, const int8_t *
         if (member[i] < -1 || member[i] >= m) return -1;
 #ifdef ECS_X86
     _Atomic int64_t next = 0;
-    Clusters cl = {ncl, p, start, member, center, radius, xt, shift, margin, lift, &next};
-    return run(queries, nq, g, rows, stride, m, bias, corr, cq, k, out_idx, out_key, 0, isa, threads, &cl);
+    float *center_sq = (float *)malloc(sizeof(float) * (size_t)ncl * 2), *cap_radius = center_sq + ncl;
+    if (!center_sq) return -2;
+    for (int64_t j = 0; j < ncl; j++) {
+        double sq = 0.0;
+        for (int64_t d = 0; d < p; d++) sq += (double)center[j * p + d] * (double)center[j * p + d];
+        center_sq[j] = (float)sq;
+        cap_radius[j] = start[j + 1] - start[j] >= k && member[start[j] + k - 1] >= 0 ? radius[j] : INFINITY;
+    }
+    Clusters cl = {ncl, p, start, member, center, radius, xt, shift, margin, lift, center_sq, cap_radius, &next};
+    int rc = run(queries, nq, g, rows, stride, m, bias, corr, cq, k, out_idx, out_key, 0, isa, threads, &cl);
+    free(center_sq);
+    return rc;
 #else
     return run(queries, nq, g, rows, stride, m, bias, corr, cq, k, out_idx, out_key, 0, isa, threads, NULL);
 #endif
