@@ -303,8 +303,9 @@ class QuantizedIndex:
             else:
                 mode, entry, replaced = fallback, SEARCH_MODES[fallback], {"mode": "int8", "reason": reason}
         graph = None
-        if entry.graph_arrays:
-            graph = {key: _read(directory, files, f"graph.{key}", dt) for key, dt in entry.graph_arrays.items()}
+        if entry.graph_arrays:  # read-only maps: every searcher builds its own structure from them (hnswlib copies the
+            # links; the native candidate stage never reads them), so no second 2 MB copy stays in memory (bottle WRN50)
+            graph = {key: _read(directory, files, f"graph.{key}", dt, mmap=True) for key, dt in entry.graph_arrays.items()}
         _check_shapes(directory, dtype, arrays, graph, size, dim)
         _check_finite(directory, {**arrays, **(graph or {})})
         if graph is not None:
