@@ -145,9 +145,12 @@ def test_pruned_search_refuses_bad_clusters():
     if candidates is None:
         pytest.skip("the AVX-512 VNNI path (the one that builds clusters) is not on this CPU")
     clusters = candidates._clusters
-    bad = clusters._replace(start=clusters.start + np.r_[0, np.ones(len(clusters.radius), np.int64)])
+    uneven = clusters.start.copy()
+    uneven[1] += 1  # a cluster of 9 slots and one of 7: not whole groups of 8
     with pytest.raises(RuntimeError, match="bad arguments"):
-        both(candidates, points[:10], 8, clusters=bad)
+        both(candidates, points[:10], 8, clusters=clusters._replace(start=uneven))
+    with pytest.raises(ValueError, match="starts into the member list"):
+        both(candidates, points[:10], 8, clusters=clusters._replace(member=clusters.member[:-8]))
     outside = clusters._replace(member=np.where(clusters.member >= 0, clusters.member + PRUNE_MIN_ROWS, -1).astype(np.int32))
     with pytest.raises(RuntimeError, match="bad arguments"):
         both(candidates, points[:10], 8, clusters=outside)

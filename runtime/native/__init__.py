@@ -241,7 +241,10 @@ class Int8Kernel:
         queries, g, m = self._check(queries, rows, bias, corr, cq)
         if not 1 <= k <= m:
             raise ValueError(f"k must be in [1, {m}], got {k}")
-        nq, p = queries.shape[0], clusters.center.shape[1]
+        nq, (count, p) = queries.shape[0], clusters.center.shape
+        if (clusters.start.shape != (count + 1,) or clusters.radius.shape != (count,)
+                or clusters.member.shape != (int(clusters.start[-1]),)):
+            raise ValueError(f"clusters must be {count} centres with {count + 1} starts into the member list")
         if bounds.xt.shape != (nq, p) or any(v.shape != (nq,) for v in (bounds.shift, bounds.margin, bounds.lift)):
             raise ValueError(f"query bounds must describe {nq} queries of {p} dims")
         keys = np.empty((nq, k), np.float32)
