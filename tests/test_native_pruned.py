@@ -1,5 +1,6 @@
 """Coarse mode's candidate stage with the rows in clusters (``Int8Kernel.topk_pruned``): whole clusters are skipped
-where a bound shows no row of them can enter a query's k best, so the results must be ``topk``'s, bit for bit.
+where a bound shows no row of them can enter a query's k best, on every ISA path, so the results must be ``topk``'s,
+bit for bit.
 
 Real compiled library; projected points drawn in clusters (as a coreset's projections are) and uniformly.
 """
@@ -13,7 +14,6 @@ from edgecore.runtime.native import RowClusters
 from edgecore.runtime.native.search import PRUNE_MIN_ROWS, ProjectedCandidates, _KeyTerms, row_clusters
 
 kernel = native.kernel()
-PRUNES = "avx512vnni" in kernel.available  # the path that skips clusters (every other path scans all rows)
 
 
 def projected_points(rng, m: int, p: int, clustered: bool) -> np.ndarray:
@@ -42,7 +42,6 @@ def both(candidates: ProjectedCandidates, queries: np.ndarray, k: int, clusters=
     return full, pruned
 
 
-@pytest.mark.skipif(not PRUNES, reason="the AVX-512 VNNI path (the one that builds clusters) is not on this CPU")
 @pytest.mark.parametrize("m,p,nq,k,clustered", [
     (PRUNE_MIN_ROWS + 5, 32, 784, 8, True),  # bottle WRN50's shape: 32-d projections, 784 patches, 8 candidates
     (PRUNE_MIN_ROWS, 32, 33, 1, True),  # a lone query in the last block pair
@@ -55,52 +54,54 @@ def test_pruned_candidates_equal_the_full_scan(m, p, nq, k, clustered):
     candidates, points = stage(rng, m, p, clustered)
     assert candidates._clusters is not None and len(candidates._clusters.radius) == m // 32
     queries = points[rng.integers(0, m, nq)] + rng.standard_normal((nq, p)).astype(np.float32) * 0.5
-    (fk, fi), (pk, pi) = both(candidates, queries, k)
-    np.testing.assert_array_equal(pi, fi)
-    np.testing.assert_array_equal(pk, fk)
+    for isa in kernel.available:  # the AVX-512 list driver, and the tile driver on every other path
+        (fk, fi), (pk, pi) = both(candidates, queries, k, isa=isa)
+        np.testing.assert_array_equal(pi, fi, err_msg=isa)
+        np.testing.assert_array_equal(pk, fk, err_msg=isa)
     np.testing.assert_array_equal(candidates.propose(queries, k), fi)
 
 
-@pytest.mark.skipif(not PRUNES, reason="the AVX-512 VNNI path (the one that builds clusters) is not on this CPU")
-def test_the_bound_decides_what_is_skipped():
+@pytest.mark.parametrize("isa", kernel.available)
+def test_the_bound_decides_what_is_skipped(isa):
     """With every radius 0 the bound is wrong and whole clusters that hold neighbours are skipped: the answers change,
-    so the test above sees the pruning at work (not a full scan that ignores the clusters)."""
+    so the test above sees the pruning at work on each path (not a full scan that ignores the clusters)."""
     rng = np.random.default_rng(3)
     candidates, points = stage(rng, 6000, 32, True)
     queries = points[rng.integers(0, 6000, 200)] + rng.standard_normal((200, 32)).astype(np.float32) * 0.5
     wrong = candidates._clusters._replace(radius=np.zeros_like(candidates._clusters.radius))
-    (_, full), (_, pruned) = both(candidates, queries, 8, clusters=wrong)
+    (_, full), (_, pruned) = both(candidates, queries, 8, clusters=wrong, isa=isa)
     assert (pruned != full).any()
 
 
-@pytest.mark.skipif(not PRUNES, reason="the AVX-512 VNNI path (the one that builds clusters) is not on this CPU")
 def test_ties_between_duplicate_rows_keep_the_smaller_row():
     rng = np.random.default_rng(5)
     points = projected_points(rng, 5000, 32, True)
     points[2500::7] = points[11]  # equal rows, equal keys: the (key, row) order decides
     candidates = ProjectedCandidates(points, kernel)
     queries = np.repeat(points[11:12], 40, axis=0) + rng.standard_normal((40, 32)).astype(np.float32) * 1e-3
-    (fk, fi), (pk, pi) = both(candidates, queries, 16)
-    np.testing.assert_array_equal(pi, fi)
-    np.testing.assert_array_equal(pk, fk)
+    for isa in kernel.available:
+        (fk, fi), (pk, pi) = both(candidates, queries, 16, isa=isa)
+        np.testing.assert_array_equal(pi, fi, err_msg=isa)
+        np.testing.assert_array_equal(pk, fk, err_msg=isa)
 
 
-@pytest.mark.parametrize("isa", kernel.available)
-def test_every_path_takes_clusters_and_gives_the_full_scan(isa):
-    """Only the AVX-512 list path skips clusters; every other one scans all rows, with the same results."""
+def test_clusters_rebuilt_from_the_codes_give_the_same_candidates():
+    """row_clusters on the rows as the keys see them (ŷ = mid + step ⊙ code) is what the stage builds at load."""
     rng = np.random.default_rng(7)
     points = projected_points(rng, 4200, 32, True)
     candidates = ProjectedCandidates(points, kernel)
     exact = np.asarray(candidates._mid, np.float64) + candidates._step * candidates._table[:, :32].astype(np.float64)
     clusters = row_clusters(exact, 4200 // 32)
-    candidates._key_terms = _KeyTerms.of(exact, candidates._bias, candidates._mid)
+    np.testing.assert_array_equal(clusters.member, candidates._clusters.member)
+    np.testing.assert_array_equal(clusters.radius, candidates._clusters.radius)
+    assert _KeyTerms.of(exact, candidates._bias, candidates._mid) == candidates._key_terms
     queries = points[:70] + 0.1
-    (fk, fi), (pk, pi) = both(candidates, queries, 8, clusters=clusters, isa=isa)
+    (fk, fi), (pk, pi) = both(candidates, queries, 8, clusters=clusters)
     np.testing.assert_array_equal(pi, fi)
     np.testing.assert_array_equal(pk, fk)
 
 
-def test_small_coresets_and_other_paths_keep_the_plain_scan():
+def test_small_coresets_keep_the_plain_scan():
     rng = np.random.default_rng(9)
     small = ProjectedCandidates(projected_points(rng, PRUNE_MIN_ROWS - 1, 32, True), kernel)
     assert small._clusters is None
@@ -141,9 +142,7 @@ def test_native_query_codes_equal_quantize_queries():
 
 def test_pruned_search_refuses_bad_clusters():
     rng = np.random.default_rng(13)
-    candidates, points = stage(rng, PRUNE_MIN_ROWS, 32, True) if PRUNES else (None, None)
-    if candidates is None:
-        pytest.skip("the AVX-512 VNNI path (the one that builds clusters) is not on this CPU")
+    candidates, points = stage(rng, PRUNE_MIN_ROWS, 32, True)
     clusters = candidates._clusters
     uneven = clusters.start.copy()
     uneven[1] += 1  # a cluster of 9 slots and one of 7: not whole groups of 8

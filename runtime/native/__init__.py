@@ -233,7 +233,7 @@ class Int8Kernel:
                     k: int, clusters: "RowClusters", bounds: "QueryBounds", isa: str | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`topk` with whole clusters of rows skipped where their bound shows no row can enter a query's k
-        best (on the AVX-512 list path; elsewhere every row is scanned): the same results, bit for bit.
+        best (on every path: the AVX-512 list driver, or the tile driver): the same results, bit for bit.
 
         Args:
             clusters: the rows' :class:`RowClusters`; bounds: these queries' :class:`QueryBounds`.

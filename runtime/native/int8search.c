@@ -20,9 +20,9 @@
  *   scalar      plain C
  * The keys are never materialised as a Q x M matrix: a vector compare against each query's current
  * k-th key, and an insertion on the hits (scalar, or SIMD in run_job_512). Ties: (key, row) order.
- * ecs_topk_pruned (coarse mode's candidates): the rows in clusters, and on the AVX-512 list path whole clusters
- * skipped where a distance bound shows none of their rows can enter a query's list (run_job_512_pruned); the
- * results are ecs_topk's, bit for bit.
+ * ecs_topk_pruned (coarse mode's candidates): the rows in clusters, whole clusters skipped where a distance bound
+ * shows none of their rows can enter a query's list (run_job_512_pruned on the AVX-512 list path, run_job_pruned
+ * on the tile paths); the results are ecs_topk's, bit for bit.
  */
 #define _GNU_SOURCE
 #include <math.h>
@@ -56,6 +56,8 @@ static const char *ISA_NAMES[ISA_COUNT] = {"scalar", "avx2", "avxvnni", "avx512v
 #define ROW_TILE 4   /* rows sharing one pass over a query block's dwords */
 #define LIST_MAX 32  /* the AVX-512 top-k driver's list length (run_job_512; longer k: run_job) */
 #define CHUNK_BYTES (192 * 1024) /* rows scanned by every query block before moving on (stays in L2) */
+#define CL_MAX_DIMS 64 /* dims of the pruned drivers' cluster centres, at most */
+#define CL_GROUP 4     /* clusters per pass over a block's queries (the bounds' independent FMA chains) */
 
 typedef struct {
     const uint8_t *qpack; /* nqb x g x QB x 4 */
@@ -88,6 +90,22 @@ typedef struct {
 
 typedef uint64_t (*TileFn)(const Ctx *, int64_t, const Tile *, const float *, const float *, float *);
 
+/* Coarse mode's rows in clusters, for ecs_topk_pruned (see run_job_pruned / run_job_512_pruned). */
+typedef struct Clusters {
+    int64_t n, p;          /* clusters; dims of the centres and of xt */
+    const int64_t *start;  /* n + 1: cluster j is member[start[j] .. start[j + 1]), a multiple of PAIR_ROWS */
+    const int32_t *member; /* row ids, -1 padding */
+    const float *center;   /* n x p */
+    const float *radius;   /* n, rounded up */
+    const float *xt;       /* nq x p: the queries as the keys see them */
+    const float *shift;    /* nq: N_q + the key's rounding, rounded up */
+    const float *margin;   /* nq: the float32 rounding of ||c - x~|| (absolute) */
+    const float *lift;     /* nq: N_q less the key's rounding, rounded down (the upper bounds) */
+    const float *center_sq; /* n: ||c_j||^2 (computed per call) */
+    const float *cap_radius; /* n: R_j where cluster j has at least k rows, else +inf (computed per call) */
+    _Atomic int64_t *next; /* the next pair of query blocks to take (the threads share them out as they go) */
+} Clusters;
+
 /* (key, row) before the list's k-th entry, in (key, row) order: equal keys keep the smaller row. */
 static inline int beats(float key, int32_t row, float kkey, int32_t krow) {
     return key < kkey || (key == kkey && (krow < 0 || row < krow));
@@ -107,21 +125,27 @@ static void insert(float *keys, int32_t *idx, int64_t k, float key, int32_t row)
 
 /* Hits of one tile (bit r * QB + lane: key <= the lane's k-th): insert those that beat the k-th entry.
  * Chunks are scanned last first (a farthest-first coreset puts its outliers first), so ties are
- * settled by row here, not by scan order. */
-static void take_hits(const Ctx *c, int64_t q0, int lanes, int64_t m0, int valid, uint64_t hits, const float *keys,
-                      float *kth) {
+ * settled by row here, not by scan order. The tile's rows are m0 + r, or ids[r] where ids is given. */
+static void take_hits_of(const Ctx *c, int64_t q0, int lanes, int64_t m0, const int32_t *ids, int valid, uint64_t hits,
+                         const float *keys, float *kth) {
     while (hits) {
         int bit = __builtin_ctzll(hits);
         hits &= hits - 1;
         int r = bit / QB, l = bit % QB;
         float key = keys[bit];
         if (l >= lanes || r >= valid) continue;
+        int32_t row = ids ? ids[r] : (int32_t)(m0 + r);
         float *qkeys = c->out_key + (q0 + l) * c->k;
         int32_t *qidx = c->out_idx + (q0 + l) * c->k;
-        if (!beats(key, (int32_t)(m0 + r), qkeys[c->k - 1], qidx[c->k - 1])) continue; /* the k-th moved */
-        insert(qkeys, qidx, c->k, key, (int32_t)(m0 + r));
+        if (!beats(key, row, qkeys[c->k - 1], qidx[c->k - 1])) continue; /* the k-th moved */
+        insert(qkeys, qidx, c->k, key, row);
         kth[l] = qkeys[c->k - 1];
     }
+}
+
+static void take_hits(const Ctx *c, int64_t q0, int lanes, int64_t m0, int valid, uint64_t hits, const float *keys,
+                      float *kth) {
+    take_hits_of(c, q0, lanes, m0, NULL, valid, hits, keys, kth);
 }
 
 static void store_keys(const Ctx *c, int64_t q0, int lanes, int64_t m0, int valid, const float *keys) {
@@ -524,6 +548,224 @@ static void *run_job(void *arg) {
     return NULL;
 }
 
+/* ---- pruned driver for the tile paths (AVX-VNNI, AVX2, NEON, scalar; AVX-512 with k > LIST_MAX) ----
+ * run_job_512_pruned's bounds and order (see there) on one query block at a time: each query's nearest cluster
+ * first, then every other cluster unless all 16 lanes' bounds exceed their k-th keys, the tiles comparing against
+ * the k-th key capped by the nearest cluster's reach. The lists are run_job's, bit for bit. */
+typedef void (*BoundsFn)(const Ctx *, int64_t, float *, int32_t *, float *);
+
+/* One block's bounds in plain C (any order of the sums: the allowance below holds for every order):
+ * low[j * 16 + h] <= ||c_j - x~_q||^2, first[h] the nearest cluster, top[h] >= lane h's final k-th key. */
+static void cluster_bounds_c(const Ctx *c, int64_t qb, float *low, int32_t *first, float *top) {
+    const Clusters *cl = c->cl;
+    const int64_t p = cl->p, q0 = qb * QB;
+    float xsq[QB], best[QB];
+    for (int h = 0; h < QB; h++) {
+        xsq[h] = 0.0f;
+        best[h] = INFINITY;
+        first[h] = -1;
+        for (int64_t d = 0; q0 + h < c->nq && d < p; d++) xsq[h] += cl->xt[(q0 + h) * p + d] * cl->xt[(q0 + h) * p + d];
+    }
+    for (int64_t j = 0; j < cl->n; j++) {
+        const float *cj = cl->center + j * p;
+        for (int h = 0; h < QB; h++) {
+            if (q0 + h >= c->nq) {
+                low[j * QB + h] = INFINITY;
+                continue;
+            }
+            const float *x = cl->xt + (q0 + h) * p;
+            float dot = 0.0f;
+            for (int64_t d = 0; d < p; d++) dot += cj[d] * x[d];
+            float norms = cl->center_sq[j] + xsq[h], sq = norms - 2.0f * dot;
+            if (sq < best[h]) {
+                best[h] = sq;
+                first[h] = (int32_t)j;
+            }
+            float lo = sq - 1e-5f * norms;
+            low[j * QB + h] = (lo > 0.0f ? lo : 0.0f) * ((1.0f - 1e-5f) * (1.0f - 1e-5f));
+        }
+    }
+    for (int h = 0; h < QB; h++) {
+        if (first[h] < 0) {
+            top[h] = INFINITY;
+            continue;
+        }
+        int32_t j = first[h];
+        float eps = 1e-5f * (cl->center_sq[j] + xsq[h]);
+        float far = sqrtf((best[h] > 0.0f ? best[h] : 0.0f) + eps) * (1.0f + 1e-5f) + cl->cap_radius[j] + cl->margin[q0 + h];
+        float sq = far * far * (1.0f + 1e-5f), lift = cl->lift[q0 + h];
+        top[h] = sq - lift + 1e-5f * (sq + fabsf(lift));
+    }
+}
+
+#ifdef ECS_X86
+/* The same bounds with AVX2 + FMA: two 8-lane halves, four clusters per pass. */
+__attribute__((target("avx2,fma")))
+static void cluster_bounds_avx2(const Ctx *c, int64_t qb, float *low, int32_t *first, float *top) {
+    const Clusters *cl = c->cl;
+    const int64_t p = cl->p, q0 = qb * QB;
+    __m256 xt[2][CL_MAX_DIMS], xsq[2], best[2];
+    __m256i arg[2];
+    float buf[QB];
+    for (int64_t d = 0; d < p; d++) {
+        for (int h = 0; h < QB; h++) buf[h] = q0 + h < c->nq ? cl->xt[(q0 + h) * p + d] : 0.0f;
+        xt[0][d] = _mm256_loadu_ps(buf);
+        xt[1][d] = _mm256_loadu_ps(buf + 8);
+    }
+    for (int h = 0; h < 2; h++) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t d = 0; d < p; d++) acc = _mm256_fmadd_ps(xt[h][d], xt[h][d], acc);
+        xsq[h] = acc;
+        best[h] = _mm256_set1_ps(INFINITY);
+        arg[h] = _mm256_set1_epi32(-1);
+    }
+    const __m256 rel = _mm256_set1_ps(1e-5f), zero = _mm256_setzero_ps(), minus2 = _mm256_set1_ps(-2.0f);
+    const __m256 shrink = _mm256_set1_ps((1.0f - 1e-5f) * (1.0f - 1e-5f));
+    for (int64_t j0 = 0; j0 < cl->n; j0 += CL_GROUP) {
+        const int count = cl->n - j0 < CL_GROUP ? (int)(cl->n - j0) : CL_GROUP;
+        const float *cj[CL_GROUP];
+        for (int u = 0; u < CL_GROUP; u++) cj[u] = cl->center + (j0 + (u < count ? u : 0)) * p;
+        __m256 dot[CL_GROUP][2];
+        for (int u = 0; u < CL_GROUP; u++) dot[u][0] = dot[u][1] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < p; d++)
+            for (int u = 0; u < CL_GROUP; u++) {
+                __m256 v = _mm256_broadcast_ss(cj[u] + d);
+                dot[u][0] = _mm256_fmadd_ps(v, xt[0][d], dot[u][0]);
+                dot[u][1] = _mm256_fmadd_ps(v, xt[1][d], dot[u][1]);
+            }
+        for (int u = 0; u < count; u++) {
+            const int64_t j = j0 + u;
+            const __m256 csq = _mm256_set1_ps(cl->center_sq[j]);
+            for (int h = 0; h < 2; h++) {
+                __m256 norms = _mm256_add_ps(csq, xsq[h]);
+                __m256 sq = _mm256_fmadd_ps(minus2, dot[u][h], norms);
+                __m256 nearer = _mm256_cmp_ps(sq, best[h], _CMP_LT_OQ);
+                best[h] = _mm256_blendv_ps(best[h], sq, nearer);
+                arg[h] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(arg[h]),
+                                                              _mm256_castsi256_ps(_mm256_set1_epi32((int32_t)j)), nearer));
+                __m256 lo = _mm256_mul_ps(_mm256_max_ps(_mm256_fnmadd_ps(rel, norms, sq), zero), shrink);
+                _mm256_storeu_ps(low + j * QB + 8 * h, lo);
+            }
+        }
+    }
+    int32_t nearest[QB];
+    _mm256_storeu_si256((__m256i *)nearest, arg[0]);
+    _mm256_storeu_si256((__m256i *)(nearest + 8), arg[1]);
+    float nearest_sq[QB];
+    _mm256_storeu_ps(nearest_sq, best[0]);
+    _mm256_storeu_ps(nearest_sq + 8, best[1]);
+    for (int h = 0; h < QB; h++) {
+        int valid = q0 + h < c->nq;
+        first[h] = valid ? nearest[h] : -1;
+        if (!valid) {
+            for (int64_t j = 0; j < cl->n; j++) low[j * QB + h] = INFINITY;
+            top[h] = INFINITY;
+            continue;
+        }
+        int32_t j = nearest[h];
+        float x2 = 0.0f; /* the lane's ||x~||^2 as the vector sum gave it */
+        float xs[8];
+        _mm256_storeu_ps(xs, xsq[h / 8]);
+        x2 = xs[h % 8];
+        float eps = 1e-5f * (cl->center_sq[j] + x2);
+        float b = nearest_sq[h] > 0.0f ? nearest_sq[h] : 0.0f;
+        float far = sqrtf(b + eps) * (1.0f + 1e-5f) + cl->cap_radius[j] + cl->margin[q0 + h];
+        float sq = far * far * (1.0f + 1e-5f), lift = cl->lift[q0 + h];
+        top[h] = sq - lift + 1e-5f * (sq + fabsf(lift));
+    }
+}
+#endif
+
+static BoundsFn bounds_fn(int isa) {
+#ifdef ECS_X86
+    if (isa == ISA_AVX2 || isa == ISA_AVXVNNI || isa == ISA_AVX512VNNI || isa == ISA_AMX) return cluster_bounds_avx2;
+#endif
+    (void)isa;
+    return cluster_bounds_c;
+}
+
+/* The rows ids[0 .. n) of one cluster (n a multiple of ROW_TILE; -1: no row) for query block qb. */
+static void scan_ids(const Ctx *c, TileFn tile, int64_t qb, const int32_t *ids, int64_t n, float *kth, const float *top) {
+    const int64_t q0 = qb * QB;
+    const int lanes = (int)(c->nq - q0 < QB ? c->nq - q0 : QB);
+    float keys[ROW_TILE * QB], cap[QB];
+    Tile t;
+    for (int l = 0; l < QB; l++) cap[l] = kth[l] < top[l] ? kth[l] : top[l];
+    for (int64_t i = 0; i < n; i += ROW_TILE) {
+        for (int r = 0; r < ROW_TILE; r++) {
+            int32_t id = ids[i + r];
+            t.rp[r] = id >= 0 ? c->rows + (int64_t)id * c->stride : c->zero_row;
+            t.bias[r] = id >= 0 ? c->bias[id] : NAN; /* a NaN key is never a hit */
+            t.corr[r] = id >= 0 ? c->corr[id] : 0;
+        }
+        uint64_t hits = tile(c, qb, &t, c->cq + q0, cap, keys);
+        if (hits) {
+            take_hits_of(c, q0, lanes, 0, ids + i, ROW_TILE, hits, keys, kth);
+            for (int l = 0; l < QB; l++) cap[l] = kth[l] < top[l] ? kth[l] : top[l];
+        }
+    }
+}
+
+/* The squared distance from a cluster's centre beyond which none of its rows beats lane l's k-th key, less R_j:
+ * need[l] = margin + sqrt(kth + shift, rounded up) (0 for padded lanes, whose k-th is -inf). */
+static void lane_need(const Ctx *c, int64_t q0, const float *kth, const float *top, float *need) {
+    const Clusters *cl = c->cl;
+    for (int l = 0; l < QB; l++) {
+        if (q0 + l >= c->nq) {
+            need[l] = 0.0f;
+            continue;
+        }
+        float k = kth[l] < top[l] ? kth[l] : top[l], shift = cl->shift[q0 + l];
+        float t = k + shift;
+        t = t + 1e-5f * (fabsf(k) + fabsf(shift));
+        need[l] = sqrtf(t > 0.0f ? t : 0.0f) * (1.0f + 1e-6f) + cl->margin[q0 + l];
+    }
+}
+
+static void *run_job_pruned(void *arg) {
+    const Job *job = (const Job *)arg;
+    const Ctx *c = job->c;
+    const Clusters *cl = c->cl;
+    TileFn tile = tile_fn(job->isa);
+    BoundsFn bounds = bounds_fn(job->isa);
+    const int64_t blocks = (c->nq + QB - 1) / QB;
+    float *low = (float *)malloc(sizeof(float) * (size_t)cl->n * QB);
+    uint8_t *seen = (uint8_t *)malloc((size_t)cl->n);
+    if (!low || !seen) {
+        free(low); free(seen);
+        return (void *)1;
+    }
+    for (int64_t qb; (qb = atomic_fetch_add(cl->next, 1)) < blocks;) {
+        const int64_t q0 = qb * QB;
+        float kth[QB], top[QB], need[QB];
+        int32_t first[QB];
+        init_kth(c, qb, 1, kth);
+        bounds(c, qb, low, first, top);
+        memset(seen, 0, (size_t)cl->n);
+        for (int h = 0; h < QB; h++) {
+            int32_t j = first[h];
+            if (j < 0 || seen[j]) continue;
+            seen[j] = 1;
+            scan_ids(c, tile, qb, cl->member + cl->start[j], cl->start[j + 1] - cl->start[j], kth, top);
+        }
+        lane_need(c, q0, kth, top, need);
+        for (int64_t j = 0; j < cl->n; j++) {
+            if (seen[j]) continue;
+            const float *lo = low + j * QB;
+            int l = 0;
+            for (; l < QB; l++) {
+                float t = cl->radius[j] + need[l];
+                if (!(lo[l] > t * t * (1.0f + 1e-6f))) break;
+            }
+            if (l == QB) continue; /* no row of it can beat any lane's k-th */
+            scan_ids(c, tile, qb, cl->member + cl->start[j], cl->start[j + 1] - cl->start[j], kth, top);
+            lane_need(c, q0, kth, top, need);
+        }
+    }
+    free(low); free(seen);
+    return NULL;
+}
+
 #ifdef ECS_X86
 __attribute__((target("avx512f")))
 static void amx_consume_listed(const Ctx *c, int64_t q0, int lanes, int64_t m0, const int32_t *dots, float *kth);
@@ -803,23 +1045,7 @@ static void *run_job_512(void *arg) {
  * key (the caller's, rounded up). A pair of query blocks first scans each query's nearest cluster, then every
  * other cluster unless all 32 lanes' bounds exceed their k-th key; a skipped row cannot enter a list (its key is
  * above the k-th, which only falls), so the lists are the full scan's, bit for bit. */
-typedef struct Clusters {
-    int64_t n, p;          /* clusters; dims of the centres and of xt */
-    const int64_t *start;  /* n + 1: cluster j is member[start[j] .. start[j + 1]), a multiple of PAIR_ROWS */
-    const int32_t *member; /* row ids, -1 padding */
-    const float *center;   /* n x p */
-    const float *radius;   /* n, rounded up */
-    const float *xt;       /* nq x p: the queries as the keys see them */
-    const float *shift;    /* nq: N_q + the key's rounding, rounded up */
-    const float *margin;   /* nq: the float32 rounding of ||c - x~|| (absolute) */
-    const float *lift;     /* nq: N_q less the key's rounding, rounded down (the upper bounds) */
-    const float *center_sq; /* n: ||c_j||^2 (computed per call) */
-    const float *cap_radius; /* n: R_j where cluster j has at least k rows, else +inf (computed per call) */
-    _Atomic int64_t *next; /* the next pair of query blocks to take (the threads share them out as they go) */
-} Clusters;
 
-#define CL_MAX_DIMS 64
-#define CL_GROUP 4 /* clusters per pass over the pair's queries (cluster_bounds) */
 
 /* As pair_rows_512 on a list of row ids (n a multiple of PAIR_ROWS; id -1: no row, its key NaN: never a hit). */
 __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline))
@@ -1332,7 +1558,7 @@ static int run(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows,
         jobs[t].qb0 = units * t / threads * unit;
         jobs[t].qb1 = units * (t + 1) / threads * unit;
     }
-    void *(*job_fn)(void *) = run_job;
+    void *(*job_fn)(void *) = cl && isa != ISA_AMX ? run_job_pruned : run_job;
 #ifdef ECS_X86
     if (isa == ISA_AVX512VNNI && listed) job_fn = cl ? run_job_512_pruned : run_job_512;
     if (isa == ISA_AMX) job_fn = run_job_amx;
@@ -1396,8 +1622,8 @@ int ecs_quantize_bounds(const float *x, int64_t nq, int64_t n, const float *scal
     return 0;
 }
 
-/* ecs_topk with the rows in clusters (see run_job_512_pruned): the same results, whole clusters skipped on the
- * AVX-512 list path (other paths scan every row). ncl clusters of the p-dimensional centres: start (ncl + 1,
+/* ecs_topk with the rows in clusters (see run_job_512_pruned): the same results, whole clusters skipped on every
+ * path but AMX tiles (rows of 64 bytes or more). ncl clusters of the p-dimensional centres: start (ncl + 1,
  * multiples of 8 from 0 to the member count), member (row ids in [0, m) or -1), center (ncl x p), radius (ncl);
  * per query: xt (nq x p), shift, margin, lift. Returns as ecs_topk. */
 int ecs_topk_pruned(const int8_t *queries, int64_t nq, int64_t g, const int8_t *rows, int64_t stride, int64_t m,
@@ -1405,14 +1631,13 @@ int ecs_topk_pruned(const int8_t *queries, int64_t nq, int64_t g, const int8_t *
                     float *out_key, int isa, int threads, int64_t ncl, int64_t p, const int64_t *start,
                     const int32_t *member, const float *center, const float *radius, const float *xt,
                     const float *shift, const float *margin, const float *lift) {
-    if (!out_idx || !out_key || ncl < 1 || p < 1 || p > 64 || !start || !member || !center || !radius || !xt ||
+    if (!out_idx || !out_key || k < 1 || ncl < 1 || p < 1 || p > CL_MAX_DIMS || !start || !member || !center || !radius || !xt ||
         !shift || !margin || !lift || start[0] != 0)
         return -1;
     for (int64_t j = 0; j < ncl; j++)
         if (start[j + 1] < start[j] || (start[j + 1] - start[j]) % 8) return -1;
     for (int64_t i = 0; i < start[ncl]; i++)
         if (member[i] < -1 || member[i] >= m) return -1;
-#ifdef ECS_X86
     _Atomic int64_t next = 0;
     float *center_sq = (float *)malloc(sizeof(float) * (size_t)ncl * 2), *cap_radius = center_sq + ncl;
     if (!center_sq) return -2;
@@ -1426,9 +1651,6 @@ int ecs_topk_pruned(const int8_t *queries, int64_t nq, int64_t g, const int8_t *
     int rc = run(queries, nq, g, rows, stride, m, bias, corr, cq, k, out_idx, out_key, 0, isa, threads, &cl);
     free(center_sq);
     return rc;
-#else
-    return run(queries, nq, g, rows, stride, m, bias, corr, cq, k, out_idx, out_key, 0, isa, threads, NULL);
-#endif
 }
 
 #ifdef ECS_X86

@@ -192,7 +192,7 @@ class ProjectedCandidates:
         self.bounds = CodeBounds(self._table, self._mid, self._step, projected.shape[1], code_rounding(self._step, half))
         self.kernel = kernel
         self._clusters = None
-        if len(codes) >= PRUNE_MIN_ROWS and kernel.path_for(self._table.shape[1]) == "avx512vnni":  # where it prunes
+        if len(codes) >= PRUNE_MIN_ROWS:
             # the rows as the keys see them: ŷ = mid + step ⊙ code, exact in float64
             exact = self._mid.astype(np.float64) + self._step.astype(np.float64) * codes
             self._clusters = row_clusters(exact, max(1, len(codes) // ROWS_PER_CLUSTER))
