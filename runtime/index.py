@@ -62,7 +62,7 @@ import numpy as np
 from edgecore.runtime import native
 from edgecore.runtime.errors import BundleError, NonFiniteError
 from edgecore.runtime.fsutil import sha256_file
-from edgecore.runtime.native.search import INT8_CANDIDATES, Int8Search, ProjectedCandidates, pad4
+from edgecore.runtime.native.search import INT8_CANDIDATES, PRUNE_MIN_ROWS, Int8Search, ProjectedCandidates, pad4
 from edgecore.runtime.search import ExactSearch, exact_l2
 from edgecore.runtime.search_coarse import CodeRows, CoarseSearch, GraphProposer
 from edgecore.runtime.search_compiled import CompiledSearch
@@ -106,6 +106,17 @@ _SEARCH_PARAM_KEYS = ("candidates", "certify_block")
 # vs 45.7 ms; no kernel: exact over the decoded codes 54.4 vs 42.3 ms).
 NO_DOT_PRODUCT_PATHS = ("avx2", "scalar")
 FALLBACK_MODES = ("hnsw", "coarse")  # what an int8 description may declare as "fallback" (that mode's graph)
+
+
+def coarse_takes_graph(path: str | None, size: int) -> bool:
+    """Whether coarse mode proposes from its stored graph on this kernel path (None: no kernel) for ``size`` rows.
+
+    Always without the kernel or on its plain C path. On the avx2 path (no int8 dot-product instructions) only below
+    ``PRUNE_MIN_ROWS``, where the native stage scans every row: bottle WRN50, 1 thread, 30.6 ms native vs 19.6 ms
+    graph. Above it the native stage skips whole clusters of rows and is faster (4.9 vs 8.4 ms on 2 threads, 8.2 vs
+    10.1 on 1, kernel forced to avx2 on the AMX VM), and it holds no hnswlib copy: 0.288 vs 0.361 × the fp32
+    coreset (RESULTS.md #11, "The same pruning on the tile paths")."""
+    return path is None or path == "scalar" or (path == "avx2" and size < PRUNE_MIN_ROWS)
 # Kernel paths on which int8 mode's full-D brute force beats (or ties) a stored coarse fallback in the detector
 # (bottle Lite0, RESULTS.md #11 "Coarse for Lite0": avx512vnni 5.8-5.9 vs 6.0 ms, amx 4.1 vs 5.3 ms).
 FULL_D_PATHS = ("amx", "avx512vnni")
@@ -709,8 +720,8 @@ class _HnswSearcher(_ExactSearcher):
 class CoarseSearcher(CoarseSearch):
     """``CoarseSearch`` over the int8 codes (no fp32 copy), with the registry's accounting. Candidates from
     the native int8 brute force over the projections where the kernel's path for them has an int8 dot
-    product; else (``NO_DOT_PRODUCT_PATHS``, or no kernel) from hnswlib's stored graph: bottle WRN50 on the
-    avx2 path, 1 thread, search 30.6 ms native vs 19.6 ms graph (RESULTS.md #11). ``candidate_stage`` says which.
+    product, or on avx2 above ``PRUNE_MIN_ROWS`` rows; else from hnswlib's stored graph (:func:`coarse_takes_graph`).
+    ``candidate_stage`` says which.
     Public because the exporter builds one with ``graph_stage=True`` to check the stage other cameras run."""
 
     def __init__(self, arrays: dict[str, np.ndarray], graph: dict[str, np.ndarray], params: dict,
@@ -720,13 +731,14 @@ class CoarseSearcher(CoarseSearch):
         size = arrays["codes"].shape[0]
         stored_basis = graph["proj_basis"]
         path = kernel.path_for(pad4(stored_basis.shape[0])) if kernel is not None else None
-        native_stage = path is not None and path not in NO_DOT_PRODUCT_PATHS
+        native_stage = not coarse_takes_graph(path, size)
         if native_stage:
             self.candidate_stage = f"native {path}"
         elif graph_stage:
             self.candidate_stage = "stored hnswlib graph (requested)"
         elif path is not None:
-            self.candidate_stage = f"stored hnswlib graph (the kernel's {path} path has no int8 dot product)"
+            self.candidate_stage = (f"stored hnswlib graph (the kernel's {path} path has no int8 dot product"
+                                    + (f" and {size} rows are too few to skip clusters of them)" if path == "avx2" else ")"))
         else:
             self.candidate_stage = "stored hnswlib graph (no native kernel)"
 

@@ -21,7 +21,7 @@ from conftest import contract_data, contract_report, meets_contract
 
 from edgecore.export.index_build import INT8_CANDIDATE_STEPS, build_index
 from edgecore.runtime import native
-from edgecore.runtime.index import NO_DOT_PRODUCT_PATHS, QuantizedIndex
+from edgecore.runtime.index import NO_DOT_PRODUCT_PATHS, QuantizedIndex, coarse_takes_graph
 from edgecore.runtime.native.search import Int8Search
 from edgecore.runtime.search_coarse import GraphProposer
 
@@ -214,7 +214,7 @@ def test_int8_mode_needs_int8_codes(data):
 def test_coarse_candidates_come_from_the_kernel_and_match_the_graph_fallback(data, monkeypatch):
     native_coarse = build_index(data["points"], "int8", "coarse", patches_per_image=BLOCK)
     path = kernel.path_for(32)  # 32-d projections: 32-byte rows
-    if path in NO_DOT_PRODUCT_PATHS:  # by design the graph proposes here (tests/test_search_fallback_cpu.py)
+    if coarse_takes_graph(path, len(data["points"])):  # by design the graph proposes here (test_search_fallback_cpu.py)
         assert isinstance(native_coarse.searcher.proposer, GraphProposer)
         assert f"the kernel's {path} path has no int8 dot product" in native_coarse.searcher.candidate_stage
         pytest.skip(f"this CPU's kernel path ({path}) has no int8 dot product: coarse mode proposes from the graph")

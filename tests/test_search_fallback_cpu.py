@@ -21,8 +21,8 @@ from edgecore.export import index_build
 from edgecore.export.index_build import _prefer_native, build_index
 from edgecore.runtime import native
 from edgecore.runtime.errors import BundleError
-from edgecore.runtime.index import NO_DOT_PRODUCT_PATHS, QuantizedIndex, int8_fallback_reason
-from edgecore.runtime.native.search import Int8Search
+from edgecore.runtime.index import NO_DOT_PRODUCT_PATHS, QuantizedIndex, coarse_takes_graph, int8_fallback_reason
+from edgecore.runtime.native.search import PRUNE_MIN_ROWS, Int8Search
 from edgecore.runtime.search_coarse import GraphProposer
 
 kernel = native.kernel()
@@ -135,6 +135,27 @@ def test_coarse_candidates_come_from_the_graph_without_a_dot_product(data, monke
         native_coarse = build_index(data["points"], "int8", "coarse", patches_per_image=BLOCK)
         assert not isinstance(native_coarse.searcher.proposer, GraphProposer)
         assert f"native {kernel.path_for(32)}" in native_coarse.describe()
+
+
+def test_avx2_coarse_takes_the_kernels_pruned_candidates_above_the_cluster_threshold(monkeypatch):
+    """Above PRUNE_MIN_ROWS the avx2 path's native stage skips clusters of rows and beats the graph (RESULTS.md #11):
+    the kernel proposes, with the same candidates as its full scan, and no hnswlib copy is held."""
+    if "avx2" not in kernel.available:
+        pytest.skip("no avx2 path on this CPU")
+    assert coarse_takes_graph("avx2", PRUNE_MIN_ROWS - 1) and not coarse_takes_graph("avx2", PRUNE_MIN_ROWS)
+    assert coarse_takes_graph("scalar", 10**6) and coarse_takes_graph(None, 10**6)
+    assert not coarse_takes_graph("avxvnni", 10) and not coarse_takes_graph("neon", 10)
+    big = contract_data(64, BLOCK, 4)
+    points = np.concatenate([big["points"], big["points"][: PRUNE_MIN_ROWS - len(big["points"]) + 100] + 0.01])
+    monkeypatch.setenv(native.ENV_ISA, "avx2")
+    coarse = build_index(points, "int8", "coarse", patches_per_image=BLOCK)
+    proposer = coarse.searcher.proposer
+    assert not isinstance(proposer, GraphProposer) and "native avx2" in coarse.describe()
+    assert proposer._clusters is not None
+    projected = coarse.searcher.project(np.ascontiguousarray(big["queries"], np.float32))
+    pruned = proposer.propose(projected, 8)
+    proposer._clusters = None  # the full scan over every row
+    np.testing.assert_array_equal(proposer.propose(projected, 8), pruned)
 
 
 def _tampered(saved, tmp_path, edit) -> tuple[Path, dict]:
