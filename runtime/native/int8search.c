@@ -926,22 +926,49 @@ static inline __m512 list_hits(const Ctx *c, int64_t q0, int lanes, int32_t row,
     return kth;
 }
 
+/* n rows (a multiple of PAIR_ROWS) for a pair of query blocks: rows m0 .. m0 + n where ids is NULL, else the rows
+ * ids[0 .. n) (id -1: no row, its key NaN: never a hit). Where top is given, each lane's compare threshold is its
+ * list's k-th key or top, whichever is lower (run_job_512_pruned's cap: a key above the lane's final k-th never
+ * reaches its list, and the list itself is unchanged). Inlined with ids / top constant, so each caller's loop
+ * has no test for the other's case. */
 __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline))
-static inline void pair_rows_512(const Ctx *c, int64_t qb, int64_t m0, int64_t m1, float *kth, const int64_t g) {
+static inline void pair_group_512(const Ctx *c, int64_t qb, const int32_t *ids, int64_t m0, int64_t n, float *kth,
+                                  const float *top, const int64_t g) {
     const uint8_t *qp0 = c->qpack + qb * c->g * QB * 4, *qp1 = qp0 + c->g * QB * 4;
     const int64_t q0 = qb * QB, q1 = q0 + QB;
     const int lanes0 = (int)(c->nq - q0 < QB ? c->nq - q0 : QB);
     const int lanes1 = (int)(c->nq <= q1 ? 0 : c->nq - q1 < QB ? c->nq - q1 : QB);
     const __m512 vcq0 = _mm512_loadu_ps(c->cq + q0), vcq1 = _mm512_loadu_ps(c->cq + q1);
+    const __m512 top0 = top ? _mm512_loadu_ps(top) : _mm512_set1_ps(INFINITY);
+    const __m512 top1 = top ? _mm512_loadu_ps(top + QB) : _mm512_set1_ps(INFINITY);
     __m512 vk0 = _mm512_loadu_ps(kth), vk1 = _mm512_loadu_ps(kth + QB);
-    const int64_t stride = c->stride;
-    for (int64_t m = m0; m < m1; m += PAIR_ROWS) {
-        const int8_t *rp = c->rows + m * stride;
+    if (top) {
+        vk0 = _mm512_min_ps(vk0, top0);
+        vk1 = _mm512_min_ps(vk1, top1);
+    }
+    for (int64_t i = 0; i < n; i += PAIR_ROWS) {
+        const int8_t *rp[PAIR_ROWS];
+        float listed_bias[PAIR_ROWS];
+        int32_t listed_corr[PAIR_ROWS];
+        const float *bias = c->bias + m0 + i; /* contiguous rows: the tables themselves */
+        const int32_t *corr = c->corr + m0 + i;
+        if (ids) {
+            for (int r = 0; r < PAIR_ROWS; r++) {
+                int32_t id = ids[i + r];
+                rp[r] = id >= 0 ? c->rows + (int64_t)id * c->stride : c->zero_row;
+                listed_bias[r] = id >= 0 ? c->bias[id] : NAN;
+                listed_corr[r] = id >= 0 ? c->corr[id] : 0;
+            }
+            bias = listed_bias;
+            corr = listed_corr;
+        } else {
+            for (int r = 0; r < PAIR_ROWS; r++) rp[r] = c->rows + (m0 + i + r) * c->stride;
+        }
+        const int8_t *r0 = rp[0], *r1 = rp[1], *r2 = rp[2], *r3 = rp[3], *r4 = rp[4], *r5 = rp[5], *r6 = rp[6], *r7 = rp[7];
         /* named accumulators, not an array: GCC keeps an asm operand array in memory when the loop stays rolled.
          * 16 chains: vpdpbusd zmm has a 4-5 cycle latency and issues on two ports (8 rows: Lite0 4.9 ms vs 6.0 at 4) */
         /* each row's accumulators start at -corr (128 * its row sum), so they end as the exact dots: the u8 bias is
          * undone once per row instead of once per row and block */
-        const int32_t *corr = c->corr + m;
         __m512i a00 = _mm512_set1_epi32(-corr[0]), a01 = a00, a10 = _mm512_set1_epi32(-corr[1]), a11 = a10;
         __m512i a20 = _mm512_set1_epi32(-corr[2]), a21 = a20, a30 = _mm512_set1_epi32(-corr[3]), a31 = a30;
         __m512i a40 = _mm512_set1_epi32(-corr[4]), a41 = a40, a50 = _mm512_set1_epi32(-corr[5]), a51 = a50;
@@ -949,11 +976,11 @@ static inline void pair_rows_512(const Ctx *c, int64_t qb, int64_t m0, int64_t m
         for (int64_t j = 0; j < g; j++) {
             const __m512i a = _mm512_loadu_si512((const void *)(qp0 + j * QB * 4));
             const __m512i b = _mm512_loadu_si512((const void *)(qp1 + j * QB * 4));
-#define ROW_STEP(r)                                                                  \
-    do {                                                                             \
-        __m512i w = _mm512_set1_epi32(load_dword(rp + (r) * stride + 4 * j));        \
-        DPBUSD512(a##r##0, a, w);                                                    \
-        DPBUSD512(a##r##1, b, w);                                                    \
+#define ROW_STEP(n)                                                \
+    do {                                                           \
+        __m512i w = _mm512_set1_epi32(load_dword(r##n + 4 * j));   \
+        DPBUSD512(a##n##0, a, w);                                  \
+        DPBUSD512(a##n##1, b, w);                                  \
     } while (0)
             ROW_STEP(0); ROW_STEP(1); ROW_STEP(2); ROW_STEP(3); ROW_STEP(4); ROW_STEP(5); ROW_STEP(6); ROW_STEP(7);
 #undef ROW_STEP
@@ -961,11 +988,18 @@ static inline void pair_rows_512(const Ctx *c, int64_t qb, int64_t m0, int64_t m
         const __m512i acc[PAIR_ROWS][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31},
                                            {a40, a41}, {a50, a51}, {a60, a61}, {a70, a71}};
         for (int r = 0; r < PAIR_ROWS; r++) {
-            __m512 key0 = keys512_exact(acc[r][0], c->bias[m + r], vcq0);
-            __m512 key1 = keys512_exact(acc[r][1], c->bias[m + r], vcq1);
+            __m512 key0 = keys512_exact(acc[r][0], bias[r], vcq0);
+            __m512 key1 = keys512_exact(acc[r][1], bias[r], vcq1);
             __mmask16 hit0 = _mm512_cmp_ps_mask(key0, vk0, _CMP_LE_OQ), hit1 = _mm512_cmp_ps_mask(key1, vk1, _CMP_LE_OQ);
-            if (__builtin_expect(hit0 != 0, 0)) vk0 = list_hits(c, q0, lanes0, (int32_t)(m + r), hit0, key0, vk0);
-            if (__builtin_expect(hit1 != 0, 0)) vk1 = list_hits(c, q1, lanes1, (int32_t)(m + r), hit1, key1, vk1);
+            const int32_t row = ids ? ids[i + r] : (int32_t)(m0 + i + r);
+            if (__builtin_expect(hit0 != 0, 0)) {
+                vk0 = list_hits(c, q0, lanes0, row, hit0, key0, vk0);
+                if (top) vk0 = _mm512_min_ps(vk0, top0);
+            }
+            if (__builtin_expect(hit1 != 0, 0)) {
+                vk1 = list_hits(c, q1, lanes1, row, hit1, key1, vk1);
+                if (top) vk1 = _mm512_min_ps(vk1, top1);
+            }
         }
     }
     _mm512_storeu_ps(kth, vk0);
@@ -975,9 +1009,9 @@ static inline void pair_rows_512(const Ctx *c, int64_t qb, int64_t m0, int64_t m
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 static void pair_rows_512_any(const Ctx *c, int64_t qb, int64_t m0, int64_t m1, float *kth) {
     switch (c->g) { /* constant trip counts: WRN50's 32-d projections, Lite0's 152 codes + 8 coordinates */
-    case 8: pair_rows_512(c, qb, m0, m1, kth, 8); break;
-    case 40: pair_rows_512(c, qb, m0, m1, kth, 40); break;
-    default: pair_rows_512(c, qb, m0, m1, kth, c->g);
+    case 8: pair_group_512(c, qb, NULL, m0, m1 - m0, kth, NULL, 8); break;
+    case 40: pair_group_512(c, qb, NULL, m0, m1 - m0, kth, NULL, 40); break;
+    default: pair_group_512(c, qb, NULL, m0, m1 - m0, kth, NULL, c->g);
     }
 }
 
@@ -1047,67 +1081,12 @@ static void *run_job_512(void *arg) {
  * above the k-th, which only falls), so the lists are the full scan's, bit for bit. */
 
 
-/* As pair_rows_512 on a list of row ids (n a multiple of PAIR_ROWS; id -1: no row, its key NaN: never a hit). */
-__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline))
-static inline void pair_ids_512(const Ctx *c, int64_t qb, const int32_t *ids, int64_t n, float *kth, const float *top,
-                                const int64_t g) {
-    const uint8_t *qp0 = c->qpack + qb * c->g * QB * 4, *qp1 = qp0 + c->g * QB * 4;
-    const int64_t q0 = qb * QB, q1 = q0 + QB;
-    const int lanes0 = (int)(c->nq - q0 < QB ? c->nq - q0 : QB);
-    const int lanes1 = (int)(c->nq <= q1 ? 0 : c->nq - q1 < QB ? c->nq - q1 : QB);
-    const __m512 vcq0 = _mm512_loadu_ps(c->cq + q0), vcq1 = _mm512_loadu_ps(c->cq + q1);
-    /* the compare threshold: the list's k-th key or the lane's upper bound of its final k-th, whichever is lower (a
-     * key above the bound never reaches the final list; the list itself is unchanged by the cap) */
-    const __m512 top0 = _mm512_loadu_ps(top), top1 = _mm512_loadu_ps(top + QB);
-    __m512 vk0 = _mm512_min_ps(_mm512_loadu_ps(kth), top0), vk1 = _mm512_min_ps(_mm512_loadu_ps(kth + QB), top1);
-    for (int64_t i = 0; i < n; i += PAIR_ROWS) {
-        const int32_t *id = ids + i;
-        const int8_t *rp[PAIR_ROWS];
-        float bias[PAIR_ROWS];
-        int32_t corr[PAIR_ROWS];
-        for (int r = 0; r < PAIR_ROWS; r++) {
-            int ok = id[r] >= 0;
-            rp[r] = ok ? c->rows + (int64_t)id[r] * c->stride : c->zero_row;
-            bias[r] = ok ? c->bias[id[r]] : NAN;
-            corr[r] = ok ? c->corr[id[r]] : 0;
-        }
-        const int8_t *r0 = rp[0], *r1 = rp[1], *r2 = rp[2], *r3 = rp[3], *r4 = rp[4], *r5 = rp[5], *r6 = rp[6], *r7 = rp[7];
-        __m512i a00 = _mm512_set1_epi32(-corr[0]), a01 = a00, a10 = _mm512_set1_epi32(-corr[1]), a11 = a10;
-        __m512i a20 = _mm512_set1_epi32(-corr[2]), a21 = a20, a30 = _mm512_set1_epi32(-corr[3]), a31 = a30;
-        __m512i a40 = _mm512_set1_epi32(-corr[4]), a41 = a40, a50 = _mm512_set1_epi32(-corr[5]), a51 = a50;
-        __m512i a60 = _mm512_set1_epi32(-corr[6]), a61 = a60, a70 = _mm512_set1_epi32(-corr[7]), a71 = a70;
-        for (int64_t j = 0; j < g; j++) {
-            const __m512i a = _mm512_loadu_si512((const void *)(qp0 + j * QB * 4));
-            const __m512i b = _mm512_loadu_si512((const void *)(qp1 + j * QB * 4));
-#define ID_STEP(n)                                                 \
-    do {                                                           \
-        __m512i w = _mm512_set1_epi32(load_dword(r##n + 4 * j));   \
-        DPBUSD512(a##n##0, a, w);                                  \
-        DPBUSD512(a##n##1, b, w);                                  \
-    } while (0)
-            ID_STEP(0); ID_STEP(1); ID_STEP(2); ID_STEP(3); ID_STEP(4); ID_STEP(5); ID_STEP(6); ID_STEP(7);
-#undef ID_STEP
-        }
-        const __m512i acc[PAIR_ROWS][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31},
-                                           {a40, a41}, {a50, a51}, {a60, a61}, {a70, a71}};
-        for (int r = 0; r < PAIR_ROWS; r++) {
-            __m512 key0 = keys512_exact(acc[r][0], bias[r], vcq0);
-            __m512 key1 = keys512_exact(acc[r][1], bias[r], vcq1);
-            __mmask16 hit0 = _mm512_cmp_ps_mask(key0, vk0, _CMP_LE_OQ), hit1 = _mm512_cmp_ps_mask(key1, vk1, _CMP_LE_OQ);
-            if (__builtin_expect(hit0 != 0, 0)) vk0 = _mm512_min_ps(list_hits(c, q0, lanes0, id[r], hit0, key0, vk0), top0);
-            if (__builtin_expect(hit1 != 0, 0)) vk1 = _mm512_min_ps(list_hits(c, q1, lanes1, id[r], hit1, key1, vk1), top1);
-        }
-    }
-    _mm512_storeu_ps(kth, vk0);
-    _mm512_storeu_ps(kth + QB, vk1);
-}
-
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 static void pair_ids_512_any(const Ctx *c, int64_t qb, const int32_t *ids, int64_t n, float *kth, const float *top) {
     if (c->g == 8)
-        pair_ids_512(c, qb, ids, n, kth, top, 8); /* WRN50's 32-d projections */
+        pair_group_512(c, qb, ids, 0, n, kth, top, 8); /* WRN50's 32-d projections */
     else
-        pair_ids_512(c, qb, ids, n, kth, top, c->g);
+        pair_group_512(c, qb, ids, 0, n, kth, top, c->g);
 }
 
 /* Lane masks of the pair's real queries (padded lanes: 0). */
